@@ -1,0 +1,87 @@
+"""Argument checks done once at the public boundary (DESIGN.md section 9).
+
+Each raises ValueError or TypeError naming the argument, what was expected and what was received.
+Nothing here reads a device value (no host sync).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MIN_MODALITIES, MAX_MODALITIES = 2, 8
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got dtype {t.dtype}")
+
+
+def check_num_modalities(m: int, name: str = "num_modalities") -> None:
+    if not MIN_MODALITIES <= m <= MAX_MODALITIES:
+        raise ValueError(f"{name} must be between {MIN_MODALITIES} and {MAX_MODALITIES}, got {m}")
+
+
+def as_stacked(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    """A list of M tensors [B, ...] or one tensor [M, B, ...] -> a tensor [M, B, ...].
+
+    A stacked tensor is returned as is (strides kept, no copy); a list is stacked (one copy).
+    `ndim` is the number of dims per modality (2 for logits [B, C]).
+    """
+    if isinstance(x, torch.Tensor):
+        check_float(x, name)
+        if ndim is not None and x.dim() != ndim + 1:
+            raise ValueError(f"{name} as one tensor must have shape [M, B, ...] with {ndim + 1} dims, got shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} as one tensor must have shape [M, B, ...], got shape {tuple(x.shape)}")
+        check_num_modalities(x.shape[0], f"{name}.shape[0] (number of modalities)")
+        return x
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a list of M tensors or one stacked tensor, got {type(x).__name__}")
+    check_num_modalities(len(x), f"len({name}) (number of modalities)")
+    check_same(x, name, ndim=ndim)
+    return torch.stack(list(x))
+
+
+def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None, same_shape: bool = True) -> None:
+    """Per-modality tensors: all float, same device, same batch size (and same shape if asked)."""
+    for i, t in enumerate(xs):
+        check_float(t, f"{name}[{i}]")
+        if ndim is not None and t.dim() != ndim:
+            raise ValueError(f"{name}[{i}] must have {ndim} dims, got shape {tuple(t.shape)}")
+        if t.dim() < 1:
+            raise ValueError(f"{name}[{i}] must have a batch dimension, got a scalar")
+    first = xs[0]
+    for i, t in enumerate(xs[1:], 1):
+        if t.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}; all modalities must share a device")
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(f"{name}[{i}] has batch size {t.shape[0]} but {name}[0] has {first.shape[0]}; batch sizes must match")
+        if same_shape and t.shape != first.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {name}[0] has {tuple(first.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype} but {name}[0] has {first.dtype}")
+
+
+def check_labels(labels: torch.Tensor, batch: int, device: torch.device, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype int64, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer (int64) tensor of class indices, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [{batch}] (one class index per row), got shape {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the logits are on {device}")
+
+
+def check_nonneg(value: float, name: str) -> None:
+    if not isinstance(value, (int, float)) or value != value or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def check_choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,1 @@
+"""mmkernels.api: the trainer-facing torch.autograd API (balancers and unimodal-logit helpers)."""
