@@ -27,11 +27,11 @@ def _cuda_home():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
         return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
     nvcc = shutil.which("nvcc")
     if nvcc:
         return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
     return None
 
 
@@ -70,15 +70,16 @@ def _ext_modules():
     if os.environ.get("MMKERNELS_SKIP_EXT") == "1":
         _log("MMKERNELS_SKIP_EXT=1: not building mmkernels._C")
         return [], {}
+    use_cuda, why = _want_cuda()
+    if use_cuda:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
+        os.environ["CUDA_HOME"] = os.environ.get("CUDA_HOME") or _cuda_home()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17"]
-    use_cuda, why = _want_cuda()
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.13)
     if use_cuda and cu:
-        home = _cuda_home()
-        os.environ.setdefault("CUDA_HOME", home)
         if not _gpu_visible():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         inc = _cuda_include_dirs()
@@ -90,7 +91,7 @@ def _ext_modules():
             cpp + cu,
             include_dirs=[os.path.join(ROOT, "csrc")] + inc,
             define_macros=[("MMKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         )
     else:
         _log(f"building CPU sources only ({why})")
