@@ -1,1 +1,553 @@
-"""Pure-PyTorch reference (being written)."""
+"""Pure-PyTorch reference of every mmkernels op: the oracle the Triton kernels and the C++/CUDA extension are tested against.
+
+Conventions (DESIGN.md sections 2, 3 and 9):
+- M modalities (2..8), B rows, C classes. Per-modality inputs are a list of M tensors or one stacked tensor [M, ...].
+- Any float dtype in, fp32 accumulation (fp64 inputs are accumulated in fp64). Statistics (scores, ratios,
+  coefficients, flags, running state) come back as fp32 tensors on the input's device.
+- Everything is vectorised over rows (no Python loop over the batch) and nothing reads a device value on the host:
+  no `.item()`, no Python branch on a tensor value; data-dependent choices use `torch.where`.
+- No argument validation beyond what is needed to compute: the public ops validate at their boundary.
+
+Papers (see /work/shared/papers/README.md): TPAMI = Wei et al. 2024 (OPM/OGM), AGM = Li et al. ICCV 2023,
+MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code (DESIGN.md sec. 3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "score_sums", "scores", "ratio_tpami", "ratio_mlb", "ogm_ge_coefficients", "ogm_coefficients",
+    "opm_drop_probability", "agm_kappa", "agm_update_running", "mlb_coefficients", "olm_rates",
+    "olm_rebalance_factors", "olm_update", "logit_norms", "balance_coefficients_ref", "new_agm_state",
+    "shapley_weights", "shapley_combine", "shapley_masked_inputs", "shapley_subset_grad_scale",
+    "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
+    "cov_noise_row_factor", "cov_noise_tap_backward", "cov_noise_from_per_sample", "ge_isotropic",
+    "modality_drop_ref", "grad_tap_backward",
+]
+
+PROB_FLOOR = 1e-8          # AGM / DESIGN sec. 3: p < 1e-8 is treated as 1e-8 in the 'ce' score
+LOG_PROB_FLOOR = math.log(PROB_FLOOR)
+OLM_EPS = 1e-8             # guard for C_m = 0 in OLM Eq. 8 (G/C with C clamped below at this value)
+GE_STD_EPS = 1e-8          # authors' OGM-GE: noise std = unbiased std of the grad + 1e-8
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16/fp32 accumulate in fp32, fp64 in fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(t) -> torch.Tensor:
+    """A tensor in its accumulation dtype (fp32, fp64 for fp64); numbers / lists of numbers become fp64."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float64)                   # Python numbers: keep their precision
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    return t.to(_acc_dtype(t.dtype))
+
+
+def _acc_like(x, ref: torch.Tensor) -> torch.Tensor:
+    """A scalar or tensor hyperparameter (e.g. k) as a tensor on ref's device in ref's accumulation dtype."""
+    dtype = _acc_dtype(ref.dtype)
+    if isinstance(x, torch.Tensor):
+        return x.to(device=ref.device, dtype=dtype)
+    return torch.as_tensor(x, dtype=dtype, device=ref.device)       # a Python float straight into the target dtype
+
+
+def _stack(x) -> torch.Tensor:
+    """A list of M tensors [B, ...] or a stacked tensor [M, B, ...] -> the stacked tensor (no copy if already stacked)."""
+    return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
+
+
+def _z(x: torch.Tensor, z: str) -> torch.Tensor:
+    """The monotone map z of TPAMI Eq. 8 and 11: 'tanh' -> tanh(x - 1) (main text), 'sigmoid' -> sigmoid(x) (Tab. 15)."""
+    if z == "tanh":
+        return torch.tanh(x - 1.0)
+    if z == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"z must be 'tanh' or 'sigmoid', got {z!r}")
+
+
+def _offdiag(m: int, device) -> torch.Tensor:
+    return ~torch.eye(m, dtype=torch.bool, device=device)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def score_sums(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index: int = -100):
+    """Per-modality score sums over the valid rows and the number of valid rows.
+
+    logits: [M, B, C] (or a list of M tensors [B, C]), any float dtype; labels: int [B]; rows with
+    labels == ignore_index count nowhere (not in the sums, not in the count; their logits may even be NaN).
+    kind 'prob': sum_i softmax(u_m,i)[y_i]                       (TPAMI Eq. 6 and 7; OGM-GE; MLB Eq. 4)
+    kind 'ce'  : sum_i -log(max(softmax(u_m,i)[y_i], 1e-8))      (AGM Eq. 4; computed as -max(log_softmax, log 1e-8))
+    Returns (sums [M] fp32, count [] fp32).
+    """
+    x = _acc(_stack(logits))
+    m, b = x.shape[0], x.shape[1]
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(x, dim=-1).gather(-1, safe.view(1, b, 1).expand(m, b, 1)).squeeze(-1)  # [M, B]
+    if kind == "prob":
+        val = logp.exp()
+    elif kind == "ce":
+        val = -logp.clamp(min=LOG_PROB_FLOOR)
+    else:
+        raise ValueError(f"kind must be 'prob' or 'ce', got {kind!r}")
+    sums = torch.where(valid.view(1, b), val, torch.zeros_like(val)).sum(dim=1)
+    count = valid.sum().to(torch.float32)
+    return sums.to(torch.float32), count
+
+
+def scores(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index: int = -100) -> torch.Tensor:
+    """Per-modality scores [M] fp32 (DESIGN sec. 3).
+
+    'prob': the SUM over valid rows of softmax(u_m)[y] (TPAMI Eq. 7 uses batch sums); 0 when no row is valid.
+    'ce'  : the MEAN over valid rows of -log(max(p, 1e-8)) (AGM Eq. 4); NaN when no row is valid.
+    """
+    sums, count = score_sums(logits, labels, kind=kind, ignore_index=ignore_index)
+    return sums if kind == "prob" else sums / count
+
+
+# ----------------------------------------------------------------------------------------------- ratios
+def ratio_tpami(s, *, variant: str = "ratio") -> torch.Tensor:
+    """Discrepancy ratio rho [M] fp32 from scores s [M].
+
+    'ratio' (TPAMI Eq. 7): rho_m = 1/(M-1) sum_{j != m} s_m / s_j   (s = batch SUMS of the 'prob' score).
+    'difference' (TPAMI Tab. 15, row 'difference of scores'): d_m = 1/(M-1) sum_{j != m} (s_m - s_j) and we
+        return rho_m = 1 + d_m. Interpretation: the paper writes the difference with batch sums, which makes its
+        size grow with B; we take batch-MEAN scores (the caller passes s = sums / count, as balance_coefficients_ref
+        does) and shift by 1 so that the same threshold rho > 1 (d > 0: modality m ahead) and the same z(x) of
+        Eq. 8/11 apply unchanged.
+    """
+    s = _acc(s)
+    m = s.shape[0]
+    if variant == "ratio":
+        pair = s.view(m, 1) / s.view(1, m)                              # pair[m, j] = s_m / s_j
+        pair = torch.where(_offdiag(m, s.device), pair, torch.zeros_like(pair))
+        rho = pair.sum(dim=1) / (m - 1)
+    elif variant == "difference":
+        rho = 1.0 + (s * m - s.sum()) / (m - 1)                          # 1/(M-1) sum_{j!=m}(s_m - s_j) = (M s_m - sum s)/(M-1)
+    else:
+        raise ValueError(f"variant must be 'ratio' or 'difference', got {variant!r}")
+    return rho.to(torch.float32)
+
+
+def ratio_mlb(s) -> torch.Tensor:
+    """MLB Eq. 5: r_m = (1/(M-1) sum_{j != m} s_j) / s_m, s [M] 'prob' scores (sums or means: the ratio is the same)."""
+    s = _acc(s)
+    m = s.shape[0]
+    return ((s.sum() - s) / ((m - 1) * s)).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- coefficients
+def ogm_ge_coefficients(s, *, alpha: float = 1.0):
+    """OGM-GE coefficients as the authors' CVPR 2022 code computes them (DESIGN sec. 3). s [M] 'prob' sums.
+
+    M = 2: rho_0 = s_0/s_1, rho_1 = s_1/s_0. If rho_1 > 1: k_1 = 1 - tanh(alpha * rho_1), k_0 = 1;
+           else k_0 = 1 - tanh(alpha * rho_0), k_1 = 1. An exact tie (rho = 1) therefore suppresses modality 0,
+           and k jumps at rho = 1 (from 1 to 1 - tanh(alpha)).
+    M > 2: rho = TPAMI Eq. 7 (ratio_tpami) and k_m = 1 - tanh(alpha * rho_m) if rho_m > 1 else 1.
+    Returns (rho [M] fp32, k [M] fp32).
+    """
+    s = _acc(s)
+    m = s.shape[0]
+    if m == 2:
+        rho = torch.stack([s[0] / s[1], s[1] / s[0]])
+        sup = 1.0 - torch.tanh(alpha * rho)
+        one = torch.ones_like(rho[0])
+        first_ahead = ~(rho[1] > 1.0)                                    # tie or modality 0 ahead -> suppress 0
+        k = torch.stack([torch.where(first_ahead, sup[0], one), torch.where(first_ahead, one, sup[1])])
+    else:
+        rho = _acc(ratio_tpami(s))
+        k = torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(rho))
+    return rho.to(torch.float32), k.to(torch.float32)
+
+
+def ogm_coefficients(rho, *, alpha: float = 1.0, z: str = "tanh") -> torch.Tensor:
+    """OGM, TPAMI Eq. 11: k_m = max(0, 1 - alpha * z(rho_m)) if rho_m > 1 else 1 (clamped at 0 so k stays in [0, 1])."""
+    rho = _acc(rho)
+    k = torch.where(rho > 1.0, (1.0 - alpha * _z(rho, z)).clamp(min=0.0), torch.ones_like(rho))
+    return k.to(torch.float32)
+
+
+def opm_drop_probability(rho, *, q_base: float = 0.5, lam: float = 0.5, z: str = "tanh") -> torch.Tensor:
+    """OPM, TPAMI Eq. 8: q_m = min(1, q_base * (1 + lam * z(rho_m))) if rho_m > 1 else 0 (also clamped at 0)."""
+    rho = _acc(rho)
+    q = torch.where(rho > 1.0, (q_base * (1.0 + lam * _z(rho, z))).clamp(0.0, 1.0), torch.zeros_like(rho))
+    return q.to(torch.float32)
+
+
+def _agm_strength(s: torch.Tensor) -> torch.Tensor:
+    """exp(M/(M-1) * (mean_k s_k - s_m)) = exp(1/(M-1) sum_{j != m} (s_j - s_m)) for 'ce' scores s."""
+    m = s.shape[0]
+    return torch.exp(m / (m - 1) * (s.mean() - s))
+
+
+def agm_kappa(s, s_hat, *, alpha: float = 1.0, clip: float | None = None, steps=None):
+    """AGM coefficients (AGM Eq. 7-9, Alg. 1) from the 'ce' scores s [M] and the running means s_hat [M].
+
+    r_m     = exp(M/(M-1) * (mean_k s_k - s_m))      (Eq. 7, with the sign of the authors' code: s is a cross-entropy,
+                                                       lower = stronger, so a strong modality has r > 1)
+    tau_m   = the same on s_hat                       (Eq. 9; s_hat is the running mean BEFORE this step's update)
+    kappa_m = exp(alpha * clamp(tau_m - r_m, max=clip))   (Eq. 8: exp(-alpha (r - tau)); clip None = no clamp)
+    steps (optional, [] tensor or number): the number of past steps in s_hat; where steps == 0 there is no history
+    and tau := r, so kappa = 1.
+    Returns (r, tau, kappa), each [M] fp32.
+    """
+    s, s_hat = _acc(s), _acc(s_hat)
+    r = _agm_strength(s)
+    tau = _agm_strength(s_hat)
+    if steps is not None:
+        tau = torch.where(_acc_like(steps, s) > 0, tau, r)
+    diff = tau - r
+    if clip is not None:
+        diff = diff.clamp(max=clip)
+    kappa = torch.exp(alpha * diff)
+    return r.to(torch.float32), tau.to(torch.float32), kappa.to(torch.float32)
+
+
+def agm_update_running(s_hat, steps, s):
+    """AGM Eq. 10, cumulative mean since step 1: t = steps + 1, s_hat <- s_hat * (t-1)/t + s / t.
+
+    s_hat [M], steps [] (number of scores already averaged), s [M]. Returns (new_s_hat [M] fp32, new_steps [] fp32).
+    At steps == 0 the result is s exactly (whatever s_hat held).
+    """
+    s_hat, s = _acc(s_hat), _acc(s)
+    steps = _acc_like(steps, s)
+    t = steps + 1.0
+    new = torch.where(steps > 0, s_hat + (s - s_hat) / t, s)
+    return new.to(torch.float32), t.to(torch.float32)
+
+
+def mlb_coefficients(r, *, alpha: float = 1.0, beta_max: float = 2.0) -> torch.Tensor:
+    """MLB Eq. 6-7: beta_m = beta_max if r_m > 1 else 2; k_m = 1 + (beta_m - 1) * tanh(alpha * (r_m - 1)).
+
+    k > 1 accelerates a lagging modality (r > 1), k < 1 decelerates a leading one, k -> 1 as they converge.
+    """
+    r = _acc(r)
+    beta = torch.where(r > 1.0, torch.full_like(r, beta_max), torch.full_like(r, 2.0))
+    return (1.0 + (beta - 1.0) * torch.tanh(alpha * (r - 1.0))).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- OLM
+def olm_rates(train_loss0, dev_loss0, train_loss, dev_loss):
+    """OLM Eq. 6-7 per modality (each argument [M]; '0' = at the first evaluation, Theta^[0]).
+
+    G_m = |L_dev0 - L_dev|   (generalisation rate, Eq. 6)
+    C_m = ||L_dev - L_train| - |L_dev0 - L_train0||   (convergence rate, Eq. 7)
+    Returns (G [M] fp32, C [M] fp32).
+    """
+    tr0, dv0, tr, dv = (_acc(t) for t in (train_loss0, dev_loss0, train_loss, dev_loss))
+    g = (dv0 - dv).abs()
+    c = ((dv - tr).abs() - (dv0 - tr0).abs()).abs()
+    return g.to(torch.float32), c.to(torch.float32)
+
+
+def olm_rebalance_factors(gen_rate, conv_rate) -> torch.Tensor:
+    """OLM Eq. 8: lambda = softmax(G / C) over modalities. C >= 0 by Eq. 7; C = 0 is guarded by clamping C below at
+    OLM_EPS = 1e-8 (so G = C = 0 gives 0 and G > 0 = C gives a large but finite logit)."""
+    g, c = _acc(gen_rate), _acc(conv_rate)
+    return torch.softmax(g / c.clamp(min=OLM_EPS), dim=0).to(torch.float32)
+
+
+def logit_norms(logits) -> torch.Tensor:
+    """OLM: ||s_m||_2 per row, averaged over the rows. logits [M, B, C] (or a list) -> [M] fp32."""
+    x = _acc(_stack(logits))
+    return torch.linalg.vector_norm(x, dim=-1).mean(dim=-1).to(torch.float32)
+
+
+def olm_update(w, logit_norms, lam, *, lr: float, steps: int) -> torch.Tensor:
+    """OLM Alg. 1: `steps` SGD steps on Eq. 9, L = sum_m |w_m n_m - lam_m * s_bar|, s_bar = mean_k w_k n_k.
+
+    w [M] current coefficients, logit_norms n [M] (mean row norm ||s_m||_2), lam [M] from Eq. 8.
+    At each step the target t_m = lam_m * mean_k(w_k n_k) is recomputed from the current w and then treated as a
+    constant (detached), so dL/dw_m = sign(w_m n_m - t_m) * n_m (sign(0) = 0) and w <- w - lr * dL/dw.
+    s_bar uses w_k n_k (= ||w_k s_k|| for w_k >= 0). Returns w_new [M] fp32. (The loop runs over SGD steps, not rows.)
+    """
+    w, n, lam = _acc(w), _acc(logit_norms), _acc(lam)
+    for _ in range(int(steps)):
+        target = lam * (w * n).mean()
+        w = w - lr * torch.sign(w * n - target) * n
+    return w.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+_DEFAULTS = {
+    "ogm_ge": {"alpha": 1.0},
+    "ogm": {"alpha": 1.0, "z": "tanh", "ratio": "ratio"},
+    "opm": {"q_base": 0.5, "lam": 0.5, "z": "tanh", "ratio": "ratio"},
+    "agm": {"alpha": 1.0, "clip": None},
+    "mlb": {"alpha": 1.0, "beta_max": 2.0},
+}
+
+
+def new_agm_state(num_modalities: int, device=None) -> dict:
+    """A fresh AGM state: dict(s_hat=zeros [M] fp32, steps=0 [] fp32)."""
+    return {"s_hat": torch.zeros(num_modalities, dtype=torch.float32, device=device),
+            "steps": torch.zeros((), dtype=torch.float32, device=device)}
+
+
+def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state: dict | None = None,
+                             ignore_index: int = -100, **hp) -> dict:
+    """The whole pipeline scores -> ratios -> coefficients for one batch (DESIGN sec. 3), no host sync.
+
+    logits [M, B, C] or a list of M [B, C]; labels int [B]; method in ogm_ge | ogm | opm | agm | mlb.
+      ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=1.0)
+      ogm   : 'prob' sums, ratio_tpami, ogm_coefficients (hp alpha=1.0, z='tanh', ratio='ratio'|'difference')
+      opm   : same ratio, opm_drop_probability -> q (hp q_base=0.5, lam=0.5, z='tanh', ratio)
+      agm   : 'ce' means, r as ratios, kappa as coefficients (hp alpha=1.0, clip=None); state =
+              dict(s_hat=[M] fp32, steps=[] fp32) is read (tau from s_hat before the update) and then updated IN
+              PLACE with this step's scores (AGM Eq. 10). state None: no history (tau = r, kappa = 1), nothing stored.
+      mlb   : 'prob' sums, ratio_mlb, mlb_coefficients (hp alpha=1.0, beta_max=2.0)
+    With ratio='difference' the ratio is formed on batch-mean scores (sums / count), see ratio_tpami.
+    Returns dict(scores [M], ratios [M], coefficients [M], flag []) all fp32. flag: 0 ok, 1 a non-finite score,
+    2 no valid rows (2 wins over 1). When flag != 0 the coefficients are neutral (k = 1, q = 0, kappa = 1) and the
+    AGM state is left untouched (selected with torch.where, no host sync).
+    """
+    if method not in _DEFAULTS:
+        raise ValueError(f"method must be one of {tuple(_DEFAULTS)}, got {method!r}")
+    unknown = set(hp) - set(_DEFAULTS[method])
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(_DEFAULTS[method])}")
+    p = {**_DEFAULTS[method], **hp}
+    x = _stack(logits)
+    kind = "ce" if method == "agm" else "prob"
+    sums, count = score_sums(x, labels, kind=kind, ignore_index=ignore_index)
+    s = sums / count if kind == "ce" else sums
+
+    if method == "ogm_ge":
+        ratios, coeff = ogm_ge_coefficients(s, alpha=p["alpha"])
+        neutral = 1.0
+    elif method in ("ogm", "opm"):
+        ratios = ratio_tpami(sums / count if p["ratio"] == "difference" else sums, variant=p["ratio"])
+        if method == "ogm":
+            coeff, neutral = ogm_coefficients(ratios, alpha=p["alpha"], z=p["z"]), 1.0
+        else:
+            coeff, neutral = opm_drop_probability(ratios, q_base=p["q_base"], lam=p["lam"], z=p["z"]), 0.0
+    elif method == "agm":
+        m = x.shape[0]
+        st = state if state is not None else new_agm_state(m, x.device)
+        ratios, _, coeff = agm_kappa(s, st["s_hat"], alpha=p["alpha"], clip=p["clip"], steps=st["steps"])
+        neutral = 1.0
+    else:  # mlb
+        ratios = ratio_mlb(s)
+        coeff, neutral = mlb_coefficients(ratios, alpha=p["alpha"], beta_max=p["beta_max"]), 1.0
+
+    zero = torch.zeros((), dtype=torch.float32, device=s.device)
+    flag = torch.where(count == 0, zero + 2.0, torch.where(torch.isfinite(s).all(), zero, zero + 1.0))
+    ok = flag == 0
+    coeff = torch.where(ok, coeff, torch.full_like(coeff, neutral))
+    if method == "agm" and state is not None:
+        new_hat, new_steps = agm_update_running(state["s_hat"], state["steps"], s)
+        state["s_hat"].copy_(torch.where(ok, new_hat, state["s_hat"]))
+        state["steps"].copy_(torch.where(ok, new_steps, state["steps"]))
+    return {"scores": s.to(torch.float32), "ratios": ratios, "coefficients": coeff, "flag": flag}
+
+
+# ----------------------------------------------------------------------------------------------- Shapley (AGM Eq. 1-3)
+def _subset_bits(m: int, device=None) -> torch.Tensor:
+    """bits[S-1, j] = True iff modality j is in subset S, S = 1 .. 2^M - 1 (bitmask order)."""
+    s = torch.arange(1, 2 ** m, device=device)
+    return ((s.view(-1, 1) >> torch.arange(m, device=device).view(1, -1)) & 1).bool()
+
+
+def shapley_weights(num_modalities: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """W [2^M - 1, M]: W[S-1, m] = coefficient of v(S) in the Shapley value phi_m, with v(empty) := 0 (AGM Eq. 1-2).
+
+    phi_m = sum_{T not containing m} |T|! (M-|T|-1)! / M! * (v(T + m) - v(T)), hence
+    W[S-1, m] =  (|S|-1)! (M-|S|)! / M!   if m in S
+    W[S-1, m] = -|S|! (M-|S|-1)! / M!     otherwise.
+    Efficiency, sum_m phi_m = v(all): the row of the full set (index 2^M - 2) sums to 1, every other row to 0.
+    """
+    m = num_modalities
+    fact = torch.tensor([math.factorial(i) for i in range(m + 1)], dtype=torch.float64, device=device)
+    bits = _subset_bits(m, device)
+    size = bits.sum(dim=1, keepdim=True).expand(-1, m)
+    pos = fact[size - 1] * fact[m - size] / fact[m]
+    neg = -fact[size] * fact[(m - size - 1).clamp(min=0)] / fact[m]
+    return torch.where(bits, pos, neg).to(dtype)
+
+
+def _num_modalities_from_subsets(n: int) -> int:
+    m = (n + 1).bit_length() - 1
+    if 2 ** m - 1 != n:
+        raise ValueError(f"the number of subset outputs must be 2^M - 1, got {n}")
+    return m
+
+
+def shapley_combine(subset_outputs: torch.Tensor) -> torch.Tensor:
+    """Shapley mono-modal responses (AGM Eq. 1-3): phi[m] = sum_S W[S-1, m] * f(S).
+
+    subset_outputs [2^M - 1, B, ...] (index S-1 = model output with only the modalities of bitmask S present; the
+    last one is the full model). Returns phi [M, B, ...] in the input dtype, accumulated in fp32 (fp64 for fp64).
+    """
+    n = subset_outputs.shape[0]
+    m = _num_modalities_from_subsets(n)
+    x = _acc(subset_outputs)
+    w = shapley_weights(m, dtype=x.dtype, device=x.device)
+    phi = (w.t() @ x.reshape(n, -1)).reshape((m,) + tuple(subset_outputs.shape[1:]))
+    return phi.to(subset_outputs.dtype)
+
+
+def shapley_masked_inputs(inputs) -> list:
+    """Batched zero-masked inputs of the muted subsets S = 1 .. 2^M - 2 (full set excluded), in bitmask order.
+
+    inputs: M tensors [B, ...] (shapes may differ after B). Returns M tensors [(2^M - 2) * B, ...]: block S-1
+    (rows (S-1)*B .. S*B-1) holds modality m's input iff bit m of S is set, else zeros (AGM: zero-padding 0^m).
+    """
+    xs = list(inputs)
+    m = len(xs)
+    bits = _subset_bits(m, xs[0].device)[:-1]                          # [2^M - 2, M]
+    out = []
+    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+        keep = bits[:, j].view((-1,) + (1,) * x.dim())
+        blk = torch.where(keep, x.unsqueeze(0), torch.zeros((), dtype=x.dtype, device=x.device))
+        out.append(blk.reshape((-1,) + tuple(x.shape[1:])))
+    return out
+
+
+def shapley_subset_grad_scale(kappa) -> torch.Tensor:
+    """c(S) = sum_m kappa_m W[S-1, m], [2^M - 1] fp32: the factor on the gradient reaching the output of subset S
+    when the gradient reaching phi_m is scaled by kappa_m (AGM Eq. 6)."""
+    k = _acc(kappa)
+    w = shapley_weights(k.shape[0], dtype=k.dtype, device=k.device)
+    return (w @ k).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- unimodal logits
+def concat_unimodal_logits(feats, weight: torch.Tensor, bias: torch.Tensor | None, *, gamma=None) -> torch.Tensor:
+    """Unimodal logits of a concatenation head (TPAMI Eq. 6, Sec. 4.5.2): u_m = feat_m W_m^T + gamma_m * b.
+
+    feats: M tensors [B, D_m]; weight [C, sum_m D_m] = [W_1 ... W_M]; bias [C] or None; gamma [M] (default 1/M each).
+    Returns [M, B, C] in the features' dtype (matmul accumulated in fp32; fp64 stays fp64). Differentiable.
+    """
+    xs = list(feats)
+    m = len(xs)
+    widths = [x.shape[-1] for x in xs]
+    out_dtype = xs[0].dtype
+    ws = _acc(weight).split(widths, dim=1)
+    u = torch.stack([_acc(x) @ w_m.t() for x, w_m in zip(xs, ws)])   # [M, B, C]
+    if bias is not None:
+        g = torch.full((m,), 1.0 / m, dtype=u.dtype, device=u.device) if gamma is None else _acc_like(gamma, u).view(m)
+        u = u + g.view(m, 1, 1) * _acc(bias).view(1, 1, -1)
+    return u.to(out_dtype)
+
+
+def summation_unimodal_logits(feats, heads: Sequence[Callable]) -> torch.Tensor:
+    """Summation fusion (DESIGN sec. 5): u_m = head_m(feat_m), each head with its own full bias. Returns [M, B, C]."""
+    return torch.stack([h(x) for h, x in zip(heads, feats)])
+
+
+def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
+    """Zero-out unimodal estimate for a multi-layer head (TPAMI Sec. 4.3.7): u_m = head(feats with all j != m zeroed).
+
+    head: callable on a list of M tensors [N, D_j] -> [N, C]. The M zeroed copies are concatenated along the batch
+    (copy m = rows m*B .. (m+1)*B - 1) and the head is called ONCE. Returns [M, B, C].
+    """
+    xs = list(feats)
+    m, b = len(xs), xs[0].shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=xs[0].device)
+    batched = []
+    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+        keep = eye[:, j].view((m,) + (1,) * x.dim())
+        batched.append(torch.where(keep, x.unsqueeze(0), torch.zeros((), dtype=x.dtype, device=x.device))
+                       .reshape((m * b,) + tuple(x.shape[1:])))
+    out = head(batched)
+    return out.reshape((m, b) + tuple(out.shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------- noise (DESIGN sec. 4)
+def cov_noise_row_factor(k, z: torch.Tensor, *, sigma: float = 1.0) -> torch.Tensor:
+    """Row factor of the covariance-noise tap (DESIGN 4.1, TPAMI Eq. 13-17): k + sigma * (z_i - mean(z)), [B] fp32
+    (fp64 when z is fp64).
+
+    Multiplying row i of the feature gradient of a batch-mean loss by this factor adds
+    h = 1/B sum_i sigma (z_i - z_bar) g_i to every encoder parameter gradient, Cov(h) ~ sigma^2 U_hat / B.
+    """
+    zz = _acc(z)
+    return _acc_like(k, zz) + sigma * (zz - zz.mean())
+
+
+def cov_noise_tap_backward(grad: torch.Tensor, k, z: torch.Tensor, *, sigma: float = 1.0) -> torch.Tensor:
+    """Backward of the covariance-noise tap: grad [B, ...] * row_factor[B] broadcast over trailing dims, in grad's dtype
+    (computed in fp32, fp64 for fp64)."""
+    g = _acc(grad)
+    rf = cov_noise_row_factor(k, z, sigma=sigma).to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+    return (g * rf).to(grad.dtype)
+
+
+def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """DESIGN 4.3: h = (z - z_bar)^T G / B from explicit per-sample gradients G [B, P] and normals z [B] -> [P]
+    (G's accumulation dtype: fp32, fp64 for fp64)."""
+    g = _acc(per_sample_grads)
+    zc = _acc(z).to(g.dtype)
+    zc = zc - zc.mean()
+    return (zc @ g) / g.shape[0]
+
+
+def ge_isotropic(grads, k, normals) -> list:
+    """Parameter-mode GE as in the authors' OGM-GE code (DESIGN 4.2): g <- k * g + (std(g) + 1e-8) * n per tensor,
+    std = unbiased std of the unmodulated grad over all its elements, n ~ N(0, 1) given (same shapes as grads).
+
+    grads: list of T tensors; k: T numbers / 0-d tensors or a tensor [T]; normals: list of T tensors.
+    Returns a new list in each grad's dtype (computed in fp32, fp64 for fp64). The loop is over tensors, not rows.
+    """
+    out = []
+    for i, (g, n) in enumerate(zip(grads, normals)):
+        ga = _acc(g)
+        ki = _acc_like(k[i], ga)
+        std = ga.std(unbiased=True) + GE_STD_EPS
+        out.append((ki * ga + std * _acc(n).to(ga.dtype)).to(g.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- modality drop (OPM)
+def modality_drop_ref(features, q, uniforms: torch.Tensor, *, rescale: str = "official", execute: bool = True) -> list:
+    """OPM modality drop (TPAMI Alg. 1, DESIGN 4.4) on M feature tensors [B, ...] (widths may differ).
+
+    keep[m, i] = uniforms[m, i] >= q[m] (so P(drop) = q_m); a row where no modality is kept keeps all of them.
+    Kept entries are scaled, dropped entries are 0:
+      'official'    : every kept entry by 1/(1 - theta), theta = sum_m d_m q_m / sum_m d_m, d_m = elements per row of m
+      'per_modality': kept entries of modality m by 1/(1 - q_m)
+      'none'        : no scaling.
+    A denominator of 0 (q_m = 1, or theta = 1) gives scale 1 instead of inf (only the fallback rows can then be kept).
+    execute False -> the features unchanged (the p_exe gate is decided by the caller). Returns a list of M tensors
+    in the features' dtypes (scaled in fp32, fp64 for fp64).
+    """
+    xs = list(features)
+    if not execute:
+        return xs
+    m = len(xs)
+    u = _acc(uniforms)
+    qq = _acc_like(q, u).view(m)
+    keep = u >= qq.view(m, 1)                                         # [M, B]
+    keep = keep | ~keep.any(dim=0, keepdim=True)
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    if rescale == "official":
+        d = torch.tensor([float(x[0].numel()) if x.shape[0] > 0 else float(math.prod(x.shape[1:])) for x in xs],
+                         dtype=u.dtype, device=u.device)
+        theta = (d * qq).sum() / d.sum()
+        scale = torch.where(theta < 1.0, 1.0 / (1.0 - theta), one).expand(m)
+    elif rescale == "per_modality":
+        scale = torch.where(qq < 1.0, 1.0 / (1.0 - qq), one)
+    elif rescale == "none":
+        scale = one.expand(m)
+    else:
+        raise ValueError(f"rescale must be 'official', 'per_modality' or 'none', got {rescale!r}")
+    out = []
+    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        xa = _acc(x)
+        y = torch.where(keep[j].view(shape), xa * scale[j].to(xa.dtype), torch.zeros((), dtype=xa.dtype, device=x.device))
+        out.append(y.to(x.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- grad tap
+def grad_tap_backward(grad: torch.Tensor, k) -> torch.Tensor:
+    """Backward of the feature tap (DESIGN 4.1): grad * k (k a number or 0-d tensor), in grad's dtype."""
+    g = _acc(grad)
+    return (g * _acc_like(k, g)).to(grad.dtype)
