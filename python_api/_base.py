@@ -1,0 +1,452 @@
+"""The protocol every balancer shares: window, step counter, train/eval, observe, taps, state_dict.
+
+Host state (Python ints and bools): the step and epoch counters, the modulation window, the per-step phase
+(observed? backward seen?). Device state (fp32 tensors): scores, ratios, coefficients, the flag, and each
+method's running state. Nothing in a training step reads a device value on the host.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from mmkernels import _validate
+
+from . import _ops
+
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_int(value, name: str, *, minimum: int = 0, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False, allow_none=False) -> None:
+    """A finite real number in [low, high] (open ends where asked); the message names the argument and the range."""
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value and abs(value) != float("inf")
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+
+
+def check_num_modalities(m) -> int:
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+        raise TypeError(f"num_modalities must be an int, got {type(m).__name__}")
+    _validate.check_num_modalities(int(m), "num_modalities")
+    return int(m)
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
+    """Labels in [0, C) or == ignore_index. Checked on CPU tensors only (a host read, no device sync); on CUDA an
+    out-of-range label is caught by the coefficient op instead (non-finite score -> flag 1, neutral coefficients)."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):  # sync-ok: CPU tensor, no device involved
+        i = int(bad.nonzero()[0, 0])  # sync-ok: CPU tensor, error path
+        raise ValueError(f"{name} must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; "
+                         f"{name}[{i}] = {int(labels[i])}")  # sync-ok: error path
+
+
+class _Neutral:
+    """Marker: backward of a deferred tap in a step where observe() never ran -> the gradient passes unchanged."""
+
+
+class _DeferredTap(torch.autograd.Function):
+    """Identity forward; the backward applies the coefficients that observe() set LATER in the same step.
+
+    Used when tap() comes before observe() (the coefficients of this step are not known at tap time). The
+    backward runs the balancer's public tap op on the incoming gradient (its forward is a view, its backward the
+    kernel), so the math stays in the op. Eager mode only: torch.compile traces a backward at forward time, so under
+    compile call observe() before tap() (tap then passes the coefficients to the op directly).
+    """
+
+    @staticmethod
+    def forward(ctx, x, balancer, modality: int, step: int):
+        ctx.balancer, ctx.modality, ctx.step = balancer, modality, step
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bal = ctx.balancer
+        bal._mark_backward(ctx.step)
+        coef = bal._coefficients_of_step(ctx.step)
+        if coef is None:
+            return grad, None, None, None
+        with torch.enable_grad():
+            x = grad.detach().requires_grad_(True)
+            y = bal._tap_op(x, coef, ctx.modality, ctx.step)
+            (gx,) = torch.autograd.grad(y, x, grad)
+        return gx, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------- base
+class Balancer:
+    """Base class of OGMGE, OGM, OPM, AGM, MLB, OLM (the protocol in README "API").
+
+    Common keyword arguments:
+      start, end, unit: the modulation window, start <= t < end (end None: no end), t the step counter
+        (unit="step", advanced by step()) or the epoch (unit="epoch", set by set_epoch()). Outside it every
+        coefficient is exactly neutral (k = 1, q = 0, kappa = 1, w = 1) and the taps are the identity.
+      enabled: False turns the balancer into a no-op (same as being outside the window).
+      official: reproduce the authors' public code where it differs from the paper (README "Differences").
+      ignore_index: label of rows that count nowhere.
+      seed: seed of the counter-based noise / drop streams; the offset follows the step counter.
+      sync: all-reduce the score sums under torch.distributed (None: when a process group with > 1 rank is up).
+      optimizer: if given, step() is called automatically after each optimizer.step().
+    """
+
+    method: str = ""            # name stored in state_dict
+    coefficient_method: str = ""  # method name of mmkernels.balance_coefficients
+    neutral: float = 1.0        # coefficient value that means "no modulation"
+
+    def __init__(self, num_modalities: int, *, start: int = 0, end: int | None = None, unit: str = "step",
+                 enabled: bool = True, official: bool = False, ignore_index: int = -100, seed: int = 0,
+                 sync: bool | None = None, optimizer: torch.optim.Optimizer | None = None):
+        self.num_modalities = check_num_modalities(num_modalities)
+        check_int(start, "start")
+        check_int(end, "end", allow_none=True)
+        if end is not None and end <= start:
+            raise ValueError(f"end must be greater than start (window start <= t < end), got start={start}, end={end}")
+        _validate.check_choice(unit, ("step", "epoch"), "unit")
+        check_int(seed, "seed")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        self.start, self.end, self.unit = int(start), end, unit
+        self.enabled = bool(enabled)
+        self.official = bool(official)
+        self.ignore_index = int(ignore_index)
+        self.seed = int(seed)
+        self.sync = sync
+        self.training = True
+        self._step = 0
+        self._epoch = 0
+        self._observed_step = -1      # step of the last observe()
+        self._backward_step = -1      # step in which a backward through our taps (or modulate_grads) was seen
+        self._device = torch.device("cpu")
+        m = self.num_modalities
+        self._stats = {
+            "scores": torch.zeros(m), "ratios": torch.zeros(m),
+            "coefficients": torch.full((m,), float(self.neutral)), "flag": torch.zeros(()),
+        }
+        if optimizer is not None:
+            self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+
+    # ---------------------------------------------------------------- host-side protocol
+    def step(self) -> None:
+        """End the training step (call after optimizer.step(), or pass optimizer= to do it automatically)."""
+        self._step += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        check_int(epoch, "epoch")
+        self._epoch = int(epoch)
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def in_window(self, t: int | None = None) -> bool:
+        """Whether time t (default: now) is inside the modulation window (host decision, no device read)."""
+        if t is None:
+            t = self._step if self.unit == "step" else self._epoch
+        return self.start <= t and (self.end is None or t < self.end)
+
+    @property
+    def active(self) -> bool:
+        """Modulating now: enabled, in training mode, inside the window."""
+        return self.enabled and self.training and self.in_window()
+
+    def _grad_step(self) -> bool:
+        return self.active and torch.is_grad_enabled()
+
+    def _sync(self) -> bool:
+        if self.sync is not None:
+            return bool(self.sync)
+        d = torch.distributed
+        return d.is_available() and d.is_initialized() and d.get_world_size() > 1
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        d = torch.distributed
+        if d.is_available() and d.is_initialized():
+            return d.get_rank(), d.get_world_size()
+        return 0, 1
+
+    # ---------------------------------------------------------------- device state
+    def _to_device(self, device: torch.device) -> None:
+        if device != self._device:
+            self._move(device)
+
+    def _move(self, device) -> None:
+        self._device = torch.device(device)
+        self._stats = {k: v.to(self._device) for k, v in self._stats.items()}
+
+    def to(self, device):
+        """Move the device state (scores, coefficients, running state) to `device`."""
+        self._move(device)
+        return self
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Per-modality scores of the last observed batch, [M] fp32 device tensor (read-only)."""
+        return self._stats["scores"]
+
+    @property
+    def ratios(self) -> torch.Tensor:
+        """Per-modality discrepancy ratios of the last observed batch, [M] fp32 (read-only)."""
+        return self._stats["ratios"]
+
+    @property
+    def coefficients(self) -> torch.Tensor:
+        """Current coefficients [M] fp32 (k, q or kappa; exactly neutral outside the window), read-only."""
+        return self._stats["coefficients"]
+
+    @property
+    def flag(self) -> torch.Tensor:
+        """0 ok, 1 non-finite score, 2 no valid row (fp32 0-d device tensor)."""
+        return self._stats["flag"]
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """Bool 0-d device tensor: the last observed batch had non-finite scores (coefficients fell back)."""
+        return self._stats["flag"] == 1
+
+    # ---------------------------------------------------------------- validation
+    def _check_list(self, xs, name: str, *, same_shape: bool = False) -> list:
+        if isinstance(xs, torch.Tensor):
+            if xs.dim() < 2:
+                raise ValueError(f"{name} as one tensor must be stacked [M, B, ...], got shape {tuple(xs.shape)}")
+            xs = list(xs.unbind(0))
+        if not isinstance(xs, (list, tuple)):
+            raise TypeError(f"{name} must be a list of {self.num_modalities} tensors, got {type(xs).__name__}")
+        if len(xs) != self.num_modalities:
+            raise ValueError(f"len({name}) must equal num_modalities={self.num_modalities}, got {len(xs)}")
+        _validate.check_same(list(xs), name, same_shape=same_shape)
+        return list(xs)
+
+    def _check_logits(self, logits, labels, name: str = "unimodal_logits") -> torch.Tensor:
+        if isinstance(logits, (list, tuple)) and len(logits) != self.num_modalities:
+            raise ValueError(f"len({name}) must equal num_modalities={self.num_modalities}, got {len(logits)}")
+        x = _validate.as_stacked(logits, name, ndim=2)
+        if x.shape[0] != self.num_modalities:
+            raise ValueError(f"{name} has {x.shape[0]} modalities but num_modalities={self.num_modalities}")
+        _validate.check_labels(labels, x.shape[1], x.device, "labels")
+        check_label_values(labels, x.shape[2], self.ignore_index)
+        return x
+
+    # ---------------------------------------------------------------- observe
+    def _begin_observe(self, what: str = "observe") -> None:
+        if self._observed_step == self._step:
+            raise RuntimeError(f"{type(self).__name__}.{what}() was called twice in step {self._step}; call "
+                               f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
+        if self._backward_step == self._step:
+            raise RuntimeError(f"{type(self).__name__}.{what}() called after backward in step {self._step}; "
+                               f"call bal.step() to start the next step first")
+        self._observed_step = self._step
+
+    def _hyperparameters(self) -> dict:
+        """Hyperparameters passed to balance_coefficients."""
+        return {}
+
+    def _run_coefficients(self, x: torch.Tensor, labels: torch.Tensor, *, state=None) -> dict | None:
+        """The public coefficient op on stacked logits [M, B, C] (detached). None for an empty batch (no update)."""
+        self._to_device(x.device)
+        if x.shape[1] == 0:
+            return None
+        return _ops.balance_coefficients(x.detach(), labels, self.coefficient_method, state=state,
+                                         ignore_index=self.ignore_index, sync=self._sync(),
+                                         **self._hyperparameters())
+
+    def _store(self, res: dict | None, *, modulate: bool) -> None:
+        """Keep the op's outputs; coefficients exactly neutral when not modulating (host decision)."""
+        if res is None:  # empty batch: nothing observed, nothing updated except the neutral fall back
+            res = {"scores": self._stats["scores"], "ratios": self._stats["ratios"],
+                   "flag": torch.full((), 2.0, device=self._device),
+                   "coefficients": torch.full((self.num_modalities,), float(self.neutral), device=self._device)}
+        coef = res["coefficients"] if modulate else torch.full_like(res["coefficients"], float(self.neutral))
+        self._stats = {"scores": res["scores"], "ratios": res["ratios"], "coefficients": coef, "flag": res["flag"]}
+
+    def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
+        """Score this step's unimodal logits ([M, B, C] or a list of M [B, C]; detached) and set the coefficients.
+
+        Call once per step. No host sync. Empty batch or no valid row: no update, neutral coefficients.
+        """
+        x = self._check_logits(unimodal_logits, labels)
+        if not (self.enabled and self.training):
+            return
+        self._begin_observe()
+        res = self._run_coefficients(x, labels)
+        self._store(res, modulate=self.in_window())
+
+    # ---------------------------------------------------------------- taps
+    def _noise_offset(self, step: int, modality: int) -> int:
+        """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality) (DESIGN 4.1)."""
+        rank, world = self._rank_world()
+        return ((step * world + rank) * self.num_modalities + modality) << 32
+
+    def _tap_op(self, x: torch.Tensor, coef: torch.Tensor, modality: int, step: int) -> torch.Tensor:
+        """The public op a tap applies to modality m (plain gradient scaling here; noise in OGM-GE)."""
+        return _ops.grad_tap(x, coef[modality])
+
+    def _coefficients_of_step(self, step: int):
+        return self._stats["coefficients"] if self._observed_step == step else None
+
+    def _mark_backward(self, step: int) -> None:
+        if step == self._step:
+            self._backward_step = step
+
+    def _uses_taps(self) -> bool:
+        return True
+
+    def tap(self, feats) -> list:
+        """Identity on the M encoder outputs (a list of [B, ...]); the backward multiplies modality m's gradient by
+        this step's coefficient (and adds the noise the balancer is configured with).
+
+        Call it on the encoder outputs before the fusion head. observe() may come before or after it in the step
+        (after: eager only, see _DeferredTap). Outside the window, in eval mode or without grad: the identity.
+        """
+        xs = self._check_list(feats, "feats")
+        if not self._uses_taps():
+            raise RuntimeError(f"{type(self).__name__} is in parameter mode (params= given): call "
+                               f"modulate_grads() after backward instead of tap()")
+        if not self._grad_step():
+            return xs
+        if self._backward_step == self._step:
+            raise RuntimeError(f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
+                               f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
+        self._to_device(xs[0].device)
+        step = self._step
+        if self._observed_step == step:   # coefficients known now: pass them to the op (compile-friendly)
+            coef = self._stats["coefficients"]
+            out = [self._tap_op(x, coef, m, step) for m, x in enumerate(xs)]
+            if not torch.compiler.is_compiling():
+                for y in out:
+                    if y.requires_grad:
+                        y.register_hook(lambda g, s=step: self._mark_backward(s))
+            return out
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"under torch.compile call {type(self).__name__}.observe() before tap() "
+                               f"(the deferred tap reads the coefficients at backward time, eager only)")
+        return [_DeferredTap.apply(x, self, m, step) for m, x in enumerate(xs)]
+
+    # ---------------------------------------------------------------- state
+    def _hparams_state(self) -> dict:
+        return {"start": self.start, "end": self.end, "unit": self.unit, "official": self.official,
+                "ignore_index": self.ignore_index, **self._hyperparameters()}
+
+    def _extra_tensors(self) -> dict:
+        return {}
+
+    def _load_extra_tensors(self, tensors: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs for bit-identical coefficients: method, M, hyperparameters, host counters,
+        seed, and the device tensors (cloned)."""
+        tensors = {**{k: v.detach().clone() for k, v in self._stats.items()},
+                   **{k: v.detach().clone() for k, v in self._extra_tensors().items()}}
+        return {"method": self.method, "num_modalities": self.num_modalities, "version": STATE_VERSION,
+                "hyperparameters": self._hparams_state(), "step": self._step, "epoch": self._epoch,
+                "seed": self.seed, "enabled": self.enabled, "observed_step": self._observed_step,
+                "tensors": tensors}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too."""
+        if not isinstance(state, dict) or "method" not in state or "num_modalities" not in state:
+            raise ValueError("state must be a dict returned by a balancer's state_dict()")
+        if state["method"] != self.method:
+            raise ValueError(f"state was saved by a {state['method']!r} balancer, cannot load it into {self.method!r}")
+        if state["num_modalities"] != self.num_modalities:
+            raise ValueError(f"state was saved for num_modalities={state['num_modalities']}, "
+                             f"this balancer has num_modalities={self.num_modalities}")
+        mine = self._hparams_state()
+        if strict and state["hyperparameters"] != mine:
+            diff = {k: (state["hyperparameters"].get(k), mine.get(k)) for k in set(mine) | set(state["hyperparameters"])
+                    if state["hyperparameters"].get(k) != mine.get(k)}
+            raise ValueError(f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep "
+                             f"the current ones")
+        self._step, self._epoch, self.seed = int(state["step"]), int(state["epoch"]), int(state["seed"])
+        self.enabled = bool(state["enabled"])
+        self._observed_step = int(state.get("observed_step", -1))
+        self._backward_step = -1
+        t = state["tensors"]
+        self._stats = {k: t[k].to(self._device).clone() for k in ("scores", "ratios", "coefficients", "flag")}
+        self._load_extra_tensors({k: v.to(self._device).clone() for k, v in t.items() if k not in self._stats})
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self._hparams_state().items())
+        return f"{type(self).__name__}(num_modalities={self.num_modalities}, {hp})"
+
+
+# ----------------------------------------------------------------------------------------------- parameter mode
+class ParameterModeMixin:
+    """Gradient scaling on listed parameter tensors after backward (the authors' placement): params is a list of M
+    iterables of tensors (modality m's tensors, e.g. only its conv weights)."""
+
+    def _init_params(self, params) -> None:
+        self._params = None
+        if params is None:
+            return
+        if not isinstance(params, (list, tuple)) or len(params) != self.num_modalities:
+            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+            raise ValueError(f"params must be a list of num_modalities={self.num_modalities} iterables of tensors "
+                             f"(one per modality), got {got}")
+        groups = []
+        for m, group in enumerate(params):
+            ts = [group] if isinstance(group, torch.Tensor) else list(group)
+            for i, t in enumerate(ts):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"params[{m}][{i}] must be a tensor, got {type(t).__name__}")
+            groups.append(ts)
+        self._params = groups
+
+    def _uses_taps(self) -> bool:
+        return self._params is None
+
+    def _grads(self) -> list[list[torch.Tensor]]:
+        return [[p.grad for p in group if p.grad is not None] for group in self._params]
+
+    def _scale_grads_(self, coef: torch.Tensor) -> None:
+        """grad <- k_m * grad for modality m's tensors (DESIGN 4.2 without noise): one foreach launch per modality."""
+        for m, grads in enumerate(self._grads()):
+            if grads:
+                torch._foreach_mul_(grads, coef[m])
+
+    def modulate_grads(self) -> None:
+        """Parameter mode, after backward and before optimizer.step(): apply this step's coefficients to the listed
+        tensors' gradients (plus noise if configured). Outside the window: nothing."""
+        if self._params is None:
+            raise RuntimeError(f"{type(self).__name__} is in feature-tap mode; pass params= to use modulate_grads()")
+        self._backward_step = self._step
+        if not self.active:
+            return
+        if self._observed_step != self._step:
+            raise RuntimeError(f"{type(self).__name__}.modulate_grads(): observe() was not called in step {self._step}")
+        self._apply_param_mode(self._stats["coefficients"])
+
+    def _apply_param_mode(self, coef: torch.Tensor) -> None:
+        self._scale_grads_(coef)

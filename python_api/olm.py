@@ -1,0 +1,121 @@
+"""OLM balancer: online logit modulation (Zong et al. Eq. 5-9, Alg. 1)."""
+from __future__ import annotations
+
+import torch
+
+from mmkernels import _validate, reference
+
+from ._base import Balancer, check_int, check_real
+
+
+class OLM(Balancer):
+    """Fused logits sum_m w_m s_m over M branches (Eq. 5); the logit coefficients w (init 1) are refitted at each
+    evaluation from the per-branch train and dev losses the trainer reports:
+      G_m = |L_dev0 - L_dev| (Eq. 6), C_m = ||L_dev - L_train| - |L_dev0 - L_train0|| (Eq. 7),
+      lambda = softmax(G / C) (Eq. 8), then `update_steps` SGD steps of rate `lr` on
+      sum_m |w_m ||s_m|| - lambda_m mean_k ||w_k s_k||| (Eq. 9, Alg. 1), ||s_m|| the mean row norm of branch m's logits
+      over the training steps since the last report.
+
+        logits = bal.combine([s_v, s_a, s_b])         # each [B, C]; w is a constant (not trained by the task loss)
+        ...
+        bal.report(train_losses, dev_losses)         # M numbers or a [M] tensor each, at every evaluation
+    The first report only records the reference losses L0 (G = C = 0 there). Outside the window w acts as 1 (exactly).
+    Arguments: lr (default 0.01), update_steps (default 10).
+    `scores` = mean logit norms used by the last update, `ratios` = lambda, `coefficients` = w in force.
+    """
+
+    method = "olm"
+
+    def __init__(self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, **kwargs):
+        super().__init__(num_modalities, **kwargs)
+        check_real(lr, "lr", low=0.0, low_open=True)
+        check_int(update_steps, "update_steps", minimum=1)
+        self.lr, self.update_steps = float(lr), int(update_steps)
+        m = self.num_modalities
+        self._w = torch.ones(m)
+        self._norm_sum = torch.zeros(m)
+        self._norm_count = torch.zeros(())
+        self._loss0 = None  # (train0 [M], dev0 [M]) after the first report
+
+    def _hparams_state(self) -> dict:
+        return {**super()._hparams_state(), "lr": self.lr, "update_steps": self.update_steps}
+
+    def _move(self, device) -> None:
+        super()._move(device)
+        self._w, self._norm_sum, self._norm_count = (t.to(self._device) for t in (self._w, self._norm_sum,
+                                                                                   self._norm_count))
+        if self._loss0 is not None:
+            self._loss0 = tuple(t.to(self._device) for t in self._loss0)
+
+    def _extra_tensors(self) -> dict:
+        t = {"w": self._w, "norm_sum": self._norm_sum, "norm_count": self._norm_count}
+        if self._loss0 is not None:
+            t.update(train_loss0=self._loss0[0], dev_loss0=self._loss0[1])
+        return t
+
+    def _load_extra_tensors(self, tensors: dict) -> None:
+        self._w, self._norm_sum, self._norm_count = tensors["w"], tensors["norm_sum"], tensors["norm_count"]
+        self._loss0 = (tensors["train_loss0"], tensors["dev_loss0"]) if "train_loss0" in tensors else None
+
+    @property
+    def coefficients(self) -> torch.Tensor:
+        """w in force now ([M] fp32); exactly 1 outside the window."""
+        return self._w if self.active else torch.ones_like(self._w)
+
+    def tap(self, feats):
+        raise RuntimeError("OLM modulates logits: use bal.combine(logits_per_branch)")
+
+    def observe(self, unimodal_logits, labels):
+        raise RuntimeError("OLM observes through combine() and report(train_losses, dev_losses)")
+
+    def combine(self, logits_per_branch) -> torch.Tensor:
+        """sum_m w_m s_m, [B, C] (Eq. 5). Accumulates the branches' mean logit norms (detached) in training mode."""
+        if isinstance(logits_per_branch, (list, tuple)) and len(logits_per_branch) != self.num_modalities:
+            raise ValueError(f"len(logits_per_branch) must equal num_modalities={self.num_modalities}, "
+                             f"got {len(logits_per_branch)}")
+        x = _validate.as_stacked(logits_per_branch, "logits_per_branch", ndim=2)
+        if x.shape[0] != self.num_modalities:
+            raise ValueError(f"logits_per_branch has {x.shape[0]} branches but num_modalities={self.num_modalities}")
+        self._to_device(x.device)
+        if self.enabled and self.training and x.shape[1] > 0:
+            self._norm_sum = self._norm_sum + reference.logit_norms(x.detach())
+            self._norm_count = self._norm_count + 1.0
+        if not self.active:
+            return x.sum(0)
+        return (self._w.to(x.dtype).view(-1, 1, 1) * x).sum(0)
+
+    def _as_losses(self, v, name: str) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().reshape(-1)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(e, torch.Tensor) for e in v):
+            t = torch.stack([e.detach().reshape(()) for e in v])
+        else:
+            try:
+                t = torch.tensor([float(e) for e in v], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must be {self.num_modalities} numbers or a tensor [M], got {v!r}") from None
+        if t.numel() != self.num_modalities:
+            raise ValueError(f"{name} must hold num_modalities={self.num_modalities} losses, got {t.numel()}")
+        return t.to(device=self._device, dtype=torch.float32)
+
+    def report(self, train_losses, dev_losses) -> None:
+        """At each evaluation: per-branch train and dev losses -> lambda (Eq. 6-8) -> `update_steps` SGD steps on w
+        (Eq. 9, Alg. 1, with the mean logit norms since the last report). The first call records L0 only."""
+        tr, dv = self._as_losses(train_losses, "train_losses"), self._as_losses(dev_losses, "dev_losses")
+        if not self.enabled:
+            return
+        if self._loss0 is None:
+            self._loss0 = (tr, dv)
+            return
+        g, c = reference.olm_rates(self._loss0[0], self._loss0[1], tr, dv)
+        lam = reference.olm_rebalance_factors(g, c)
+        norms = self._norm_sum / self._norm_count.clamp(min=1.0)
+        w_new = reference.olm_update(self._w, norms, lam, lr=self.lr, steps=self.update_steps)
+        ok = torch.isfinite(w_new).all()
+        # no logits seen since the last report: keep w; a non-finite update: w falls back to 1 and the flag is set
+        w = torch.where(self._norm_count > 0, w_new, self._w)
+        self._w = torch.where(ok, w, torch.ones_like(w))
+        self._stats = {"scores": norms, "ratios": lam, "coefficients": self._w,
+                       "flag": torch.where(ok, 0.0, 1.0).to(device=self._device, dtype=torch.float32)}
+        self._norm_sum = torch.zeros_like(self._norm_sum)
+        self._norm_count = torch.zeros_like(self._norm_count)

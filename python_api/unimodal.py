@@ -1,0 +1,61 @@
+"""Unimodal-logit helpers: the per-modality logits every balancer scores (DESIGN.md section 5)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+from mmkernels import _validate, reference
+
+
+def _check_feats(feats, name: str = "feats") -> list:
+    if isinstance(feats, torch.Tensor) or not isinstance(feats, (list, tuple)):
+        raise TypeError(f"{name} must be a list of M feature tensors [B, D_m], got {type(feats).__name__}")
+    _validate.check_num_modalities(len(feats), f"len({name}) (number of modalities)")
+    _validate.check_same(list(feats), name, same_shape=False)
+    return list(feats)
+
+
+def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) -> torch.Tensor:
+    """u_m = feat_m W_m^T + gamma_m b for a concatenation head W = [W_1 ... W_M] (TPAMI Eq. 6; bias split Sec. 4.5.2).
+
+    feats: M tensors [B, D_m] in the order they are concatenated; linear: the nn.Linear applied to torch.cat(feats, 1)
+    (or a (weight, bias) pair); gamma: M bias shares (default 1/M each; the authors' OGM-GE code uses 1/2 for M=2).
+    detach (default True): scores only, no autograd graph. Returns [M, B, C].
+    """
+    xs = _check_feats(feats)
+    if isinstance(linear, torch.nn.Linear):
+        weight, bias = linear.weight, linear.bias
+    elif isinstance(linear, (tuple, list)) and len(linear) == 2:
+        weight, bias = linear
+    else:
+        raise TypeError(f"linear must be an nn.Linear or a (weight, bias) pair, got {type(linear).__name__}")
+    widths = [x.shape[-1] for x in xs]
+    if weight.dim() != 2 or weight.shape[1] != sum(widths):
+        raise ValueError(f"linear has in_features={weight.shape[-1]} but the features' widths {widths} sum to "
+                         f"{sum(widths)}; feats must be the tensors the head's input concatenates")
+    if weight.device != xs[0].device:
+        raise ValueError(f"linear is on {weight.device} but feats are on {xs[0].device}")
+    if gamma is not None:
+        g = torch.as_tensor(gamma, dtype=torch.float32)
+        if g.numel() != len(xs):
+            raise ValueError(f"gamma must hold {len(xs)} bias shares (one per modality), got {g.numel()}")
+    with torch.no_grad() if detach else contextlib.nullcontext():
+        return reference.concat_unimodal_logits(xs, weight, bias, gamma=gamma)
+
+
+def summation_unimodal_logits(feats, heads: Sequence[Callable]) -> torch.Tensor:
+    """Summation fusion f = sum_m head_m(feat_m): u_m = head_m(feat_m), each with its full bias. Returns [M, B, C]."""
+    xs = _check_feats(feats)
+    if len(heads) != len(xs):
+        raise ValueError(f"len(heads) must equal len(feats)={len(xs)}, got {len(heads)}")
+    return reference.summation_unimodal_logits(xs, heads)
+
+
+def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
+    """Multi-layer head (TPAMI Sec. 4.3.7): u_m = head(feats with every j != m zeroed), the M zeroed copies batched
+    into ONE head call of M*B rows. head: callable on a list of M tensors [N, D_j] -> [N, C]. Returns [M, B, C].
+    Run it under torch.no_grad() (or detach) when the logits only feed a balancer."""
+    xs = _check_feats(feats)
+    return reference.zero_out_unimodal_logits(head, xs)
