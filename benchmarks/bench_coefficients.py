@@ -1,0 +1,135 @@
+"""Benchmarks of balance_coefficients (DESIGN.md sec. 8): the fused Triton op vs the eager reference vs
+torch.compile(reference) vs the authors' style (a Python loop over rows with .item()).
+
+GPU only (skipped, but collectable, on CPU). Run: pytest benchmarks/bench_coefficients.py --benchmark-only
+Each benchmark records extra_info: host syncs per call (counted with torch.cuda.set_sync_debug_mode) and, for
+the fused op, Triton launches per call. Targets: 1 launch, 0 syncs, >= 5x eager, >= 1.5x compiled reference over
+B in [32, 4096], C in [6, 1000], M in [2, 4]. Shapes are module-level lists so a reduced set is easy to pass.
+"""
+import warnings
+
+import pytest
+import torch
+
+from mmkernels import reference as R
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
+
+M_VALUES = [2, 4]
+B_VALUES = [32, 256, 4096]
+C_VALUES = [6, 1000]
+METHODS = ["ogm", "agm"]
+SHAPES = [(m, b, c) for m in M_VALUES for b in B_VALUES for c in C_VALUES]
+AUTHORS_SHAPES = [(2, 32, 6), (2, 256, 1000)]  # the Python-loop baseline is slow: a few points only
+
+
+def _data(m, b, c, device="cuda", dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, b, c, device=device, dtype=dtype, generator=g)
+    y = torch.randint(0, c, (b,), device=device, generator=g)
+    return x, y
+
+
+def count_syncs(fn, *args, **kwargs) -> int:
+    """Host syncs in one call, via torch.cuda's sync debug mode (each sync emits a warning)."""
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def count_triton_launches(fn, *args, **kwargs) -> int:
+    import triton.runtime.jit as jit
+
+    calls = []
+    original = jit.JITFunction.run
+
+    def run(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    jit.JITFunction.run = run
+    try:
+        fn(*args, **kwargs)
+    finally:
+        jit.JITFunction.run = original
+    return len(calls)
+
+
+def _timed(benchmark, fn, *args, **kwargs):
+    for _ in range(3):
+        fn(*args, **kwargs)  # warm-up: compilation, workspace
+    torch.cuda.synchronize()
+
+    def call():
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
+
+
+def authors_style(x, y, method):
+    """What the authors' trainers do: a Python loop over the batch, a softmax per row, .item() per score."""
+    m, b, _ = x.shape
+    s = [0.0] * m
+    for j in range(m):
+        for i in range(b):
+            p = torch.softmax(x[j, i], dim=0)[y[i]]
+            s[j] += (-torch.log(p.clamp(min=1e-8))).item() if method == "agm" else p.item()
+    if method == "agm":
+        s = [v / b for v in s]
+    return s
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m,b,c", SHAPES)
+def test_bench_fused(benchmark, m, b, c, method):
+    from mmkernels.coefficients import balance_coefficients
+
+    x, y = _data(m, b, c)
+    st = R.new_agm_state(m, "cuda") if method == "agm" else None
+    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
+    _timed(benchmark, balance_coefficients, x, y, method, state=st)
+    benchmark.extra_info["syncs_per_call"] = count_syncs(balance_coefficients, x, y, method, state=st)
+    benchmark.extra_info["triton_launches_per_call"] = count_triton_launches(balance_coefficients, x, y, method, state=st)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m,b,c", SHAPES)
+def test_bench_eager_reference(benchmark, m, b, c, method):
+    x, y = _data(m, b, c)
+    st = R.new_agm_state(m, "cuda") if method == "agm" else None
+    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
+    _timed(benchmark, R.balance_coefficients_ref, x, y, method, state=st)
+    benchmark.extra_info["syncs_per_call"] = count_syncs(R.balance_coefficients_ref, x, y, method, state=st)
+
+
+_COMPILED = {}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m,b,c", SHAPES)
+def test_bench_compiled_reference(benchmark, m, b, c, method):
+    x, y = _data(m, b, c)
+    st = R.new_agm_state(m, "cuda") if method == "agm" else None
+    fn = _COMPILED.setdefault(method, torch.compile(R.balance_coefficients_ref, dynamic=False))
+    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
+    _timed(benchmark, fn, x, y, method, state=st)
+    benchmark.extra_info["syncs_per_call"] = count_syncs(fn, x, y, method, state=st)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m,b,c", AUTHORS_SHAPES)
+def test_bench_authors_style(benchmark, m, b, c, method):
+    x, y = _data(m, b, c)
+    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
+    for _ in range(2):
+        authors_style(x, y, method)
+    benchmark.pedantic(authors_style, args=(x, y, method), rounds=5, iterations=1)
+    benchmark.extra_info["syncs_per_call"] = count_syncs(authors_style, x, y, method)

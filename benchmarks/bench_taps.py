@@ -1,0 +1,103 @@
+"""Benchmarks of grad_tap's backward and modality_drop (DESIGN.md sec. 8): GB/s against a device copy
+(torch.Tensor.copy_ of the same bytes). Target: >= 80% of copy bandwidth for large features.
+
+GPU only (skipped, but collectable, on CPU). Shapes are module-level lists so a reduced set is easy to pass.
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
+
+FEATURE_SHAPES = [(64, 512), (256, 2048), (4096, 4096), (64, 512, 14, 14)]
+DTYPES = [torch.float32, torch.bfloat16]
+DROP_M = [2, 4]
+
+
+def _gbps(benchmark, nbytes):
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info["GB/s"] = nbytes / mean / 1e9 if mean > 0 else float("nan")
+
+
+def _pedantic(benchmark, fn):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=30, iterations=5, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_copy_baseline(benchmark, shape, dtype):
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    out = torch.empty_like(x)
+    benchmark.group = f"taps {shape} {dtype}"
+    _pedantic(benchmark, lambda: out.copy_(x))
+    _gbps(benchmark, 2 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_grad_scale(benchmark, shape, dtype):
+    g = torch.randn(shape, device="cuda", dtype=dtype)
+    k = torch.tensor(0.5, device="cuda")
+    op = torch.ops.mmkernels.grad_scale
+    import mmkernels.taps  # noqa: F401  (registers the op)
+
+    benchmark.group = f"taps {shape} {dtype}"
+    _pedantic(benchmark, lambda: op(g, k, 1.0))
+    _gbps(benchmark, 2 * g.numel() * g.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_grad_scale_eager_reference(benchmark, shape, dtype):
+    from mmkernels import reference as R
+
+    g = torch.randn(shape, device="cuda", dtype=dtype)
+    k = torch.tensor(0.5, device="cuda")
+    benchmark.group = f"taps {shape} {dtype}"
+    _pedantic(benchmark, lambda: R.grad_tap_backward(g, k))
+    _gbps(benchmark, 2 * g.numel() * g.element_size())
+
+
+@pytest.mark.parametrize("m", DROP_M)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_modality_drop(benchmark, shape, dtype, m):
+    from mmkernels.taps import modality_drop
+
+    x = torch.randn((m,) + shape, device="cuda", dtype=dtype)
+    q = torch.full((m,), 0.3, device="cuda")
+    benchmark.group = f"drop M={m} {shape} {dtype}"
+    _pedantic(benchmark, lambda: modality_drop(x, q, seed=0, offset=0))
+    _gbps(benchmark, 2 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("m", DROP_M)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_modality_drop_copy_baseline(benchmark, shape, dtype, m):
+    x = torch.randn((m,) + shape, device="cuda", dtype=dtype)
+    out = torch.empty_like(x)
+    benchmark.group = f"drop M={m} {shape} {dtype}"
+    _pedantic(benchmark, lambda: out.copy_(x))
+    _gbps(benchmark, 2 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("m", DROP_M)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+def test_bench_modality_drop_eager_reference(benchmark, shape, dtype, m):
+    from mmkernels import reference as R
+
+    x = torch.randn((m,) + shape, device="cuda", dtype=dtype)
+    q = torch.full((m,), 0.3, device="cuda")
+    u = torch.rand(m, shape[0], device="cuda")
+    benchmark.group = f"drop M={m} {shape} {dtype}"
+    _pedantic(benchmark, lambda: R.modality_drop_ref(x, q, u))
+    _gbps(benchmark, 2 * x.numel() * x.element_size())
