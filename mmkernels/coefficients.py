@@ -15,14 +15,7 @@ from ._backend import backend_for
 from ._validate import as_stacked, check_choice, check_labels
 
 METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
-# Hyperparameters each method accepts, with their defaults (the same table as the reference pipeline).
-METHOD_DEFAULTS = {
-    "ogm_ge": {"alpha": 1.0},
-    "ogm": {"alpha": 1.0, "z": "tanh", "ratio": "ratio"},
-    "opm": {"q_base": 0.5, "lam": 0.5, "z": "tanh", "ratio": "ratio"},
-    "agm": {"alpha": 1.0, "clip": None},
-    "mlb": {"alpha": 1.0, "beta_max": 2.0},
-}
+METHOD_DEFAULTS = reference.METHOD_DEFAULTS  # hyperparameters each method accepts, with their defaults
 _ALL_HP = {"alpha": 1.0, "q_base": 0.5, "lam": 0.5, "beta_max": 2.0, "clip": None, "z": "tanh", "ratio": "ratio"}
 
 
@@ -114,34 +107,4 @@ def _reference_synced(logits, labels, method, state, ignore_index, group, hp) ->
     packed = torch.cat([sums, count.view(1)])
     torch.distributed.all_reduce(packed, group=group)
     sums, count = packed[:-1], packed[-1]
-    return _pipeline_from_sums(sums, count, method, state, hp)
-
-
-def _pipeline_from_sums(sums: torch.Tensor, count: torch.Tensor, method: str, state, hp: dict) -> dict:
-    """The tail of reference.balance_coefficients_ref (ratios, coefficients, flag, AGM state) from global sums."""
-    s = sums / count if method == "agm" else sums
-    if method == "ogm_ge":
-        ratios, coeff = reference.ogm_ge_coefficients(s, alpha=hp["alpha"])
-        neutral = 1.0
-    elif method in ("ogm", "opm"):
-        ratios = reference.ratio_tpami(sums / count if hp["ratio"] == "difference" else sums, variant=hp["ratio"])
-        if method == "ogm":
-            coeff, neutral = reference.ogm_coefficients(ratios, alpha=hp["alpha"], z=hp["z"]), 1.0
-        else:
-            coeff, neutral = reference.opm_drop_probability(ratios, q_base=hp["q_base"], lam=hp["lam"], z=hp["z"]), 0.0
-    elif method == "agm":
-        st = state if state is not None else reference.new_agm_state(s.shape[0], s.device)
-        ratios, _, coeff = reference.agm_kappa(s, st["s_hat"], alpha=hp["alpha"], clip=hp["clip"], steps=st["steps"])
-        neutral = 1.0
-    else:
-        ratios = reference.ratio_mlb(s)
-        coeff, neutral = reference.mlb_coefficients(ratios, alpha=hp["alpha"], beta_max=hp["beta_max"]), 1.0
-    zero = torch.zeros((), dtype=torch.float32, device=s.device)
-    flag = torch.where(count == 0, zero + 2.0, torch.where(torch.isfinite(s).all(), zero, zero + 1.0))
-    ok = flag == 0
-    coeff = torch.where(ok, coeff, torch.full_like(coeff, neutral))
-    if method == "agm" and state is not None:
-        new_hat, new_steps = reference.agm_update_running(state["s_hat"], state["steps"], s)
-        state["s_hat"].copy_(torch.where(ok, new_hat, state["s_hat"]))
-        state["steps"].copy_(torch.where(ok, new_steps, state["steps"]))
-    return {"scores": s.to(torch.float32), "ratios": ratios, "coefficients": coeff, "flag": flag}
+    return reference.balance_from_sums_ref(sums, count, method, state=state, **hp)

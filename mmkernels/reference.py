@@ -25,7 +25,7 @@ __all__ = [
     "shapley_weights", "shapley_combine", "shapley_masked_inputs", "shapley_subset_grad_scale",
     "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
     "cov_noise_row_factor", "cov_noise_tap_backward", "cov_noise_from_per_sample", "ge_isotropic",
-    "modality_drop_ref", "grad_tap_backward",
+    "modality_drop_ref", "grad_tap_backward", "balance_from_sums_ref", "METHOD_DEFAULTS",
 ]
 
 PROB_FLOOR = 1e-8          # AGM / DESIGN sec. 3: p < 1e-8 is treated as 1e-8 in the 'ce' score
@@ -275,7 +275,7 @@ def olm_update(w, logit_norms, lam, *, lr: float, steps: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
-_DEFAULTS = {
+METHOD_DEFAULTS = {  # hyperparameters of each method and their defaults (DESIGN sec. 3)
     "ogm_ge": {"alpha": 1.0},
     "ogm": {"alpha": 1.0, "z": "tanh", "ratio": "ratio"},
     "opm": {"q_base": 0.5, "lam": 0.5, "z": "tanh", "ratio": "ratio"},
@@ -307,16 +307,27 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
     2 no valid rows (2 wins over 1). When flag != 0 the coefficients are neutral (k = 1, q = 0, kappa = 1) and the
     AGM state is left untouched (selected with torch.where, no host sync).
     """
-    if method not in _DEFAULTS:
-        raise ValueError(f"method must be one of {tuple(_DEFAULTS)}, got {method!r}")
-    unknown = set(hp) - set(_DEFAULTS[method])
-    if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(_DEFAULTS[method])}")
-    p = {**_DEFAULTS[method], **hp}
-    x = _stack(logits)
+    _check_method(method, hp)
     kind = "ce" if method == "agm" else "prob"
-    sums, count = score_sums(x, labels, kind=kind, ignore_index=ignore_index)
-    s = sums / count if kind == "ce" else sums
+    sums, count = score_sums(logits, labels, kind=kind, ignore_index=ignore_index)
+    return balance_from_sums_ref(sums, count, method, state=state, **hp)
+
+
+def _check_method(method: str, hp: dict) -> None:
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"method must be one of {tuple(METHOD_DEFAULTS)}, got {method!r}")
+    unknown = set(hp) - set(METHOD_DEFAULTS[method])
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(METHOD_DEFAULTS[method])}")
+
+
+def balance_from_sums_ref(sums: torch.Tensor, count: torch.Tensor, method: str, *, state: dict | None = None, **hp) -> dict:
+    """The tail of the pipeline: score sums [M] and valid-row count [] (from score_sums, possibly all-reduced
+    across ranks) -> dict(scores, ratios, coefficients, flag), updating the AGM state in place. See
+    balance_coefficients_ref for the methods, the flag and the neutral fallback."""
+    _check_method(method, hp)
+    p = {**METHOD_DEFAULTS[method], **hp}
+    s = sums / count if method == "agm" else sums
 
     if method == "ogm_ge":
         ratios, coeff = ogm_ge_coefficients(s, alpha=p["alpha"])
@@ -328,8 +339,7 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
         else:
             coeff, neutral = opm_drop_probability(ratios, q_base=p["q_base"], lam=p["lam"], z=p["z"]), 0.0
     elif method == "agm":
-        m = x.shape[0]
-        st = state if state is not None else new_agm_state(m, x.device)
+        st = state if state is not None else new_agm_state(s.shape[0], s.device)
         ratios, _, coeff = agm_kappa(s, st["s_hat"], alpha=p["alpha"], clip=p["clip"], steps=st["steps"])
         neutral = 1.0
     else:  # mlb

@@ -14,10 +14,6 @@ def batch():
     return x, y
 
 
-def test_defaults_match_reference_pipeline():
-    assert METHOD_DEFAULTS == R._DEFAULTS
-
-
 @pytest.mark.parametrize("method", list(METHOD_DEFAULTS))
 def test_cpu_dispatches_to_reference(method, batch, monkeypatch):
     monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
