@@ -9,6 +9,10 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: F401  (the pure-PyTorch oracle)
 from ._backend import backend_for, ext_available, triton_available  # noqa: F401
+from .coefficients import METHOD_DEFAULTS, balance_coefficients  # noqa: F401
+from .taps import drop_uniforms, grad_tap, modality_drop  # noqa: F401
+from . import api  # noqa: F401  (python_api/, installed as mmkernels.api)
+from .api import *  # noqa: F401,F403  (the balancers and unimodal-logit helpers)
 
 
 def env_report(file=None) -> str:
