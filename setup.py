@@ -129,7 +129,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["mmkernels", "mmkernels.triton_ops", "mmkernels.ext_ops", "mmkernels.api"],
+    packages=["mmkernels", "mmkernels.triton_ops", "mmkernels.ext_ops", "mmkernels.demo", "mmkernels.api"],
     package_dir={"mmkernels.api": "python_api"},
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"]},

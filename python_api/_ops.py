@@ -104,7 +104,7 @@ def shapley_masked_batch(inputs: list) -> list:
 def shapley_fused(subset_outputs: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """sum_m phi_m (= f(all)) whose backward sends c(S) g = sum_m kappa_m W[S-1, m] g to subset S (AGM Eq. 6)."""
     if _responses is not None:
-        return _responses(subset_outputs, kappa)
+        return _responses(subset_outputs, kappa).sum(0)
     phi = reference.shapley_combine(subset_outputs)  # stand-in: phi_m, then a per-modality tap by kappa_m
     return torch.stack([grad_tap(phi[m], kappa[m]) for m in range(phi.shape[0])]).sum(0)
 

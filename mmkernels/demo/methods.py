@@ -1,0 +1,295 @@
+"""One runner per balancing method: how each plugs into the demo's training step through the public API.
+
+A runner owns the per-step recipe (forward, balancing calls, loss, backward, optimizer step), exposes what it
+wants traced (a ratio and a coefficient per modality, as device tensors: no sync in the step), and wraps the parts
+that only the balancing adds in `timer.balancing()` so the demo can report their share of the step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as ref
+
+METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm"]
+LABELS = {
+    "joint": "joint (no balancing)",
+    "ogm_ge": "OGM-GE (isotropic GE)",
+    "ogm_ge_cov": "OGM-GE (covariance GE)",
+    "ogm": "OGM",
+    "opm": "OPM",
+    "agm": "AGM",
+    "mlb": "MLB",
+    "olm": "OLM",
+    "audio alone": "audio encoder alone",
+    "visual alone": "visual encoder alone",
+}
+
+
+def concat_unimodal(model, feats, *, detach=True):
+    """u_m = f_m W_m^T + b/M from the concat head (TPAMI Eq. 6, Sec. 4.5.2), [M, B, C] (public API helper)."""
+    from mmkernels.api import concat_unimodal_logits
+
+    return concat_unimodal_logits(list(feats), model.head, detach=detach)
+
+
+class JointRunner:
+    """Plain joint training; traces the TPAMI ratio rho_m (Eq. 7) of the concat head's unimodal logits."""
+
+    name = "joint"
+
+    def __init__(self, model, *, num_classes, seed, total_steps):
+        self.model = model
+        self.num_classes = num_classes
+        self.seed = seed
+        self.total_steps = total_steps
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def forward_loss(self, inputs, y):
+        return F.cross_entropy(self.model(inputs), y)
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        loss = self.forward_loss(inputs, y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def trace(self, inputs, y):
+        u = concat_unimodal(self.model, self.model.encode(inputs))
+        rho = ref.ratio_tpami(ref.scores(u, y, kind="prob"))
+        return rho, None
+
+    def end_step(self, step, losses_fn):
+        pass
+
+    @torch.no_grad()
+    def eval_logits(self, inputs):
+        return self.model(inputs)
+
+    @torch.no_grad()
+    def unimodal_losses(self, inputs, y):
+        u = concat_unimodal(self.model, self.model.encode(inputs))
+        return torch.stack([F.cross_entropy(u_m, y) for u_m in u])
+
+
+def api_class(name):
+    """A balancer class of the public API, `mmkernels.api.<name>`."""
+    import mmkernels.api as api
+
+    return getattr(api, name)
+
+
+class _BalancerRunner(JointRunner):
+    """Shared pieces of the runners that drive a balancer from mmkernels.api."""
+
+    def __init__(self, model, *, num_classes, seed, total_steps):
+        super().__init__(model, num_classes=num_classes, seed=seed, total_steps=total_steps)
+        self.bal = self.make_balancer()
+
+    def make_balancer(self):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def trace(self, inputs, y):
+        return self.bal.ratios.clone(), self.bal.coefficients.clone()
+
+
+def _weight_tensors(module):
+    """The tensors the authors' OGM-GE modulates: conv weights (4-D); for the MLP encoders, the linear weights."""
+    ps = [p for p in module.parameters() if p.dim() == 4]
+    return ps or [p for p in module.parameters() if p.dim() >= 2]
+
+
+class OGMGERunner(_BalancerRunner):
+    """OGM-GE as the authors run it (official=True): CVPR coefficient, isotropic GE noise N(0, std(grad)^2) added
+    after backward to each encoder weight tensor (parameter mode, `modulate_grads()`)."""
+
+    name = "ogm_ge"
+
+    def make_balancer(self):
+        params = [_weight_tensors(enc) for enc in self.model.encoders]
+        return api_class("OGMGE")(len(params), alpha=0.8, official=True, params=params, seed=self.seed)
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        with timer.balancing():
+            self.bal.observe(concat_unimodal(self.model, feats), y)
+        loss = F.cross_entropy(self.model.fuse(feats), y)
+        loss.backward()
+        with timer.balancing():
+            self.bal.modulate_grads()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
+class TapRunner(_BalancerRunner):
+    """Balancers acting through feature taps (OGM-GE with batch-covariance GE, OGM): identity forward, the backward
+    scales modality m's feature gradient (row i by k_m + sigma (z_i - mean z) with covariance noise)."""
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        with timer.balancing():
+            self.bal.observe(concat_unimodal(self.model, feats), y)
+            feats = self.bal.tap(feats)
+        loss = F.cross_entropy(self.model.fuse(feats), y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
+class OGMGECovRunner(TapRunner):
+    """OGM-GE, paper mode: TPAMI Eq. 7/11 coefficient and the batch-covariance noise of Eq. 13-17 through taps."""
+
+    name = "ogm_ge_cov"
+
+    def make_balancer(self):
+        return api_class("OGMGE")(len(self.model.encoders), alpha=0.8, noise="covariance", seed=self.seed)
+
+
+class OGMRunner(TapRunner):
+    """OGM (TPAMI Eq. 7, 11): gradient scaling by k_m, no noise."""
+
+    name = "ogm"
+
+    def make_balancer(self):
+        return api_class("OGM")(len(self.model.encoders), alpha=0.8, seed=self.seed)
+
+
+class OPMRunner(_BalancerRunner):
+    """OPM (TPAMI Eq. 8, Alg. 1): drop the leading modality's features with probability q from the previous step;
+    q scored on this step's undropped features."""
+
+    name = "opm"
+
+    def make_balancer(self):
+        return api_class("OPM")(len(self.model.encoders), q_base=0.5, lam=0.5, seed=self.seed)
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        with timer.balancing():
+            dropped = self.bal.drop(feats)
+            self.bal.observe(concat_unimodal(self.model, feats), y)
+        loss = F.cross_entropy(self.model.fuse(dropped), y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
+class AGMRunner(_BalancerRunner):
+    """AGM (ICCV 2023 Eq. 1-10): the balancer runs the encoders once and the fusion head on the 2^M - 2 muted feature
+    combinations (muted_mode="reuse": exact for encoders without BatchNorm/dropout, as here); the loss is on
+    sum_m phi_m = f(all), whose backward carries kappa_m."""
+
+    name = "agm"
+    muted_mode = "reuse"
+
+    def make_balancer(self):
+        return api_class("AGM")(len(self.model.encoders), alpha=1.0, clip=10.0, muted_mode=self.muted_mode,
+                                seed=self.seed)
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        # the whole forward goes through the balancer: the joint step's forward is inside it, so the share below
+        # counts the extra head passes, the scores and the Shapley combination, plus one joint forward
+        with timer.balancing():
+            logits = self.bal(inputs, y, encoders=list(self.model.encoders), head=self.model.fuse)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
+class MLBRunner(_BalancerRunner):
+    """MLB (Kontras et al. Eq. 3-7): per-encoder linear heads, multi-loss CE(f) + sum_m CE(u_m); encoder m's gradient
+    scaled by k_m through a feature tap."""
+
+    name = "mlb"
+
+    def __init__(self, model, **kw):
+        dev = model.head.weight.device
+        self.uni_heads = torch.nn.ModuleList(
+            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        super().__init__(model, **kw)
+
+    def make_balancer(self):
+        return api_class("MLB")(len(self.model.encoders), alpha=0.8, beta_max=2.0, seed=self.seed)
+
+    def parameters(self):
+        return list(self.model.parameters()) + list(self.uni_heads.parameters())
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        with timer.balancing():
+            feats = self.bal.tap(feats)
+        fused = self.model.fuse(feats)
+        with timer.balancing():
+            uni = [h(f) for h, f in zip(self.uni_heads, feats)]
+            loss = self.bal.loss(fused, uni, y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def unimodal_losses(self, inputs, y):
+        feats = self.model.encode(inputs)
+        return torch.stack([F.cross_entropy(h(f), y) for h, f in zip(self.uni_heads, feats)])
+
+
+class OLMRunner(_BalancerRunner):
+    """OLM (Zong et al. Eq. 5-9): the concat head's branches u_m = f_m W_m^T + b/M (their sum is the joint logits)
+    fused as sum_m w_m u_m; every `report_every` steps (one "evaluation") the branches' train and dev losses are
+    reported and w is refitted (Alg. 1)."""
+
+    name = "olm"
+    report_every = 50
+
+    def make_balancer(self):
+        return api_class("OLM")(len(self.model.encoders), lr=0.01, update_steps=10, seed=self.seed)
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        with timer.balancing():
+            branches = concat_unimodal(self.model, feats, detach=False)
+            logits = self.bal.combine(branches)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+    def end_step(self, step, losses_fn):
+        if losses_fn is None or (step + 1) % self.report_every:
+            return
+        out = losses_fn()
+        if out is not None:
+            self.bal.report(*out)
+
+    @torch.no_grad()
+    def eval_logits(self, inputs):
+        """sum_m w_m u_m with the fitted w (Eq. 5); read while the balancer is in training mode, where w is in force."""
+        branches = concat_unimodal(self.model, self.model.encode(inputs))
+        return (self.bal.coefficients.view(-1, 1, 1) * branches).sum(0)
+
+
+RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
+           "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner}
+
+
+def make_method(name, model, *, num_classes, seed, total_steps):
+    if name not in RUNNERS:
+        raise ValueError(f"method must be one of {sorted(RUNNERS)}, got {name!r}")
+    return RUNNERS[name](model, num_classes=num_classes, seed=seed, total_steps=total_steps)
