@@ -1,0 +1,212 @@
+"""Gradient noise of OGM-GE: batch-covariance noise (TPAMI Eq. 13-17) and the authors' isotropic rule.
+
+cov_noise_tap(feature, k, *, sigma=1.0, seed, offset)   DESIGN 4.1
+    Identity forward (a view, nothing allocated). Backward: row i of the incoming gradient times
+    k + sigma * (z_i - mean(z)), z_i ~ N(0, 1). With a batch-mean loss this adds h = sigma/B sum_i (z_i - z_bar) g_i
+    to every parameter gradient upstream of `feature`, and Cov(h) = sigma^2 U_hat / B, U_hat the mini-batch
+    covariance of the per-sample gradients g_i (TPAMI Eq. 16), without computing them. BatchNorm (or anything
+    that mixes rows) upstream of the tap makes the identity approximate.
+sample_cov_noise(per_sample_grads, *, seed, offset)      DESIGN 4.3
+    h = (z - mean z)^T G / B from explicit per-sample gradients G [B, P]; the same z as cov_noise_tap with the same
+    (seed, offset), so the two agree exactly when G holds the per-sample gradients behind the tap.
+ge_isotropic_(grads, k, *, seed, offset, group_index=None) DESIGN 4.2 (authors' OGM-GE code)
+    In place for every tensor t: grad_t = k_t * grad_t + N(0, (std_t + 1e-8)^2), std_t the unbiased std of the
+    unmodulated grad_t, k read on the device. Two multi-tensor passes over all tensors, no host sync.
+
+Randomness (DESIGN 9): (seed, offset) address a counter-based Philox4x32-10 stream (csrc/philox.h). The
+extension backend (C++ CPU twins and CUDA kernels) gives the same z on CPU and CUDA: z_i is normal n0 of counter
+offset + i; ge_isotropic_ takes normal (base_t + j) % 4 of counter offset + (base_t + j) // 4 for element j of
+tensor t, base_t = sum_{s<t} 4 ceil(numel_s / 4). A call consumes B counters (tap, sample_cov_noise) or
+sum_t ceil(numel_t / 4) (ge_isotropic_): advance `offset` by at least that between calls. Under DDP the caller
+seeds the tap per rank (seed, step, rank) and ge_isotropic_ identically on every rank (seed, step).
+The reference backend (extension missing, or MMKERNELS_BACKEND=reference) draws from torch's generator seeded
+by (seed, offset): reproducible and with the same distribution, but other numbers (see `cov_noise_normals`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import reference
+from ._backend import backend_for
+from ._validate import check_float, check_nonneg
+from .ext_ops import cov_noise as _cov_ops  # registers mmkernels::cov_noise_tap_backward, ::sample_cov_noise
+from .ext_ops import ge_isotropic as _ge_ops  # registers mmkernels::ge_isotropic_
+
+_MAX_COUNTER = 2 ** 63 - 1
+_OPS = ("reference", "ext")
+
+
+@torch.compiler.assume_constant_result
+def _backend_on(device_type: str, op: str) -> str:
+    """backend_for for tensors on this device type, evaluated once while torch.compile traces (the extension is
+    loaded through an lru_cache'd import that Dynamo would otherwise trace into) and baked in as a constant."""
+    return backend_for(torch.empty(0, device=device_type), op=op, available=_OPS)
+
+
+def _backend(*tensors, op: str) -> str:
+    return _backend_on("cuda" if any(t.is_cuda for t in tensors) else "cpu", op)
+
+
+def _check_counter(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNTER:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+
+
+def _reference_generator(seed: int, offset: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(hash((int(seed), int(offset))) & _MAX_COUNTER)
+    return g
+
+
+def cov_noise_normals(batch: int, *, seed: int, offset: int, device="cpu") -> torch.Tensor:
+    """z [B] fp32: the normals cov_noise_tap and sample_cov_noise draw on `device`'s backend for (seed, offset)."""
+    _check_counter(seed, "seed")
+    _check_counter(offset, "offset")
+    device = torch.device(device)
+    if _backend_on(device.type, "cov_noise_tap") == "ext":
+        return _cov_ops.philox_normals(seed, offset, batch, device)[:, 0].contiguous()
+    return torch.randn(batch, generator=_reference_generator(seed, offset, device), device=device)
+
+
+def _check_k(k, like: torch.Tensor, name: str = "k") -> torch.Tensor:
+    """k as a 0-dim float tensor on like's device (a number becomes one; a tensor is only detached/reshaped)."""
+    if isinstance(k, torch.Tensor):
+        if not k.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor or a number, got a tensor of dtype {k.dtype}")
+        if k.numel() != 1:
+            raise ValueError(f"{name} must hold one value (a 0-dim tensor), got shape {tuple(k.shape)}")
+        if k.device != like.device:
+            raise ValueError(f"{name} is on {k.device} but feature is on {like.device}; put {name} on the feature's device")
+        return k.detach().reshape(())
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
+        raise TypeError(f"{name} must be a finite number or a 1-element tensor, got {k!r}")
+    return torch.full((), float(k), dtype=torch.float32, device=like.device)
+
+
+class _CovNoiseTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feature, k, sigma, seed, offset, backend):
+        ctx.save_for_backward(k)
+        ctx.cfg = (sigma, seed, offset, backend)
+        return feature.view_as(feature)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        sigma, seed, offset, backend = ctx.cfg
+        if backend == "ext":
+            g = torch.ops.mmkernels.cov_noise_tap_backward(grad, k, sigma, seed, offset)
+        else:
+            z = torch.randn(grad.shape[0], generator=_reference_generator(seed, offset, grad.device), device=grad.device)
+            g = reference.cov_noise_tap_backward(grad, k, z, sigma=sigma)
+        return g, None, None, None, None, None
+
+
+def cov_noise_tap(feature: torch.Tensor, k, *, sigma: float = 1.0, seed: int, offset: int) -> torch.Tensor:
+    """Identity forward; backward multiplies row i of the gradient by k + sigma * (z_i - mean z) (module docstring).
+
+    feature: float tensor [B, ...] (fp32/fp16/bf16/fp64, any strides), B > 0. k: the modality's coefficient, a
+    1-element float tensor on feature's device (read on the device, never differentiated) or a number.
+    sigma >= 0: noise scale (1 = TPAMI Eq. 16). seed, offset: the Philox stream (B counters from offset).
+    """
+    check_float(feature, "feature")
+    if feature.dim() < 1 or feature.shape[0] == 0:
+        raise ValueError(f"feature must have shape [B, ...] with B > 0, got shape {tuple(feature.shape)}")
+    k = _check_k(k, feature)
+    check_nonneg(sigma, "sigma")
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite, got {sigma!r}")
+    _check_counter(seed, "seed")
+    _check_counter(offset, "offset")
+    backend = _backend(feature, k, op="cov_noise_tap")
+    return _CovNoiseTap.apply(feature, k, float(sigma), int(seed), int(offset), backend)
+
+
+def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
+    """h = (z - mean z)^T G / B (DESIGN 4.3) from per-sample gradients G [B, P] (e.g. torch.func.vmap(grad)).
+
+    Returns [P] fp32 (fp64 for fp64 G); z as in cov_noise_tap for the same (seed, offset). Not differentiable.
+    """
+    check_float(per_sample_grads, "per_sample_grads")
+    if per_sample_grads.dim() != 2 or per_sample_grads.shape[0] == 0:
+        raise ValueError(f"per_sample_grads must have shape [B, P] with B > 0, got shape {tuple(per_sample_grads.shape)}")
+    _check_counter(seed, "seed")
+    _check_counter(offset, "offset")
+    G = per_sample_grads.detach()
+    if _backend(G, op="sample_cov_noise") == "ext":
+        return _cov_ops.sample_cov_noise(G, int(seed), int(offset))
+    z = torch.randn(G.shape[0], generator=_reference_generator(seed, offset, G.device), device=G.device)
+    out = reference.cov_noise_from_per_sample(G, z)
+    return out.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+
+
+def _check_grads(grads, name: str = "grads") -> List[torch.Tensor]:
+    if isinstance(grads, torch.Tensor) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"{name} must be a list of gradient tensors, got {type(grads).__name__}")
+    gs = list(grads)
+    for i, g in enumerate(gs):
+        if g is None:
+            raise TypeError(f"{name}[{i}] is None (a parameter without a gradient); leave it out of the list")
+        check_float(g, f"{name}[{i}]")
+        if not g.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got shape {tuple(g.shape)} "
+                             f"with strides {g.stride()}")
+        if g.device != gs[0].device:
+            raise ValueError(f"{name}[{i}] is on {g.device} but {name}[0] is on {gs[0].device}; all tensors must share a device")
+    return gs
+
+
+def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
+                  group_index: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """The authors' OGM-GE rule over many gradient tensors, in place (module docstring). Returns `grads` as a list.
+
+    grads: T contiguous float tensors on one device (e.g. [p.grad for p in encoder.parameters()]).
+    k: device tensor of coefficients, [T] (one per tensor) or, with group_index, [G] (e.g. the M per-modality
+       coefficients) with group_index[t] in [0, G) naming tensor t's entry (a list of ints, host data).
+       A sequence of numbers is accepted too. Read on the device: no host sync.
+    seed, offset: the Philox stream, identical on every DDP rank so replicas stay equal.
+    Tensors with a single element get a NaN std (as torch.std, and as the authors' loop).
+    """
+    gs = _check_grads(grads)
+    _check_counter(seed, "seed")
+    _check_counter(offset, "offset")
+    if not gs:
+        return gs
+    device = gs[0].device
+    if isinstance(k, torch.Tensor):
+        if not k.is_floating_point():
+            raise TypeError(f"k must be a floating tensor, got dtype {k.dtype}")
+        if k.device != device:
+            raise ValueError(f"k is on {k.device} but grads are on {device}; put k on the gradients' device")
+        k = k.detach().reshape(-1)
+    else:
+        try:
+            k = torch.tensor([float(v) for v in k], dtype=torch.float32, device=device)
+        except TypeError:
+            raise TypeError(f"k must be a tensor or a sequence of numbers, got {type(k).__name__}") from None
+    T = len(gs)
+    if group_index is None:
+        if k.numel() != T:
+            raise ValueError(f"k must hold one value per tensor ({T}) when group_index is not given, got {k.numel()} values")
+        groups: List[int] = []
+    else:
+        groups = [int(g) for g in group_index]
+        if len(groups) != T:
+            raise ValueError(f"group_index must have one entry per tensor ({T}), got {len(groups)}")
+        bad = [g for g in groups if not 0 <= g < k.numel()]
+        if bad:
+            raise ValueError(f"group_index entries must be in [0, {k.numel()}) (k has {k.numel()} values), got {bad[0]}")
+    if _backend(*gs, k, op="ge_isotropic_") == "ext":
+        _ge_ops.ge_isotropic_(gs, k, groups, int(seed), int(offset))
+        return gs
+    kt = k if not groups else k[torch.tensor(groups, device=device)]
+    gen = _reference_generator(seed, offset, device)
+    normals = [torch.randn(g.shape, generator=gen, device=device) for g in gs]
+    with torch.no_grad():
+        for g, new in zip(gs, reference.ge_isotropic(gs, kt, normals)):
+            g.copy_(new)
+    return gs

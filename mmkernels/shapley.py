@@ -1,0 +1,146 @@
+"""AGM's Shapley forwards (ICCV 2023, Eq. 1-3; DESIGN 4.5), batched.
+
+Subsets of modalities are bitmasks S = 1 .. 2^M - 1 (bit m set = modality m present), always in that order,
+subset S at index S - 1; the full set is the last one (index 2^M - 2).
+
+shapley_masked_batch(inputs, *, include_full=False)
+    The zero-masked copies of the M inputs for every muted subset S = 1 .. 2^M - 2, stacked along the batch in one
+    launch: run the model ONCE on them (block S - 1 = rows (S-1)B .. SB-1) instead of 2^M - 2 muted forwards.
+    include_full=True appends the full set as a last block (2^M - 1 blocks) for a single pass over all subsets.
+    Differentiable (for features with encoder reuse): input m's gradient is the sum over the blocks keeping it.
+shapley_responses(subset_outputs, kappa=None)
+    The model's outputs on all 2^M - 1 non-empty subsets [2^M - 1, B, ...] (v(empty) = 0) -> phi [M, B, ...],
+    phi_m = sum_S w_m(S) v(S), sum_m phi_m = v(full) (Shapley efficiency). In the backward the gradient reaching
+    phi_m is scaled by kappa_m: subset S receives sum_m kappa_m w_m(S) grad_phi_m, which is c(S) g when the loss
+    is taken on sum_m phi_m (AGM Eq. 6). kappa: device tensor [M] (detached) or None (exact gradient).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import reference
+from ._backend import backend_for
+from ._validate import check_float, check_num_modalities
+from .ext_ops import shapley as _ops  # registers mmkernels::shapley_masked_batch, ::shapley_responses(_backward)
+
+_OPS = ("reference", "ext")
+
+
+@torch.compiler.assume_constant_result
+def _backend_on(device_type: str, op: str) -> str:
+    """backend_for for tensors on this device type, evaluated once while torch.compile traces (the extension is
+    loaded through an lru_cache'd import that Dynamo would otherwise trace into) and baked in as a constant."""
+    return backend_for(torch.empty(0, device=device_type), op=op, available=_OPS)
+
+
+def _backend(*tensors, op: str) -> str:
+    return _backend_on("cuda" if any(t.is_cuda for t in tensors) else "cpu", op)
+
+
+def subset_masks(num_modalities: int) -> List[List[bool]]:
+    """The documented subset order: entry S - 1 lists, per modality m, whether bit m of S is set (S = 1 .. 2^M - 1)."""
+    check_num_modalities(num_modalities)
+    return [[bool((s >> m) & 1) for m in range(num_modalities)] for s in range(1, 2 ** num_modalities)]
+
+
+def _check_inputs(inputs) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        check_float(inputs, "inputs")
+        if inputs.dim() < 2:
+            raise ValueError(f"inputs as one tensor must have shape [M, B, ...], got shape {tuple(inputs.shape)}")
+        check_num_modalities(inputs.shape[0], "inputs.shape[0] (number of modalities)")
+        xs = list(inputs.unbind(0))
+    elif isinstance(inputs, (list, tuple)):
+        check_num_modalities(len(inputs), "len(inputs) (number of modalities)")
+        xs = list(inputs)
+    else:
+        raise TypeError(f"inputs must be a list of M tensors [B, ...] or one tensor [M, B, ...], got {type(inputs).__name__}")
+    for i, x in enumerate(xs):
+        check_float(x, f"inputs[{i}]")
+        if x.dim() < 1:
+            raise ValueError(f"inputs[{i}] must have shape [B, ...], got a 0-dim tensor")
+        if x.device != xs[0].device:
+            raise ValueError(f"inputs[{i}] is on {x.device} but inputs[0] is on {xs[0].device}; all modalities must share a device")
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"inputs[{i}] has batch size {x.shape[0]} but inputs[0] has {xs[0].shape[0]}; batch sizes must match")
+    if xs[0].shape[0] == 0:
+        raise ValueError("inputs must have a non-empty batch (B > 0), got B = 0")
+    return xs, isinstance(inputs, torch.Tensor)
+
+
+def shapley_masked_batch(inputs, *, include_full: bool = False):
+    """Zero-masked copies for all muted subsets, batched (module docstring).
+
+    inputs: a list of M (2..8) float tensors [B, ...] (shapes and float dtypes may differ per modality; one device;
+    non-contiguous inputs are copied first) or one tensor [M, B, ...]. Returns a list of M tensors
+    [n * B, ...] (n = 2^M - 2, or 2^M - 1 with include_full), or one tensor [M, n * B, ...] for a stacked input.
+    """
+    xs, stacked = _check_inputs(inputs)
+    M = len(xs)
+    n = 2 ** M - (1 if include_full else 2)
+    if _backend(*xs, op="shapley_masked_batch") == "ext":
+        outs = _ops.shapley_masked_batch(xs, n)
+    else:
+        outs = reference.shapley_masked_inputs(xs)
+        if include_full:
+            outs = [torch.cat([o, x]) for o, x in zip(outs, xs)]
+    return torch.stack(outs) if stacked else list(outs)
+
+
+class _ReferenceResponses(torch.autograd.Function):
+    """phi = W^T v (reference.shapley_combine); backward: grad_v[S-1] = sum_m kappa_m W[S-1, m] grad_phi[m]."""
+
+    @staticmethod
+    def forward(ctx, v, kappa):
+        ctx.save_for_backward(kappa)
+        ctx.dtype = v.dtype
+        return reference.shapley_combine(v)
+
+    @staticmethod
+    def backward(ctx, grad_phi):
+        (kappa,) = ctx.saved_tensors
+        M = grad_phi.shape[0]
+        acc = torch.float64 if grad_phi.dtype == torch.float64 else torch.float32
+        w = reference.shapley_weights(M, dtype=acc, device=grad_phi.device)
+        if kappa is not None:
+            w = w * kappa.to(acc).view(1, M)
+        gv = (w @ grad_phi.to(acc).reshape(M, -1)).reshape((2 ** M - 1,) + tuple(grad_phi.shape[1:]))
+        return gv.to(ctx.dtype), None
+
+
+def shapley_responses(subset_outputs, kappa: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """phi [M, B, ...] from the outputs of all 2^M - 1 non-empty subsets (module docstring).
+
+    subset_outputs: one float tensor [2^M - 1, B, ...] (M = 2..8; subset S at index S - 1) or a list of 2^M - 1
+    tensors [B, ...]; non-contiguous inputs are copied first. Returns phi in the input dtype (fp32 accumulation).
+    kappa: None, or a float tensor [M] on the same device (the AGM coefficients; never differentiated).
+    """
+    if isinstance(subset_outputs, (list, tuple)):
+        for i, t in enumerate(subset_outputs):
+            check_float(t, f"subset_outputs[{i}]")
+        subset_outputs = torch.stack(list(subset_outputs))
+    check_float(subset_outputs, "subset_outputs")
+    v = subset_outputs
+    if v.dim() < 2:
+        raise ValueError(f"subset_outputs must have shape [2^M - 1, B, ...], got shape {tuple(v.shape)}")
+    n = v.shape[0]
+    M = (n + 1).bit_length() - 1
+    if 2 ** M - 1 != n or not 2 <= M <= 8:
+        raise ValueError(f"subset_outputs.shape[0] must be 2^M - 1 for M in 2..8 modalities (3, 7, 15, ..., 255), got {n}")
+    if v.shape[1] == 0:
+        raise ValueError(f"subset_outputs must have a non-empty batch (B > 0), got shape {tuple(v.shape)}")
+    if kappa is not None:
+        if not isinstance(kappa, torch.Tensor):
+            raise TypeError(f"kappa must be None or a float tensor [M], got {type(kappa).__name__}")
+        if not kappa.is_floating_point():
+            raise TypeError(f"kappa must be a floating tensor, got dtype {kappa.dtype}")
+        if kappa.numel() != M:
+            raise ValueError(f"kappa must hold one value per modality ({M}), got shape {tuple(kappa.shape)}")
+        if kappa.device != v.device:
+            raise ValueError(f"kappa is on {kappa.device} but subset_outputs is on {v.device}")
+        kappa = kappa.detach().reshape(M)
+    if _backend(v, op="shapley_responses") == "ext":
+        return _ops.shapley_responses(v, kappa)
+    return _ReferenceResponses.apply(v, kappa)
