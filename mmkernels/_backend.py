@@ -80,6 +80,13 @@ def backend_for(*tensors: torch.Tensor, op: str, available: tuple[str, ...] = BA
     tensors go to Triton, then the extension; CPU tensors to the extension's C++ twins; the rest to
     the reference. A missing piece warns once and falls back to the reference (same numbers).
     """
+    return _select(any(t.is_cuda for t in tensors), op, tuple(available))
+
+
+@torch.compiler.assume_constant_result
+def _select(on_cuda: bool, op: str, available: tuple[str, ...]) -> str:
+    # Under torch.compile this runs once while tracing and its answer is baked into the graph (Dynamo
+    # need not trace the lazy imports behind it); in eager mode it runs every call.
     forced = forced_backend()
     if forced is not None:
         if forced not in available:
@@ -89,7 +96,6 @@ def backend_for(*tensors: torch.Tensor, op: str, available: tuple[str, ...] = BA
         if forced == "ext" and load_ext() is None:
             raise RuntimeError(f"MMKERNELS_BACKEND=ext but {ext_available()[1]}")
         return forced
-    on_cuda = any(t.is_cuda for t in tensors)
     if on_cuda:
         if "triton" in available:
             ok, why = triton_available()

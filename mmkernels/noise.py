@@ -40,17 +40,6 @@ _MAX_COUNTER = 2 ** 63 - 1
 _OPS = ("reference", "ext")
 
 
-@torch.compiler.assume_constant_result
-def _backend_on(device_type: str, op: str) -> str:
-    """backend_for for tensors on this device type, evaluated once while torch.compile traces (the extension is
-    loaded through an lru_cache'd import that Dynamo would otherwise trace into) and baked in as a constant."""
-    return backend_for(torch.empty(0, device=device_type), op=op, available=_OPS)
-
-
-def _backend(*tensors, op: str) -> str:
-    return _backend_on("cuda" if any(t.is_cuda for t in tensors) else "cpu", op)
-
-
 def _check_counter(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNTER:
         raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
@@ -67,7 +56,7 @@ def cov_noise_normals(batch: int, *, seed: int, offset: int, device="cpu") -> to
     _check_counter(seed, "seed")
     _check_counter(offset, "offset")
     device = torch.device(device)
-    if _backend_on(device.type, "cov_noise_tap") == "ext":
+    if backend_for(torch.empty(0, device=device), op="cov_noise_tap", available=_OPS) == "ext":
         return _cov_ops.philox_normals(seed, offset, batch, device)[:, 0].contiguous()
     return torch.randn(batch, generator=_reference_generator(seed, offset, device), device=device)
 
@@ -122,7 +111,7 @@ def cov_noise_tap(feature: torch.Tensor, k, *, sigma: float = 1.0, seed: int, of
         raise ValueError(f"sigma must be finite, got {sigma!r}")
     _check_counter(seed, "seed")
     _check_counter(offset, "offset")
-    backend = _backend(feature, k, op="cov_noise_tap")
+    backend = backend_for(feature, k, op="cov_noise_tap", available=_OPS)
     return _CovNoiseTap.apply(feature, k, float(sigma), int(seed), int(offset), backend)
 
 
@@ -137,7 +126,7 @@ def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) 
     _check_counter(seed, "seed")
     _check_counter(offset, "offset")
     G = per_sample_grads.detach()
-    if _backend(G, op="sample_cov_noise") == "ext":
+    if backend_for(G, op="sample_cov_noise", available=_OPS) == "ext":
         return _cov_ops.sample_cov_noise(G, int(seed), int(offset))
     z = torch.randn(G.shape[0], generator=_reference_generator(seed, offset, G.device), device=G.device)
     out = reference.cov_noise_from_per_sample(G, z)
@@ -200,7 +189,7 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
         bad = [g for g in groups if not 0 <= g < k.numel()]
         if bad:
             raise ValueError(f"group_index entries must be in [0, {k.numel()}) (k has {k.numel()} values), got {bad[0]}")
-    if _backend(*gs, k, op="ge_isotropic_") == "ext":
+    if backend_for(*gs, k, op="ge_isotropic_", available=_OPS) == "ext":
         _ge_ops.ge_isotropic_(gs, k, groups, int(seed), int(offset))
         return gs
     kt = k if not groups else k[torch.tensor(groups, device=device)]

@@ -28,17 +28,6 @@ from .ext_ops import shapley as _ops  # registers mmkernels::shapley_masked_batc
 _OPS = ("reference", "ext")
 
 
-@torch.compiler.assume_constant_result
-def _backend_on(device_type: str, op: str) -> str:
-    """backend_for for tensors on this device type, evaluated once while torch.compile traces (the extension is
-    loaded through an lru_cache'd import that Dynamo would otherwise trace into) and baked in as a constant."""
-    return backend_for(torch.empty(0, device=device_type), op=op, available=_OPS)
-
-
-def _backend(*tensors, op: str) -> str:
-    return _backend_on("cuda" if any(t.is_cuda for t in tensors) else "cpu", op)
-
-
 def subset_masks(num_modalities: int) -> List[List[bool]]:
     """The documented subset order: entry S - 1 lists, per modality m, whether bit m of S is set (S = 1 .. 2^M - 1)."""
     check_num_modalities(num_modalities)
@@ -80,7 +69,7 @@ def shapley_masked_batch(inputs, *, include_full: bool = False):
     xs, stacked = _check_inputs(inputs)
     M = len(xs)
     n = 2 ** M - (1 if include_full else 2)
-    if _backend(*xs, op="shapley_masked_batch") == "ext":
+    if backend_for(*xs, op="shapley_masked_batch", available=_OPS) == "ext":
         outs = _ops.shapley_masked_batch(xs, n)
     else:
         outs = reference.shapley_masked_inputs(xs)
@@ -141,6 +130,6 @@ def shapley_responses(subset_outputs, kappa: Optional[torch.Tensor] = None) -> t
         if kappa.device != v.device:
             raise ValueError(f"kappa is on {kappa.device} but subset_outputs is on {v.device}")
         kappa = kappa.detach().reshape(M)
-    if _backend(v, op="shapley_responses") == "ext":
+    if backend_for(v, op="shapley_responses", available=_OPS) == "ext":
         return _ops.shapley_responses(v, kappa)
     return _ReferenceResponses.apply(v, kappa)
