@@ -21,7 +21,7 @@ import torch
 __all__ = [
     "score_sums", "scores", "ratio_tpami", "ratio_mlb", "ogm_ge_coefficients", "ogm_coefficients",
     "opm_drop_probability", "agm_kappa", "agm_update_running", "mlb_coefficients", "olm_rates",
-    "olm_rebalance_factors", "olm_update", "logit_norms", "balance_coefficients_ref", "new_agm_state",
+    "olm_rebalance_factors", "olm_update", "olm_targets", "logit_norms", "balance_coefficients_ref", "new_agm_state",
     "shapley_weights", "shapley_combine", "shapley_masked_inputs", "shapley_subset_grad_scale",
     "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
     "cov_noise_row_factor", "cov_noise_tap_backward", "cov_noise_from_per_sample", "ge_isotropic",
@@ -259,18 +259,44 @@ def logit_norms(logits) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).mean(dim=-1).to(torch.float32)
 
 
-def olm_update(w, logit_norms, lam, *, lr: float, steps: int) -> torch.Tensor:
-    """OLM Alg. 1: `steps` SGD steps on Eq. 9, L = sum_m |w_m n_m - lam_m * s_bar|, s_bar = mean_k w_k n_k.
+OLM_TARGETS = ("budget", "paper")
 
-    w [M] current coefficients, logit_norms n [M] (mean row norm ||s_m||_2), lam [M] from Eq. 8.
-    At each step the target t_m = lam_m * mean_k(w_k n_k) is recomputed from the current w and then treated as a
-    constant (detached), so dL/dw_m = sign(w_m n_m - t_m) * n_m (sign(0) = 0) and w <- w - lr * dL/dw.
-    s_bar uses w_k n_k (= ||w_k s_k|| for w_k >= 0). Returns w_new [M] fp32. (The loop runs over SGD steps, not rows.)
+
+def olm_targets(w, logit_norms, lam, *, target: str = "budget") -> torch.Tensor:
+    """OLM Eq. 9 target logit magnitudes t_m, [M] in the accumulation dtype (w >= 0, so ||w_k s_k|| = w_k n_k).
+
+    "paper" (Eq. 9 as printed): t_m = lam_m * s_bar, s_bar = mean_k w_k n_k. The targets sum to s_bar = (1/M) of the
+      total sum_k w_k n_k, so every fixed point of Alg. 1 has w_m n_m = t_m summing to S = S/M: S = 0, w = 0.
+    "budget" (our reading, the default): t_m = M * lam_m * s_bar = lam_m * sum_k w_k n_k. The targets sum to the total,
+      so w_m n_m = lam_m S is a fixed point for every S (the budget is kept); uniform lam asks for equal norms.
     """
+    if target not in OLM_TARGETS:
+        raise ValueError(f"target must be one of {OLM_TARGETS}, got {target!r}")
     w, n, lam = _acc(w), _acc(logit_norms), _acc(lam)
+    total = (w * n).sum()
+    return lam * (total if target == "budget" else total / n.numel())
+
+
+def olm_update(w, logit_norms, lam, *, lr: float, steps: int, target: str = "budget") -> torch.Tensor:
+    """OLM Alg. 1: `steps` SGD steps on Eq. 9, L = sum_m |w_m n_m - t_m|, t_m from `olm_targets` (see there).
+
+    w [M] current coefficients (>= 0), logit_norms n [M] (mean row norm ||s_m||_2), lam [M] from Eq. 8.
+    At each step the targets are recomputed from the current w (Alg. 1 recomputes s_bar in its loop) and then treated
+    as constants (detached), so dL/dw_m = sign(w_m n_m - t_m) * n_m (sign(0) = 0); w <- max(0, w - lr * dL/dw).
+    Why "budget" is the default: with "paper" the targets sum to 1/M of sum_k w_k n_k, so the only fixed point is
+    w = 0 and the updates pull w towards it; with "budget" they sum to the total, and w_m n_m = lam_m * total is a
+    fixed point.
+    Note: only the targets keep the budget; far from the fixed point the sign steps move w_m n_m by lr * n_m^2 each,
+    unequal when the norms differ, so the total can drift during the approach (near the fixed point it stays within a
+    few steps' granularity). w is clamped at 0 after each step (a coefficient on a logit magnitude: the paper keeps
+    the directions), in both variants. Returns w_new [M] fp32. (The loop runs over SGD steps, not rows.)
+    """
+    if target not in OLM_TARGETS:
+        raise ValueError(f"target must be one of {OLM_TARGETS}, got {target!r}")
+    w, n = _acc(w), _acc(logit_norms)
     for _ in range(int(steps)):
-        target = lam * (w * n).mean()
-        w = w - lr * torch.sign(w * n - target) * n
+        t = olm_targets(w, n, lam, target=target)
+        w = (w - lr * torch.sign(w * n - t) * n).clamp(min=0.0)
     return w.to(torch.float32)
 
 

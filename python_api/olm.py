@@ -13,24 +13,32 @@ class OLM(Balancer):
     evaluation from the per-branch train and dev losses the trainer reports:
       G_m = |L_dev0 - L_dev| (Eq. 6), C_m = ||L_dev - L_train| - |L_dev0 - L_train0|| (Eq. 7),
       lambda = softmax(G / C) (Eq. 8), then `update_steps` SGD steps of rate `lr` on
-      sum_m |w_m ||s_m|| - lambda_m mean_k ||w_k s_k||| (Eq. 9, Alg. 1), ||s_m|| the mean row norm of branch m's logits
-      over the training steps since the last report.
+      sum_m |w_m ||s_m|| - t_m| (Eq. 9, Alg. 1), ||s_m|| the mean row norm of branch m's logits over the training
+      steps since the last report, w clamped at 0 after each step. Targets (reference.olm_targets):
+      target="budget" (default, our reading): t_m = M lambda_m mean_k ||w_k s_k|| = lambda_m sum_k ||w_k s_k||, which
+        keeps the total logit-norm budget (w_m ||s_m|| = lambda_m * total is a fixed point);
+      target="paper" (Eq. 9 as printed): t_m = lambda_m mean_k ||w_k s_k||; the targets sum to 1/M of the total, so
+        the only fixed point is w = 0 and the updates drive w towards it.
 
         logits = bal.combine([s_v, s_a, s_b])         # each [B, C]; w is a constant (not trained by the task loss)
         ...
         bal.report(train_losses, dev_losses)         # M numbers or a [M] tensor each, at every evaluation
-    The first report only records the reference losses L0 (G = C = 0 there). Outside the window w acts as 1 (exactly).
-    Arguments: lr (default 0.01), update_steps (default 10).
+    The first report only records the reference losses L0 (G = C = 0 there). w is part of the prediction (Eq. 5): it
+    applies in training and eval mode whenever the balancer is enabled and inside the window; outside the window (or
+    disabled) w acts as 1 (exactly). The norm statistics accumulate in training mode only.
+    Arguments: lr (default 0.01), update_steps (default 10), target ("budget" default, or "paper").
     `scores` = mean logit norms used by the last update, `ratios` = lambda, `coefficients` = w in force.
     """
 
     method = "olm"
 
-    def __init__(self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, **kwargs):
+    def __init__(self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, target: str = "budget",
+                 **kwargs):
         super().__init__(num_modalities, **kwargs)
         check_real(lr, "lr", low=0.0, low_open=True)
         check_int(update_steps, "update_steps", minimum=1)
-        self.lr, self.update_steps = float(lr), int(update_steps)
+        _validate.check_choice(target, reference.OLM_TARGETS, "target")
+        self.lr, self.update_steps, self.target = float(lr), int(update_steps), target
         m = self.num_modalities
         self._w = torch.ones(m)
         self._norm_sum = torch.zeros(m)
@@ -38,7 +46,7 @@ class OLM(Balancer):
         self._loss0 = None  # (train0 [M], dev0 [M]) after the first report
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "lr": self.lr, "update_steps": self.update_steps}
+        return {**super()._hparams_state(), "lr": self.lr, "update_steps": self.update_steps, "target": self.target}
 
     def _move(self, device) -> None:
         super()._move(device)
@@ -58,9 +66,14 @@ class OLM(Balancer):
         self._loss0 = (tensors["train_loss0"], tensors["dev_loss0"]) if "train_loss0" in tensors else None
 
     @property
+    def _applies_w(self) -> bool:
+        """w is in force: enabled and inside the window, in training and eval mode alike (host decision)."""
+        return self.enabled and self.in_window()
+
+    @property
     def coefficients(self) -> torch.Tensor:
-        """w in force now ([M] fp32); exactly 1 outside the window."""
-        return self._w if self.active else torch.ones_like(self._w)
+        """w in force now ([M] fp32, >= 0), in training and eval mode; exactly 1 outside the window or disabled."""
+        return self._w if self._applies_w else torch.ones_like(self._w)
 
     def tap(self, feats):
         raise RuntimeError("OLM modulates logits: use bal.combine(logits_per_branch)")
@@ -69,7 +82,8 @@ class OLM(Balancer):
         raise RuntimeError("OLM observes through combine() and report(train_losses, dev_losses)")
 
     def combine(self, logits_per_branch) -> torch.Tensor:
-        """sum_m w_m s_m, [B, C] (Eq. 5). Accumulates the branches' mean logit norms (detached) in training mode."""
+        """sum_m w_m s_m, [B, C] (Eq. 5), in training and eval mode (plain sum outside the window or disabled).
+        Accumulates the branches' mean logit norms (detached) in training mode only."""
         if isinstance(logits_per_branch, (list, tuple)) and len(logits_per_branch) != self.num_modalities:
             raise ValueError(f"len(logits_per_branch) must equal num_modalities={self.num_modalities}, "
                              f"got {len(logits_per_branch)}")
@@ -80,7 +94,7 @@ class OLM(Balancer):
         if self.enabled and self.training and x.shape[1] > 0:
             self._norm_sum = self._norm_sum + reference.logit_norms(x.detach())
             self._norm_count = self._norm_count + 1.0
-        if not self.active:
+        if not self._applies_w:
             return x.sum(0)
         return (self._w.to(x.dtype).view(-1, 1, 1) * x).sum(0)
 
@@ -110,7 +124,7 @@ class OLM(Balancer):
         g, c = reference.olm_rates(self._loss0[0], self._loss0[1], tr, dv)
         lam = reference.olm_rebalance_factors(g, c)
         norms = self._norm_sum / self._norm_count.clamp(min=1.0)
-        w_new = reference.olm_update(self._w, norms, lam, lr=self.lr, steps=self.update_steps)
+        w_new = reference.olm_update(self._w, norms, lam, lr=self.lr, steps=self.update_steps, target=self.target)
         ok = torch.isfinite(w_new).all()
         # no logits seen since the last report: keep w; a non-finite update: w falls back to 1 and the flag is set
         w = torch.where(self._norm_count > 0, w_new, self._w)

@@ -172,17 +172,19 @@ def logit_norms(logits):
     return [sum(math.sqrt(sum(v * v for v in row)) for row in rows) / len(rows) for rows in logits]
 
 
-def olm_update(w, n, lam, lr, steps):
-    """OLM Alg. 1: SGD on Eq. 9, the target lam_m * s_bar (s_bar = mean_k w_k n_k) recomputed at each step and held
-    constant for that step's gradient: dL/dw_m = sign(w_m n_m - target_m) n_m."""
+def olm_update(w, n, lam, lr, steps, target="budget"):
+    """OLM Alg. 1: SGD on Eq. 9, the targets recomputed at each step from s_bar = mean_k ||w_k s_k|| and
+    held constant for that step's gradient: dL/dw_m = sign(w_m n_m - target_m) n_m, then w_m = max(0, w_m - lr dL/dw_m).
+    target "paper": lam_m * s_bar (Eq. 9 as printed); "budget": M * lam_m * s_bar."""
     w = list(w)
     M = len(w)
     for _ in range(steps):
-        s_bar = sum(w[k] * n[k] for k in range(M)) / M
+        s_bar = sum(abs(w[k]) * n[k] for k in range(M)) / M
         new = []
         for m in range(M):
-            diff = w[m] * n[m] - lam[m] * s_bar
+            tgt = lam[m] * s_bar * (M if target == "budget" else 1)
+            diff = w[m] * n[m] - tgt
             sign = (diff > 0) - (diff < 0)
-            new.append(w[m] - lr * sign * n[m])
+            new.append(max(0.0, w[m] - lr * sign * n[m]))
         w = new
     return w

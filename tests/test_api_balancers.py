@@ -253,6 +253,79 @@ def test_olm_combine_and_report_match_reference():
     torch.testing.assert_close(out, sum(w[i] * logits[i] for i in range(3)))
 
 
+def _olm_fit(bal, logits, reports):
+    """combine (training mode) then report, for each (train, dev) pair; the first report records L0."""
+    for tr, dv in reports:
+        bal.combine(logits)
+        bal.report(tr, dv)
+
+
+def test_olm_eval_mode_uses_w_and_does_not_accumulate():
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(8, 4, generator=g) * s for s in (1.0, 3.0)]
+    bal = api.OLM(2, lr=0.05, update_steps=5)
+    _olm_fit(bal, logits, [([1.0, 1.0], [1.2, 1.1]), ([0.5, 0.9], [0.9, 1.0])])
+    w = bal.coefficients.clone()
+    assert not torch.allclose(w, torch.ones(2))
+    before = (bal._norm_sum.clone(), bal._norm_count.clone())
+    bal.eval()
+    torch.testing.assert_close(bal.coefficients, w)
+    with torch.no_grad():
+        out = bal.combine(logits)
+    torch.testing.assert_close(out, w[0] * logits[0] + w[1] * logits[1])
+    assert torch.equal(bal._norm_sum, before[0]) and torch.equal(bal._norm_count, before[1])   # no eval statistics
+    bal.train()
+    bal.combine(logits)
+    assert bal._norm_count == before[1] + 1
+    # outside the window or disabled: the plain sum, in eval mode too
+    late = api.OLM(2, lr=0.05, update_steps=5, start=100)
+    _olm_fit(late, logits, [([1.0, 1.0], [1.2, 1.1]), ([0.5, 0.9], [0.9, 1.0])])
+    late.eval()
+    torch.testing.assert_close(late.combine(logits), logits[0] + logits[1])
+    torch.testing.assert_close(late.coefficients, torch.ones(2))
+    bal.enabled = False
+    bal.eval()
+    torch.testing.assert_close(bal.combine(logits), logits[0] + logits[1])
+
+
+@pytest.mark.parametrize("target", ["budget", "paper"])
+def test_olm_w_never_negative(target):
+    """Large steps that overshoot 0 (lr * n_m > w_m): w is clamped at 0, never negative."""
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(16, 5, generator=g) * s for s in (0.5, 6.0, 2.0)]
+    bal = api.OLM(3, lr=0.3, update_steps=20, target=target)
+    reports = [([1.0, 1.0, 1.0], [1.1, 1.0, 1.2])] + [([0.9 - 0.1 * i, 0.5, 0.8], [1.0, 0.9 - 0.1 * i, 1.1])
+                                                       for i in range(5)]
+    zero = False
+    for tr, dv in reports:
+        _olm_fit(bal, logits, [(tr, dv)])
+        assert (bal.coefficients >= 0).all(), bal.coefficients
+        zero |= bool((bal.coefficients == 0).any())
+    assert zero                                                   # the clamp was exercised
+
+
+def test_olm_budget_is_kept_paper_shrinks():
+    """M = 2, equal branch norms n: with target="budget" the two Eq. 9 residuals are opposite and the sign steps equal,
+    so sum_m w_m n_m stays at its start 2 n after every report (lambda changing between reports); with
+    target="paper" the targets sum to half the total and it collapses towards 0. (With M > 2 or unequal norms the
+    budget target is still the fixed point, but the sign steps can move the total on the way: reference tests.)"""
+    base = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    logits = [base, base.flip(0)]                                # the same row norms in both branches
+    n = float(reference.logit_norms(torch.stack(logits))[0])
+    reports = [([1.0, 1.0], [1.2, 1.1])] + [([0.9, 0.6 - 0.05 * i], [1.1 - 0.03 * i, 1.0 - 0.02 * i]) for i in range(8)]
+    totals = {"budget": [], "paper": []}
+    for target in totals:
+        bal = api.OLM(2, lr=0.02, update_steps=10, target=target)
+        for tr, dv in reports:
+            _olm_fit(bal, logits, [(tr, dv)])
+            assert (bal.coefficients >= 0).all()
+            totals[target].append(float(bal.coefficients.sum()) * n)
+        assert not torch.allclose(bal.coefficients, torch.ones(2))
+    for t in totals["budget"]:
+        assert abs(t - 2 * n) <= 1e-4 * n, (totals, n)
+    assert totals["paper"][-1] < 0.5 * 2 * n, (totals, n)
+
+
 # ----------------------------------------------------------------------------------------------- window
 def test_window_gives_exactly_neutral_coefficients():
     model = TinyModel(2)
@@ -358,6 +431,12 @@ def test_state_dict_olm_round_trip():
     bal.combine(x), bal2.combine(x)
     bal.report([0.4, 1.8], [0.9, 2.3]), bal2.report([0.4, 1.8], [0.9, 2.3])
     assert torch.equal(bal2.coefficients, bal.coefficients)
+    assert bal.state_dict()["hyperparameters"]["target"] == "budget"
+    paper = api.OLM(2, lr=0.1, target="paper")
+    with pytest.raises(ValueError, match="target"):
+        paper.load_state_dict(bal.state_dict())
+    with pytest.raises(ValueError, match="target"):
+        api.OLM(2, target="mean")
 
 
 # ----------------------------------------------------------------------------------------------- non-finite / empty

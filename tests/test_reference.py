@@ -168,13 +168,89 @@ def test_olm_hand():
     eq(lam, [0.0, 1.0])
 
 
-def test_olm_update_hand():
+def test_olm_update_hand_paper():
+    """Eq. 9 as printed: target lam_m * mean_k(w_k n_k)."""
     w, n, lam = t32(1.0, 1.0), t32(2.0, 4.0), t32(0.75, 0.25)
     # step 1: mean(w n) = 3, target [2.25, 0.75], w n - t = [-0.25, 3.25] -> grad [-2, 4] -> w = [1.2, 0.6]
-    eq(R.olm_update(w, n, lam, lr=0.1, steps=1), [1.2, 0.6])
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=1, target="paper"), [1.2, 0.6])
     # step 2: w n = [2.4, 2.4], mean 2.4, target [1.8, 0.6], diffs > 0 -> grad [2, 4] -> w = [1.0, 0.2]
-    eq(R.olm_update(w, n, lam, lr=0.1, steps=2), [1.0, 0.2])
-    eq(R.olm_update(w, n, lam, lr=0.1, steps=0), [1.0, 1.0])
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=2, target="paper"), [1.0, 0.2])
+    # step 3: w n = [2.0, 0.8], mean 1.4, target [1.05, 0.35], diffs > 0 -> w = [0.8, 0.2 - 0.4 = -0.2 -> clamped 0]
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=3, target="paper"), [0.8, 0.0])
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=0, target="paper"), [1.0, 1.0])
+    # equal norms n = [2, 2], lr 0.25 (w steps of 0.5): step 1: mean 2, target [1.5, 0.5], diffs [0.5, 1.5] > 0 ->
+    # w = [0.5, 0.5]; step 2: mean 1, target [0.75, 0.25], diffs > 0 -> w = [0, 0]; then target 0, diffs 0: stays 0
+    n2 = t32(2.0, 2.0)
+    eq(R.olm_update(w, n2, lam, lr=0.25, steps=1, target="paper"), [0.5, 0.5])
+    eq(R.olm_update(w, n2, lam, lr=0.25, steps=2, target="paper"), [0.0, 0.0])
+    eq(R.olm_update(w, n2, lam, lr=0.25, steps=5, target="paper"), [0.0, 0.0])
+
+
+def test_olm_update_hand_budget():
+    """Our reading (the default): target M * lam_m * mean_k(w_k n_k) = lam_m * sum_k(w_k n_k)."""
+    w, lam = t32(1.0, 1.0), t32(0.75, 0.25)
+    # n = [2, 2], lr 0.25: sum(w n) = 4, target [3, 1], diffs [-1, 1] -> w = [1.5, 0.5]: w n = [3, 1] = target, the
+    # total 4 is kept; next steps: diffs 0, w stays (a fixed point with w != 0)
+    n2 = t32(2.0, 2.0)
+    eq(R.olm_update(w, n2, lam, lr=0.25, steps=1), [1.5, 0.5])
+    eq(R.olm_update(w, n2, lam, lr=0.25, steps=5, target="budget"), [1.5, 0.5])
+    # n = [2, 4], lr 0.1: sum 6, target [4.5, 1.5], diffs [-2.5, 2.5] -> w = [1.2, 0.6] (w n = [2.4, 2.4], total 4.8:
+    # unequal norms move w_m n_m by unequal steps lr n_m^2 = [0.4, 1.6]); step 2: target [3.6, 1.2], diffs [-1.2, 1.2]
+    # -> w = [1.4, 0.2]
+    n = t32(2.0, 4.0)
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=1), [1.2, 0.6])
+    eq(R.olm_update(w, n, lam, lr=0.1, steps=2), [1.4, 0.2])
+    # clamp: w = [1, 0.2], n = [1, 1], lam = [0.9, 0.1], lr 0.5: sum 1.2, target [1.08, 0.12], diffs [-0.08, 0.08]
+    # -> w = [1.5, 0.2 - 0.5 = -0.3 -> clamped 0]
+    eq(R.olm_update(t32(1.0, 0.2), t32(1.0, 1.0), t32(0.9, 0.1), lr=0.5, steps=1), [1.5, 0.0])
+    with pytest.raises(ValueError, match="target"):
+        R.olm_update(w, n, lam, lr=0.1, steps=1, target="mean")
+
+
+def test_olm_targets_sum():
+    """budget: the targets sum to the total sum_k w_k n_k; paper: to 1/M of it (so only w = 0 is a fixed point)."""
+    g = torch.Generator().manual_seed(3)
+    for M in (2, 3, 5):
+        w, n = torch.rand(M, generator=g) * 2, torch.rand(M, generator=g) * 4 + 0.1
+        lam = torch.softmax(torch.randn(M, generator=g), 0)
+        total = (w * n).sum()
+        torch.testing.assert_close(R.olm_targets(w, n, lam).sum(), total)
+        torch.testing.assert_close(R.olm_targets(w, n, lam, target="paper").sum(), total / M)
+        torch.testing.assert_close(R.olm_targets(w, n, lam, target="paper") * M, R.olm_targets(w, n, lam))
+
+
+def _olm_totals(w, n, lam, lr, checkpoints, target):
+    return [float((R.olm_update(w, n, lam, lr=lr, steps=k, target=target).double() * n).sum()) for k in checkpoints]
+
+
+@pytest.mark.parametrize("M,seed", [(2, 0), (3, 1), (4, 2), (5, 3)])
+def test_olm_budget_keeps_total_paper_shrinks_it(M, seed):
+    """Start within one SGD step of the budget fixed point w_m n_m = lam_m S0. "budget": sum_m w_m n_m stays within a
+    few steps' granularity (lr * sum n^2) of S0 and w >= 0 throughout; "paper": the total falls to the granularity
+    (w -> 0)."""
+    g = torch.Generator().manual_seed(seed)
+    n = (torch.rand(M, generator=g, dtype=torch.float64) * 5 + 0.2)
+    lam = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
+    lr, s0 = 0.01, 20.0
+    w0 = lam * s0 / n + (torch.rand(M, generator=g, dtype=torch.float64) - 0.5) * 2 * lr * n
+    grain = lr * float((n * n).sum())
+    start = float((w0 * n).sum())
+    checkpoints = (1, 10, 50, 200, 600)
+    for k, total in zip(checkpoints, _olm_totals(w0, n, lam, lr, checkpoints, "budget")):
+        assert abs(total - start) <= 6 * grain, (k, total, start, grain)
+    for k in checkpoints:
+        assert (R.olm_update(w0, n, lam, lr=lr, steps=k) >= 0).all()
+    paper = _olm_totals(w0, n, lam, lr, (3000,), "paper")[0]   # slow for small n_m: w_m moves lr * n_m per step
+    assert paper <= 2 * grain < 0.1 * start, (paper, grain, start)
+    assert (R.olm_update(w0, n, lam, lr=lr, steps=3000, target="paper") >= 0).all()
+
+
+def test_olm_budget_equal_norms_two_modalities_exact():
+    """M = 2 with equal norms: the two diffs are opposite and the steps equal, so each step keeps the total exactly
+    (before any clamp), from any start."""
+    n, lam, w = t32(3.0, 3.0), t32(0.3, 0.7), t32(1.0, 1.0)
+    for k in (1, 2, 7, 20):
+        torch.testing.assert_close((R.olm_update(w, n, lam, lr=0.01, steps=k) * n).sum(), torch.tensor(6.0))
 
 
 def test_logit_norms_hand():

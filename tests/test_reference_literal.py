@@ -148,7 +148,8 @@ def test_shapley_weights_match_subset_formula(M):
 
 
 @pytest.mark.parametrize("M", [2, 3, 5])
-def test_olm_literal(M):
+@pytest.mark.parametrize("target", ["budget", "paper"])
+def test_olm_literal(M, target):
     g = torch.Generator().manual_seed(40 + M)
     tr0, dv0, tr, dv = (torch.rand(M, generator=g, dtype=torch.float64) * 3 for _ in range(4))
     G, C = R.olm_rates(tr0, dv0, tr, dv)
@@ -163,23 +164,31 @@ def test_olm_literal(M):
     n_l = L.logit_norms(L.to_list(logits))
     close(n, n_l)
     w0 = (torch.rand(M, generator=g, dtype=torch.float64) + 0.5)
-    for steps in (1, 3, 10):
-        w = R.olm_update(w0, torch.tensor(n_l, dtype=torch.float64), torch.tensor(lam_l, dtype=torch.float64), lr=0.01, steps=steps)
-        close(w, L.olm_update(w0.tolist(), n_l, lam_l, 0.01, steps), rtol=1e-5, atol=1e-5)
+    clamped = False
+    for steps in (1, 3, 10, 200):   # 200 steps of "paper" drive w to 0: the clamp is exercised
+        w = R.olm_update(w0, torch.tensor(n_l, dtype=torch.float64), torch.tensor(lam_l, dtype=torch.float64), lr=0.01,
+                         steps=steps, target=target)
+        w_l = L.olm_update(w0.tolist(), n_l, lam_l, 0.01, steps, target)
+        close(w, w_l, rtol=1e-5, atol=1e-5)
+        clamped |= min(w_l) == 0.0
+    assert clamped == (target == "paper")
 
 
-def test_olm_update_matches_autograd_with_detached_target():
-    """Each SGD step equals torch autograd on Eq. 9 with the target detached."""
+@pytest.mark.parametrize("target", ["budget", "paper"])
+def test_olm_update_matches_autograd_with_detached_target(target):
+    """Each SGD step equals torch autograd on Eq. 9 with the target detached, then the clamp at 0."""
     g = torch.Generator().manual_seed(5)
     n = torch.rand(4, generator=g, dtype=torch.float64) * 3 + 0.5
     lam = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0)
+    scale = 4 if target == "budget" else 1          # budget: M * lam_m * s_bar
     w = torch.ones(4, dtype=torch.float64)
-    for _ in range(6):
+    for _ in range(40):
         w_ = w.clone().requires_grad_(True)
-        target = (lam * (w_ * n).mean()).detach()
-        (w_ * n - target).abs().sum().backward()
-        w = (w_ - 0.05 * w_.grad).detach()
-    torch.testing.assert_close(R.olm_update(torch.ones(4, dtype=torch.float64), n, lam, lr=0.05, steps=6).double(), w, rtol=1e-6, atol=1e-6)
+        s_bar = (w_ * n).abs().mean()                  # mean_k ||w_k s_k||
+        (w_ * n - (scale * lam * s_bar).detach()).abs().sum().backward()
+        w = (w_ - 0.05 * w_.grad).detach().clamp(min=0.0)
+    got = R.olm_update(torch.ones(4, dtype=torch.float64), n, lam, lr=0.05, steps=40, target=target).double()
+    torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("M", [2, 3])

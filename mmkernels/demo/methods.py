@@ -280,9 +280,12 @@ class OLMRunner(_BalancerRunner):
 
     @torch.no_grad()
     def eval_logits(self, inputs):
-        """sum_m w_m u_m with the fitted w (Eq. 5); read while the balancer is in training mode, where w is in force."""
-        branches = concat_unimodal(self.model, self.model.encode(inputs))
-        return (self.bal.coefficients.view(-1, 1, 1) * branches).sum(0)
+        """sum_m w_m u_m with the fitted w (Eq. 5): bal.combine in eval mode (no norm statistics from test data)."""
+        self.bal.eval()
+        try:
+            return self.bal.combine(concat_unimodal(self.model, self.model.encode(inputs)))
+        finally:
+            self.bal.train()
 
 
 RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
