@@ -73,10 +73,10 @@ class OGMGE(ParameterModeMixin, Balancer):
         grads = [g for group in groups for g in group]
         if not grads:
             return
-        # per-tensor k: modality m's coefficient repeated over its tensors (device ops, no host read)
-        k = torch.cat([coef[m].expand(len(group)) for m, group in enumerate(groups)])
-        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (DESIGN 4.2)
-        _ops.ge_isotropic_(grads, k, seed=self.seed, offset=self._step)
+        group_index = [m for m, group in enumerate(groups) for _ in group]  # tensor t belongs to modality m
+        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (DESIGN 4.2); each
+        # step owns 2^32 Philox counters, so consecutive steps draw disjoint streams
+        _ops.ge_isotropic_(grads, coef, seed=self.seed, offset=self._step << 32, group_index=group_index)
 
 
 class OGM(OGMGE):
