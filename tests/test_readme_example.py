@@ -1,7 +1,6 @@
 """The example trainer in the README runs as written (issue 5, item 6).
 
-Takes the first ```python block of README.md containing the marker `# mmkernels-example`; until the lead merges the
-API fragment into README.md, falls back to docs/api.md."""
+Takes the first ```python block of README.md containing the marker `# mmkernels-example`."""
 from __future__ import annotations
 
 import os
@@ -14,16 +13,12 @@ MARKER = "# mmkernels-example"
 
 
 def example_source() -> tuple[str, str]:
-    for rel in ("README.md", os.path.join("docs", "api.md")):
-        path = os.path.join(ROOT, rel)
-        if not os.path.exists(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
-            if MARKER in block:
-                return rel, block
-    raise AssertionError(f"no ```python block with {MARKER!r} in README.md or docs/api.md")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        if MARKER in block:
+            return "README.md", block
+    raise AssertionError(f"no ```python block with {MARKER!r} in README.md")
 
 
 def test_readme_example_runs():
