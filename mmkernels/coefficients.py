@@ -71,8 +71,10 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     sync: when torch.distributed is initialised, all-reduce the score sums and counts (over `group`) before
       forming ratios, so every rank gets the coefficients of the global batch.
     Returns dict(scores [M], ratios [M], coefficients [M], flag []) of fp32 device tensors. flag: 0 ok,
-    1 a non-finite score (coefficients neutral: k = 1, q = 0, kappa = 1; AGM state untouched), 2 no valid row
-    (same neutral result). Labels outside [0, C) that are not ignore_index give a non-finite score (flag 1).
+    1 a non-finite score, ratio or coefficient (coefficients neutral: k = 1, q = 0, kappa = 1; AGM state
+    untouched; scores and ratios returned as computed), 2 no valid row (same neutral result; 2 wins over 1).
+    Labels outside [0, C) that are not ignore_index give a non-finite score (flag 1); a 'prob' score sum of
+    exactly 0 (softmax[y] underflows on every row) gives an inf or NaN ratio (flag 1).
     """
     logits = as_stacked(unimodal_logits, "unimodal_logits", ndim=2)
     m, b, c = logits.shape

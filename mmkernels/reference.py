@@ -329,9 +329,13 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
               PLACE with this step's scores (AGM Eq. 10). state None: no history (tau = r, kappa = 1), nothing stored.
       mlb   : 'prob' sums, ratio_mlb, mlb_coefficients (hp alpha=1.0, beta_max=2.0)
     With ratio='difference' the ratio is formed on batch-mean scores (sums / count), see ratio_tpami.
-    Returns dict(scores [M], ratios [M], coefficients [M], flag []) all fp32. flag: 0 ok, 1 a non-finite score,
-    2 no valid rows (2 wins over 1). When flag != 0 the coefficients are neutral (k = 1, q = 0, kappa = 1) and the
-    AGM state is left untouched (selected with torch.where, no host sync).
+    Returns dict(scores [M], ratios [M], coefficients [M], flag []) all fp32. flag: 2 no valid rows; else 1 a
+    non-finite score, ratio or coefficient; else 0. When flag != 0 the coefficients are neutral (k = 1, q = 0,
+    kappa = 1) and the AGM state is left untouched (selected with torch.where, no host sync); scores and ratios
+    are returned as computed, so a NaN/inf that raised the flag stays visible. Finite scores can still give a
+    non-finite ratio: e.g. a 'prob' sum of exactly 0 (softmax[y] underflows on every valid row) makes s_m / s_j
+    inf or 0/0 = NaN. AGM's 'ce' score is clamped (p >= 1e-8), so it is finite whenever a row is valid, but
+    kappa = exp(alpha * (tau - r)) can overflow to inf without `clip`: the flag catches that too.
     """
     _check_method(method, hp)
     kind = "ce" if method == "agm" else "prob"
@@ -350,7 +354,8 @@ def _check_method(method: str, hp: dict) -> None:
 def balance_from_sums_ref(sums: torch.Tensor, count: torch.Tensor, method: str, *, state: dict | None = None, **hp) -> dict:
     """The tail of the pipeline: score sums [M] and valid-row count [] (from score_sums, possibly all-reduced
     across ranks) -> dict(scores, ratios, coefficients, flag), updating the AGM state in place. See
-    balance_coefficients_ref for the methods, the flag and the neutral fallback."""
+    balance_coefficients_ref for the methods, the flag (2 no valid rows; else 1 a non-finite score, ratio or
+    coefficient; else 0) and the neutral fallback."""
     _check_method(method, hp)
     p = {**METHOD_DEFAULTS[method], **hp}
     s = sums / count if method == "agm" else sums
@@ -373,7 +378,8 @@ def balance_from_sums_ref(sums: torch.Tensor, count: torch.Tensor, method: str, 
         coeff, neutral = mlb_coefficients(ratios, alpha=p["alpha"], beta_max=p["beta_max"]), 1.0
 
     zero = torch.zeros((), dtype=torch.float32, device=s.device)
-    flag = torch.where(count == 0, zero + 2.0, torch.where(torch.isfinite(s).all(), zero, zero + 1.0))
+    finite = torch.isfinite(s).all() & torch.isfinite(ratios).all() & torch.isfinite(coeff).all()
+    flag = torch.where(count == 0, zero + 2.0, torch.where(finite, zero, zero + 1.0))
     ok = flag == 0
     coeff = torch.where(ok, coeff, torch.full_like(coeff, neutral))
     if method == "agm" and state is not None:

@@ -227,12 +227,12 @@ class Balancer:
 
     @property
     def flag(self) -> torch.Tensor:
-        """0 ok, 1 non-finite score, 2 no valid row (fp32 0-d device tensor)."""
+        """0 ok, 1 a non-finite score, ratio or coefficient, 2 no valid row (fp32 0-d device tensor)."""
         return self._stats["flag"]
 
     @property
     def nonfinite(self) -> torch.Tensor:
-        """Bool 0-d device tensor: the last observed batch had non-finite scores (coefficients fell back)."""
+        """Bool 0-d device tensor: the last observed batch gave a non-finite score, ratio or coefficient (they fell back)."""
         return self._stats["flag"] == 1
 
     # ---------------------------------------------------------------- validation

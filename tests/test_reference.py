@@ -573,6 +573,74 @@ def test_non_finite_logits(method, bad):
     assert torch.isfinite(out["coefficients"]).all()
 
 
+def underflow_batch(zero_modalities, M=2):
+    """M modalities, B=4 (row 3 ignored), C=2, finite logits. Each modality in `zero_modalities` has every
+    valid row [0, -1000] with label 1: softmax[y] = exp(-1000) underflows to exactly 0 in fp32, so its 'prob'
+    sum is 0. The others have [0, 0] rows: p(y) = 1/2, sum 3/2."""
+    logits = torch.zeros(M, 4, 2)
+    for m in zero_modalities:
+        logits[m, :, 1] = -1000.0
+    return logits, torch.tensor([1, 1, 1, -100])
+
+
+def test_underflow_batch_really_underflows():
+    logits, labels = underflow_batch([0])
+    eq(R.score_sums(logits, labels)[0], [0.0, 1.5])
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["ogm_ge", "ogm", "opm", "mlb"])
+def test_two_zero_prob_sums_flag_1(method):
+    # both sums 0 -> every ratio is 0/0 = NaN (ogm_ge and mlb coefficients NaN too) though every score is finite
+    logits, labels = underflow_batch([0, 1])
+    out = R.balance_coefficients_ref(logits, labels, method)
+    eq(out["scores"], [0.0, 0.0])
+    assert torch.isnan(out["ratios"]).all()                    # returned as computed: the cause stays visible
+    eq(out["flag"], 1.0)
+    eq(out["coefficients"], [NEUTRAL[method]] * 2)
+
+
+def test_one_zero_prob_sum_flag_1_from_the_ratio():
+    # s = [0, 3/2]: the ratios hold an inf, the raw coefficients are finite; the rule flags the inf ratio
+    logits, labels = underflow_batch([0])
+    inf = math.inf
+    raw = {  # what the math gives (alpha = 1, defaults), before the fallback
+        "ogm_ge": ([0.0, inf], [1.0, 0.0]),                    # rho_1 > 1: k_1 = 1 - tanh(inf)
+        "ogm": ([0.0, inf], [1.0, 0.0]),                       # max(0, 1 - tanh(inf - 1))
+        "opm": ([0.0, inf], [0.0, 0.75]),                      # min(1, 0.5 * (1 + 0.5 * tanh(inf)))
+        "mlb": ([inf, 0.0], [2.0, 1.0 - math.tanh(1.0)]),      # r = [1.5/0, 0/1.5], beta = [2, 2]
+    }
+    for method, (ratios, coeff) in raw.items():
+        out = R.balance_coefficients_ref(logits, labels, method)
+        eq(out["ratios"], ratios)
+        eq(out["flag"], 1.0)
+        eq(out["coefficients"], [NEUTRAL[method]] * 2)
+    eq(R.ogm_ge_coefficients(t32(0.0, 1.5))[1], raw["ogm_ge"][1])
+    eq(R.ogm_coefficients(t32(0.0, inf)), raw["ogm"][1])
+    eq(R.opm_drop_probability(t32(0.0, inf)), raw["opm"][1])
+    eq(R.mlb_coefficients(t32(inf, 0.0)), raw["mlb"][1])
+    # the difference-of-scores ratio stays finite on the same batch: no flag, the usual coefficients
+    out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference")
+    eq(out["ratios"], [0.5, 1.5])                              # 1 + (0 - 1/2), 1 + (1/2 - 0) on batch means
+    eq(out["flag"], 0.0)
+    eq(out["coefficients"], [1.0, 1.0 - math.tanh(0.5)])
+
+
+def test_agm_kappa_overflow_flag_1_state_untouched():
+    # 'ce' scores are finite, but tau - r = exp(18) - 1 overflows kappa_0 = exp(tau_0 - r_0) to inf without clip
+    state = {"s_hat": t32(0.0, 18.0), "steps": torch.tensor(1.0)}
+    sums, count = t32(18.0, 18.0), torch.tensor(2.0)           # s = [9, 9]: r = [1, 1]
+    out = R.balance_from_sums_ref(sums, count, "agm", state=state)
+    eq(out["flag"], 1.0)
+    eq(out["coefficients"], [1.0, 1.0])
+    eq(state["s_hat"], [0.0, 18.0])
+    eq(state["steps"], 1.0)
+    out = R.balance_from_sums_ref(sums, count, "agm", state=state, clip=10.0)
+    eq(out["flag"], 0.0)
+    eq(out["coefficients"], [math.exp(10.0), math.exp(math.exp(-18.0) - 1.0)], rtol=1e-5, atol=0.0)  # clip, tau_1 = e^-18
+    eq(state["s_hat"], [4.5, 13.5])
+
+
 def test_ignored_rows_count_nowhere():
     torch.manual_seed(2)
     logits = torch.randn(2, 8, 5)

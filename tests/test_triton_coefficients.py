@@ -179,6 +179,53 @@ def test_minus_inf_masked_classes_stay_finite(device):
     _close(got, want)
 
 
+def _underflow_batch(zero_modalities, device, M=2):
+    """Finite logits, C=2, row 3 ignored: modalities in `zero_modalities` have every valid row [0, -1000] with
+    label 1, so softmax[y] underflows to exactly 0 and their 'prob' sum is 0 (the others: [0, 0], sum 3/2)."""
+    x = torch.zeros(M, 4, 2)
+    for m in zero_modalities:
+        x[m, :, 1] = -1000.0
+    return x.to(device), torch.tensor([1, 1, 1, -100], device=device)
+
+
+@pytest.mark.parametrize("zeros", [(0, 1), (0,)])
+def test_zero_prob_sums_flag_1_like_reference(zeros, device):
+    # both sums 0: NaN ratios (and NaN ogm_ge / mlb coefficients); one sum 0: an inf ratio, finite raw
+    # coefficients. Finite scores either way; the flag rule covers ratios and coefficients too.
+    x, y = _underflow_batch(zeros, device)
+    for method, neutral in (("ogm_ge", 1.0), ("ogm", 1.0), ("opm", 0.0), ("mlb", 1.0)):
+        got = balance_coefficients(x, y, method)
+        want = R.balance_coefficients_ref(x, y, method)
+        _close(got, want, msg=method)
+        assert got["flag"].item() == 1, method
+        assert torch.equal(got["coefficients"].cpu(), torch.full((2,), neutral)), method
+        assert not torch.isfinite(got["ratios"]).all(), method
+    # the difference-of-scores ratio is finite on the same batch: flag 0, same numbers as the reference
+    _close(balance_coefficients(x, y, "ogm", ratio="difference"), R.balance_coefficients_ref(x, y, "ogm", ratio="difference"))
+    # the workspace is clean afterwards: a finite batch gives the reference numbers again
+    x2, y2 = _logits(3, 7, 6, device, seed=6)
+    _close(balance_coefficients(x2, y2, "mlb"), R.balance_coefficients_ref(x2, y2, "mlb"))
+
+
+def test_agm_kappa_overflow_flag_1_like_reference(device):
+    # equal logits -> equal finite 'ce' scores (r = 1); a history with s_hat_0 << s_hat_1 makes tau_0 huge and
+    # kappa_0 = exp(tau_0 - r_0) = inf without clip: flag 1, kappa neutral, state untouched
+    x, y = _logits(1, 7, 6, device, seed=8)
+    x = x.expand(2, 7, 6)
+    st_k = {"s_hat": torch.tensor([0.0, 18.0], device=device), "steps": torch.ones((), device=device)}
+    st_r = {k: v.clone() for k, v in st_k.items()}
+    got = balance_coefficients(x, y, "agm", state=st_k)
+    want = R.balance_coefficients_ref(x, y, "agm", state=st_r)
+    _close(got, want)
+    assert got["flag"].item() == 1 and torch.equal(got["coefficients"].cpu(), torch.ones(2))
+    assert st_k["steps"].item() == 1.0 and torch.equal(st_k["s_hat"].cpu(), torch.tensor([0.0, 18.0]))
+    got = balance_coefficients(x, y, "agm", state=st_k, clip=10.0)  # clipped: finite, flag 0, state moves
+    want = R.balance_coefficients_ref(x, y, "agm", state=st_r, clip=10.0)
+    _close(got, want)
+    assert got["flag"].item() == 0 and st_k["steps"].item() == 2.0
+    torch.testing.assert_close(st_k["s_hat"], st_r["s_hat"], rtol=2e-5, atol=1e-6)
+
+
 def test_label_out_of_range_flags(device):
     x, y = _logits(2, 7, 6, device)
     y[2] = 6

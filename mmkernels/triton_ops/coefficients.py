@@ -17,9 +17,11 @@ With `sync=True` under torch.distributed the same kernel runs in two phases: PHA
 the workspace is all-reduced, PHASE 2 (one program) finalizes.
 
 Output buffer (fp32, one allocation): out[0:M] scores, out[M:2M] ratios, out[2M:3M] coefficients,
-out[3M] flag (0 ok, 1 non-finite score, 2 no valid rows).
+out[3M] flag (2 no valid rows; else 1 a non-finite score, ratio or coefficient; else 0).
 Non-finite handling: a row whose softmax is undefined (NaN or +inf logits, all logits -inf) or whose
-label is outside [0, C) (and not ignore_index) gives a NaN score, hence flag 1 and neutral coefficients.
+label is outside [0, C) (and not ignore_index) gives a NaN score; a 'prob' score sum of exactly 0
+(softmax[y] underflows on every valid row) gives an inf or 0/0 = NaN ratio; an overflowing AGM kappa is
+inf. Each gives flag 1 and neutral coefficients (scores and ratios are stored as computed).
 """
 from __future__ import annotations
 
@@ -152,27 +154,32 @@ def _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M,
         s = sums / count
     else:  # `prob` score = sum over valid rows
         s = sums
-    bad = (s != s) | (tl.abs(s) == float("inf"))
-    n_bad = tl.sum(tl.where(mm & bad, 1, 0), axis=0)
-    flag = tl.where(count == 0.0, 2.0, tl.where(n_bad > 0, 1.0, 0.0))
-    ok = flag == 0.0
+    neutral = 1.0  # k = 1, kappa = 1; OPM's q = 0
     if METHOD == 0:
         ratio = _ratio_tpami(s, count, mi, M, RATIO_DIFF, BLOCK_M)
-        coef = tl.where(ok, _fin_ogm_ge(ratio, mi, M, alpha), 1.0)
+        coef = _fin_ogm_ge(ratio, mi, M, alpha)
     elif METHOD == 1:
         ratio = _ratio_tpami(s, count, mi, M, RATIO_DIFF, BLOCK_M)
-        coef = tl.where(ok, _fin_ogm(ratio, alpha, Z_SIGMOID), 1.0)
+        coef = _fin_ogm(ratio, alpha, Z_SIGMOID)
     elif METHOD == 2:
         ratio = _ratio_tpami(s, count, mi, M, RATIO_DIFF, BLOCK_M)
-        coef = tl.where(ok, _fin_opm(ratio, q_base, lam, Z_SIGMOID), 0.0)
+        coef = _fin_opm(ratio, q_base, lam, Z_SIGMOID)
+        neutral = 0.0
     elif METHOD == 4:
         ratio, coef = _fin_mlb(s, mm, M, alpha, beta_max)
-        coef = tl.where(ok, coef, 1.0)
     else:
         s_hat = tl.load(shat_ptr + mi, mask=mm, other=0.0)
         steps = tl.load(steps_ptr)
         ratio, _tau, coef = _fin_agm(s, s_hat, steps, mm, M, alpha, clip, HAS_CLIP)
-        coef = tl.where(ok, coef, 1.0)
+    # flag: 2 no valid rows; else 1 if any score, ratio or coefficient of the M modalities is NaN/inf; else 0
+    bad = (s != s) | (tl.abs(s) == float("inf"))
+    bad = bad | (ratio != ratio) | (tl.abs(ratio) == float("inf"))
+    bad = bad | (coef != coef) | (tl.abs(coef) == float("inf"))
+    n_bad = tl.sum(tl.where(mm & bad, 1, 0), axis=0)
+    flag = tl.where(count == 0.0, 2.0, tl.where(n_bad > 0, 1.0, 0.0))
+    ok = flag == 0.0
+    coef = tl.where(ok, coef, neutral)
+    if METHOD == 3:
         # AGM Eq. 10: cumulative mean since step 1 (t = steps + 1), updated after tau was formed;
         # untouched when flag != 0
         t = steps + 1.0
