@@ -125,11 +125,10 @@ class AGMState:
         self.steps = 0
 
 
-def agm_step(model, inputs, y, opt, state: AGMState, *, alpha=1.0, clip=10.0):
-    """AGM (ICCV 2023 code): the full model again on every muted subset (zeroed raw inputs) in eval mode with
-    autograd on; Shapley responses; looped CE scores read back as floats; kappa in Python; gradient hooks."""
+def subset_values(model, inputs):
+    """v(S) for every non-empty subset S (frozensets): the full model on the inputs, then once more per muted subset
+    (the other inputs zeroed) in eval mode with autograd on, as the authors' AGM code."""
     M = len(inputs)
-    opt.zero_grad(set_to_none=True)
     full = model(inputs)
     was_training = model.training
     model.eval()
@@ -139,6 +138,12 @@ def agm_step(model, inputs, y, opt, state: AGMState, *, alpha=1.0, clip=10.0):
             muted = [x if m in subset else torch.zeros_like(x) for m, x in enumerate(inputs)]
             values[frozenset(subset)] = model(muted)
     model.train(was_training)
+    return values
+
+
+def shapley_phis(values, M):
+    """phi_m = sum over S not containing m of w(|S|) (v(S + m) - v(S)), v(empty) = 0 (AGM Eq. 1-3), as a Python sum."""
+    full = values[frozenset(range(M))]
     zero = torch.zeros_like(full)
     phis = []
     for m in range(M):
@@ -150,6 +155,15 @@ def agm_step(model, inputs, y, opt, state: AGMState, *, alpha=1.0, clip=10.0):
                 without = values[frozenset(rest)] if rest else zero
                 phi = phi + _shapley_weight(M, size) * (with_m - without)
         phis.append(phi)
+    return phis
+
+
+def agm_step(model, inputs, y, opt, state: AGMState, *, alpha=1.0, clip=10.0):
+    """AGM (ICCV 2023 code): the full model again on every muted subset (zeroed raw inputs) in eval mode with
+    autograd on; Shapley responses; looped CE scores read back as floats; kappa in Python; gradient hooks."""
+    M = len(inputs)
+    opt.zero_grad(set_to_none=True)
+    phis = shapley_phis(subset_values(model, inputs), M)
     s = [_loop_ce_score(phi.detach(), y) for phi in phis]
     mean_s = sum(s) / M
     r = [math.exp(M / (M - 1) * (mean_s - s_m)) for s_m in s]

@@ -6,11 +6,10 @@ Each benchmark records extra_info: host syncs per call (counted with torch.cuda.
 the fused op, Triton launches per call. Targets: 1 launch, 0 syncs, >= 5x eager, >= 1.5x compiled reference over
 B in [32, 4096], C in [6, 1000], M in [2, 4]. Shapes are module-level lists so a reduced set is easy to pass.
 """
-import warnings
-
 import pytest
 import torch
 
+from _common import count_syncs, count_triton_launches, timed
 from mmkernels import reference as R
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
@@ -30,50 +29,6 @@ def _data(m, b, c, device="cuda", dtype=torch.float32):
     return x, y
 
 
-def count_syncs(fn, *args, **kwargs) -> int:
-    """Host syncs in one call, via torch.cuda's sync debug mode (each sync emits a warning)."""
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn(*args, **kwargs)
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def count_triton_launches(fn, *args, **kwargs) -> int:
-    import triton.runtime.jit as jit
-
-    calls = []
-    original = jit.JITFunction.run
-
-    def run(self, *a, **k):
-        calls.append(1)
-        return original(self, *a, **k)
-
-    jit.JITFunction.run = run
-    try:
-        fn(*args, **kwargs)
-    finally:
-        jit.JITFunction.run = original
-    return len(calls)
-
-
-def _timed(benchmark, fn, *args, **kwargs):
-    for _ in range(3):
-        fn(*args, **kwargs)  # warm-up: compilation, workspace
-    torch.cuda.synchronize()
-
-    def call():
-        fn(*args, **kwargs)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=2)
-
-
 def authors_style(x, y, method):
     """What the authors' trainers do: a Python loop over the batch, a softmax per row, .item() per score."""
     m, b, _ = x.shape
@@ -87,27 +42,30 @@ def authors_style(x, y, method):
     return s
 
 
+def _bench_timed_and_syncs(benchmark, fn, m, b, c, method):
+    """Times fn(x, y, method, state=...) on one case, records its host syncs per call; returns the call."""
+    x, y = _data(m, b, c)
+    st = R.new_agm_state(m, "cuda") if method == "agm" else None
+    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
+    call = lambda: fn(x, y, method, state=st)  # noqa: E731
+    timed(benchmark, call, rounds=50)
+    benchmark.extra_info["syncs_per_call"] = count_syncs(call)
+    return call
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,b,c", SHAPES)
 def test_bench_fused(benchmark, m, b, c, method):
     from mmkernels.coefficients import balance_coefficients
 
-    x, y = _data(m, b, c)
-    st = R.new_agm_state(m, "cuda") if method == "agm" else None
-    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
-    _timed(benchmark, balance_coefficients, x, y, method, state=st)
-    benchmark.extra_info["syncs_per_call"] = count_syncs(balance_coefficients, x, y, method, state=st)
-    benchmark.extra_info["triton_launches_per_call"] = count_triton_launches(balance_coefficients, x, y, method, state=st)
+    call = _bench_timed_and_syncs(benchmark, balance_coefficients, m, b, c, method)
+    benchmark.extra_info["triton_launches_per_call"] = count_triton_launches(call)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,b,c", SHAPES)
 def test_bench_eager_reference(benchmark, m, b, c, method):
-    x, y = _data(m, b, c)
-    st = R.new_agm_state(m, "cuda") if method == "agm" else None
-    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
-    _timed(benchmark, R.balance_coefficients_ref, x, y, method, state=st)
-    benchmark.extra_info["syncs_per_call"] = count_syncs(R.balance_coefficients_ref, x, y, method, state=st)
+    _bench_timed_and_syncs(benchmark, R.balance_coefficients_ref, m, b, c, method)
 
 
 _COMPILED = {}
@@ -116,12 +74,8 @@ _COMPILED = {}
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,b,c", SHAPES)
 def test_bench_compiled_reference(benchmark, m, b, c, method):
-    x, y = _data(m, b, c)
-    st = R.new_agm_state(m, "cuda") if method == "agm" else None
     fn = _COMPILED.setdefault(method, torch.compile(R.balance_coefficients_ref, dynamic=False))
-    benchmark.group = f"coefficients {method} M={m} B={b} C={c}"
-    _timed(benchmark, fn, x, y, method, state=st)
-    benchmark.extra_info["syncs_per_call"] = count_syncs(fn, x, y, method, state=st)
+    _bench_timed_and_syncs(benchmark, fn, m, b, c, method)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -11,6 +11,8 @@ GPU only (skipped, but collectable, on CPU).
 import pytest
 import torch
 
+from _common import bench_copy, nbytes, timed_gbps
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 
 WHICH = ["conv", "all"]
@@ -30,37 +32,13 @@ def _encoder_grads(which, dtype, device="cuda"):
     return grads, groups
 
 
-def _pedantic(benchmark, fn, rounds=20, iterations=3):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=2)
-
-
-def _gbps(benchmark, nbytes):
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["GB/s"] = nbytes / mean / 1e9 if mean > 0 else float("nan")
-
-
-def _nbytes(grads):
-    return sum(g.numel() * g.element_size() for g in grads)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which", WHICH)
 def test_bench_ge_copy_baseline(benchmark, which, dtype):
     grads, _ = _encoder_grads(which, dtype)
     n = sum(g.numel() for g in grads)
-    src = torch.randn(n, device="cuda", dtype=dtype)
-    dst = torch.empty_like(src)
     benchmark.group = f"ge_isotropic_ {which} {dtype}"
-    _pedantic(benchmark, lambda: dst.copy_(src))
-    _gbps(benchmark, 2 * _nbytes(grads))
+    bench_copy(benchmark, torch.randn(n, device="cuda", dtype=dtype), rounds=20, iterations=3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,8 +50,8 @@ def test_bench_ge_ext(benchmark, which, dtype):
     k = torch.tensor([0.6, 1.0], device="cuda")
     benchmark.group = f"ge_isotropic_ {which} {dtype}"
     benchmark.extra_info["tensors"] = len(grads)
-    _pedantic(benchmark, lambda: ge_isotropic_(grads, k, seed=0, offset=0, group_index=groups))
-    _gbps(benchmark, 3 * _nbytes(grads))
+    timed_gbps(benchmark, lambda: ge_isotropic_(grads, k, seed=0, offset=0, group_index=groups), 3 * nbytes(grads),
+               rounds=20, iterations=3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,5 +66,4 @@ def test_bench_ge_authors_loop(benchmark, which, dtype):
             g.mul_(coeffs[m]).add_(torch.zeros_like(g).normal_(0, std))
 
     benchmark.group = f"ge_isotropic_ {which} {dtype}"
-    _pedantic(benchmark, loop, rounds=10, iterations=2)
-    _gbps(benchmark, 3 * _nbytes(grads))
+    timed_gbps(benchmark, loop, 3 * nbytes(grads), rounds=10, iterations=2)

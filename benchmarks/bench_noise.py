@@ -8,28 +8,13 @@ GPU only (skipped, but collectable, on CPU); shapes are module-level lists so a 
 import pytest
 import torch
 
+from _common import bench_copy, nbytes, timed_gbps
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 
 TAP_SHAPES = [(64, 512), (256, 2048), (4096, 512), (4096, 4096), (64, 512, 14, 14)]
 TAP_DTYPES = [torch.float32, torch.bfloat16]
 PER_SAMPLE_SHAPES = [(64, 1_000_000), (256, 100_000)]
-
-
-def _pedantic(benchmark, fn, rounds=30, iterations=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=2)
-
-
-def _gbps(benchmark, nbytes):
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["GB/s"] = nbytes / mean / 1e9 if mean > 0 else float("nan")
 
 
 def _reference_backward(g, k, seed, offset):
@@ -44,11 +29,8 @@ def _reference_backward(g, k, seed, offset):
 @pytest.mark.parametrize("dtype", TAP_DTYPES)
 @pytest.mark.parametrize("shape", TAP_SHAPES)
 def test_bench_tap_copy_baseline(benchmark, shape, dtype):
-    x = torch.randn(shape, device="cuda", dtype=dtype)
-    out = torch.empty_like(x)
     benchmark.group = f"cov_noise_tap {shape} {dtype}"
-    _pedantic(benchmark, lambda: out.copy_(x))
-    _gbps(benchmark, 2 * x.numel() * x.element_size())
+    bench_copy(benchmark, torch.randn(shape, device="cuda", dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", TAP_DTYPES)
@@ -60,8 +42,7 @@ def test_bench_tap_backward_ext(benchmark, shape, dtype):
     k = torch.tensor(0.7, device="cuda")
     op = torch.ops.mmkernels.cov_noise_tap_backward
     benchmark.group = f"cov_noise_tap {shape} {dtype}"
-    _pedantic(benchmark, lambda: op(g, k, 1.0, 1, 0))
-    _gbps(benchmark, 2 * g.numel() * g.element_size())
+    timed_gbps(benchmark, lambda: op(g, k, 1.0, 1, 0), 2 * nbytes(g))
 
 
 @pytest.mark.parametrize("dtype", TAP_DTYPES)
@@ -70,8 +51,7 @@ def test_bench_tap_backward_reference(benchmark, shape, dtype):
     g = torch.randn(shape, device="cuda", dtype=dtype)
     k = torch.tensor(0.7, device="cuda")
     benchmark.group = f"cov_noise_tap {shape} {dtype}"
-    _pedantic(benchmark, lambda: _reference_backward(g, k, 1, 0))
-    _gbps(benchmark, 2 * g.numel() * g.element_size())
+    timed_gbps(benchmark, lambda: _reference_backward(g, k, 1, 0), 2 * nbytes(g))
 
 
 @pytest.mark.parametrize("dtype", TAP_DTYPES)
@@ -84,8 +64,7 @@ def test_bench_tap_backward_compiled_reference(benchmark, shape, dtype):
     z = torch.randn(shape[0], device="cuda")
     fn = torch.compile(lambda g, k, z: reference.cov_noise_tap_backward(g, k, z, sigma=1.0))
     benchmark.group = f"cov_noise_tap {shape} {dtype}"
-    _pedantic(benchmark, lambda: fn(g, k, torch.randn(shape[0], device="cuda")))
-    _gbps(benchmark, 2 * g.numel() * g.element_size())
+    timed_gbps(benchmark, lambda: fn(g, k, torch.randn(shape[0], device="cuda")), 2 * nbytes(g))
 
 
 @pytest.mark.parametrize("shape", PER_SAMPLE_SHAPES)
@@ -94,8 +73,7 @@ def test_bench_sample_cov_noise_ext(benchmark, shape):
 
     G = torch.randn(shape, device="cuda")
     benchmark.group = f"sample_cov_noise {shape}"
-    _pedantic(benchmark, lambda: sample_cov_noise(G, seed=0, offset=0), rounds=10, iterations=3)
-    _gbps(benchmark, G.numel() * G.element_size())
+    timed_gbps(benchmark, lambda: sample_cov_noise(G, seed=0, offset=0), nbytes(G), rounds=10, iterations=3)
 
 
 @pytest.mark.parametrize("shape", PER_SAMPLE_SHAPES)
@@ -104,6 +82,5 @@ def test_bench_sample_cov_noise_reference(benchmark, shape):
 
     G = torch.randn(shape, device="cuda")
     benchmark.group = f"sample_cov_noise {shape}"
-    _pedantic(benchmark, lambda: reference.cov_noise_from_per_sample(G, torch.randn(shape[0], device="cuda")),
-              rounds=10, iterations=3)
-    _gbps(benchmark, G.numel() * G.element_size())
+    timed_gbps(benchmark, lambda: reference.cov_noise_from_per_sample(G, torch.randn(shape[0], device="cuda")),
+               nbytes(G), rounds=10, iterations=3)

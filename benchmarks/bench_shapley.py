@@ -8,11 +8,12 @@
 - combine only: shapley_responses vs reference.shapley_combine on [2^M - 1, B, C] outputs.
 GPU only (skipped, but collectable, on CPU). SHAPES: (batch, audio [C, H, W], visual [C, H, W]).
 """
-from itertools import combinations
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _common import timed
+from authors_style import shapley_phis, subset_values
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 
@@ -21,6 +22,7 @@ SHAPES = [(16, (1, 128, 128), (3, 112, 112))]
 FULL_SHAPES = [(64, (1, 257, 299), (3, 224, 224))]
 NUM_CLASSES = 31
 COMBINE_SHAPES = [(2, 256, 1000), (3, 256, 1000), (6, 64, 1000)]
+STEP_TIMING = dict(rounds=10, iterations=2, warmup=2, warmup_rounds=1)  # a whole training step per call
 
 
 def _model_and_inputs(M, shape, device="cuda"):
@@ -51,42 +53,12 @@ def ext_step(model, inputs, y, kappa):
 
 
 def authors_step(model, inputs, y, kappa):
-    M = len(inputs)
-    full = model(inputs)
-    model.eval()
-    values = {frozenset(range(M)): full}
-    for size in range(1, M):
-        for subset in combinations(range(M), size):
-            values[frozenset(subset)] = model([x if m in subset else torch.zeros_like(x) for m, x in enumerate(inputs)])
-    model.train()
-    from math import factorial
-
-    phis = []
-    for m in range(M):
-        others = [j for j in range(M) if j != m]
-        phi = 0
-        for size in range(M):
-            w = factorial(size) * factorial(M - size - 1) / factorial(M)
-            for rest in combinations(others, size):
-                without = values[frozenset(rest)] if rest else 0
-                phi = phi + w * (values[frozenset(rest) | {m}] - without)
-        phi.register_hook(lambda g, k=kappa[m]: g * k)
-        phis.append(phi)
+    phis = shapley_phis(subset_values(model, inputs), len(inputs))
+    for phi, k in zip(phis, kappa):
+        phi.register_hook(lambda g, k=k: g * k)
     loss = F.cross_entropy(sum(phis), y)
     loss.backward()
     return loss.detach()
-
-
-def _pedantic(benchmark, fn, rounds=10, iterations=2):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
 @pytest.fixture(params=SHAPES + [pytest.param(s, marks=pytest.mark.skipif("not config.getoption('--bench-full')"))
@@ -100,7 +72,7 @@ def test_bench_shapley_step_ext(benchmark, M, shape):
     model, inputs, y = _model_and_inputs(M, shape)
     kappa = torch.linspace(0.5, 1.5, M, device="cuda")
     benchmark.group = f"shapley step M={M} B={shape[0]}"
-    _pedantic(benchmark, lambda: (model.zero_grad(set_to_none=True), ext_step(model, inputs, y, kappa)))
+    timed(benchmark, lambda: (model.zero_grad(set_to_none=True), ext_step(model, inputs, y, kappa)), **STEP_TIMING)
 
 
 @pytest.mark.parametrize("M", MODALITIES)
@@ -108,7 +80,7 @@ def test_bench_shapley_step_authors(benchmark, M, shape):
     model, inputs, y = _model_and_inputs(M, shape)
     kappa = torch.linspace(0.5, 1.5, M).tolist()
     benchmark.group = f"shapley step M={M} B={shape[0]}"
-    _pedantic(benchmark, lambda: (model.zero_grad(set_to_none=True), authors_step(model, inputs, y, kappa)))
+    timed(benchmark, lambda: (model.zero_grad(set_to_none=True), authors_step(model, inputs, y, kappa)), **STEP_TIMING)
 
 
 @pytest.mark.parametrize("shape", COMBINE_SHAPES, ids=lambda s: f"M{s[0]}-B{s[1]}-C{s[2]}")
@@ -118,7 +90,7 @@ def test_bench_combine_ext(benchmark, shape):
     M, B, C = shape
     v = torch.randn(2 ** M - 1, B, C, device="cuda")
     benchmark.group = f"shapley combine {shape}"
-    _pedantic(benchmark, lambda: shapley_responses(v), rounds=30, iterations=5)
+    timed(benchmark, lambda: shapley_responses(v), rounds=30, iterations=5, warmup=2, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("shape", COMBINE_SHAPES, ids=lambda s: f"M{s[0]}-B{s[1]}-C{s[2]}")
@@ -128,4 +100,4 @@ def test_bench_combine_reference(benchmark, shape):
     M, B, C = shape
     v = torch.randn(2 ** M - 1, B, C, device="cuda")
     benchmark.group = f"shapley combine {shape}"
-    _pedantic(benchmark, lambda: reference.shapley_combine(v), rounds=30, iterations=5)
+    timed(benchmark, lambda: reference.shapley_combine(v), rounds=30, iterations=5, warmup=2, warmup_rounds=1)

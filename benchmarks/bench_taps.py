@@ -6,6 +6,8 @@ GPU only (skipped, but collectable, on CPU). Shapes are module-level lists so a 
 import pytest
 import torch
 
+from _common import bench_copy, nbytes, timed_gbps
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 
 FEATURE_SHAPES = [(64, 512), (256, 2048), (4096, 4096), (64, 512, 14, 14)]
@@ -13,31 +15,11 @@ DTYPES = [torch.float32, torch.bfloat16]
 DROP_M = [2, 4]
 
 
-def _gbps(benchmark, nbytes):
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["GB/s"] = nbytes / mean / 1e9 if mean > 0 else float("nan")
-
-
-def _pedantic(benchmark, fn):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=30, iterations=5, warmup_rounds=2)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FEATURE_SHAPES)
 def test_bench_copy_baseline(benchmark, shape, dtype):
-    x = torch.randn(shape, device="cuda", dtype=dtype)
-    out = torch.empty_like(x)
     benchmark.group = f"taps {shape} {dtype}"
-    _pedantic(benchmark, lambda: out.copy_(x))
-    _gbps(benchmark, 2 * x.numel() * x.element_size())
+    bench_copy(benchmark, torch.randn(shape, device="cuda", dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,8 +31,7 @@ def test_bench_grad_scale(benchmark, shape, dtype):
     import mmkernels.taps  # noqa: F401  (registers the op)
 
     benchmark.group = f"taps {shape} {dtype}"
-    _pedantic(benchmark, lambda: op(g, k, 1.0))
-    _gbps(benchmark, 2 * g.numel() * g.element_size())
+    timed_gbps(benchmark, lambda: op(g, k, 1.0), 2 * nbytes(g))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,8 +42,7 @@ def test_bench_grad_scale_eager_reference(benchmark, shape, dtype):
     g = torch.randn(shape, device="cuda", dtype=dtype)
     k = torch.tensor(0.5, device="cuda")
     benchmark.group = f"taps {shape} {dtype}"
-    _pedantic(benchmark, lambda: R.grad_tap_backward(g, k))
-    _gbps(benchmark, 2 * g.numel() * g.element_size())
+    timed_gbps(benchmark, lambda: R.grad_tap_backward(g, k), 2 * nbytes(g))
 
 
 @pytest.mark.parametrize("m", DROP_M)
@@ -74,19 +54,15 @@ def test_bench_modality_drop(benchmark, shape, dtype, m):
     x = torch.randn((m,) + shape, device="cuda", dtype=dtype)
     q = torch.full((m,), 0.3, device="cuda")
     benchmark.group = f"drop M={m} {shape} {dtype}"
-    _pedantic(benchmark, lambda: modality_drop(x, q, seed=0, offset=0))
-    _gbps(benchmark, 2 * x.numel() * x.element_size())
+    timed_gbps(benchmark, lambda: modality_drop(x, q, seed=0, offset=0), 2 * nbytes(x))
 
 
 @pytest.mark.parametrize("m", DROP_M)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", FEATURE_SHAPES)
 def test_bench_modality_drop_copy_baseline(benchmark, shape, dtype, m):
-    x = torch.randn((m,) + shape, device="cuda", dtype=dtype)
-    out = torch.empty_like(x)
     benchmark.group = f"drop M={m} {shape} {dtype}"
-    _pedantic(benchmark, lambda: out.copy_(x))
-    _gbps(benchmark, 2 * x.numel() * x.element_size())
+    bench_copy(benchmark, torch.randn((m,) + shape, device="cuda", dtype=dtype))
 
 
 @pytest.mark.parametrize("m", DROP_M)
@@ -99,5 +75,4 @@ def test_bench_modality_drop_eager_reference(benchmark, shape, dtype, m):
     q = torch.full((m,), 0.3, device="cuda")
     u = torch.rand(m, shape[0], device="cuda")
     benchmark.group = f"drop M={m} {shape} {dtype}"
-    _pedantic(benchmark, lambda: R.modality_drop_ref(x, q, u))
-    _gbps(benchmark, 2 * x.numel() * x.element_size())
+    timed_gbps(benchmark, lambda: R.modality_drop_ref(x, q, u), 2 * nbytes(x))

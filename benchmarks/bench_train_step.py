@@ -10,12 +10,12 @@ Targets (DESIGN.md sec. 8): OGM-GE, OPM, MLB <= 1.02 x joint; AGM <= 1.25 x join
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
 
 import authors_style
+from _common import count_syncs, sync as _sync, timed
 from mmkernels.demo.methods import make_method
 from mmkernels.demo.models import ConcatClassifier, ResNet18Encoder
 
@@ -47,24 +47,9 @@ def build(full, M, device, seed=0):
     return model, inputs, y
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def count_host_syncs(fn, device):
     """Synchronising CUDA calls made by one step (torch.cuda sync-debug mode warnings); None on CPU."""
-    if torch.device(device).type != "cuda":
-        return None
-    _sync(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    return count_syncs(fn) if torch.device(device).type == "cuda" else None
 
 
 def count_kernels(fn, device):
@@ -147,13 +132,7 @@ def _run_case(benchmark, impl, method, M, bench_full, bench_device):
         "kernels": count_kernels(one, bench_device),
         "peak_mib": peak_memory_mib(one, bench_device),
     })
-
-    def timed():
-        one()
-        _sync(bench_device)
-
-    rounds = 20 if bench_full else 3
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    timed(benchmark, one, rounds=20 if bench_full else 3, iterations=1, warmup=0, warmup_rounds=1, device=bench_device)
 
 
 @pytest.mark.parametrize("method,M", MM_CASES, ids=[f"{m}-M{k}" for m, k in MM_CASES])

@@ -5,11 +5,14 @@ Nothing here reads a device value (no host sync).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import List, Sequence, Tuple
 
 import torch
 
 MIN_MODALITIES, MAX_MODALITIES = 2, 8
+MAX_COUNTER = 2 ** 63 - 1  # Philox seeds and counter offsets are int64 on the device side
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -25,11 +28,10 @@ def check_num_modalities(m: int, name: str = "num_modalities") -> None:
         raise ValueError(f"{name} must be between {MIN_MODALITIES} and {MAX_MODALITIES}, got {m}")
 
 
-def as_stacked(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
-    """A list of M tensors [B, ...] or one tensor [M, B, ...] -> a tensor [M, B, ...].
+def check_modalities(x, name: str, *, ndim: int | None = None, same_shape: bool = True, same_dtype: bool = True) -> bool:
+    """A list of M (2..8) tensors [B, ...] (checked with `check_same`) or one float tensor [M, B, ...].
 
-    A stacked tensor is returned as is (strides kept, no copy); a list is stacked (one copy).
-    `ndim` is the number of dims per modality (2 for logits [B, C]).
+    Returns True for one stacked tensor. `ndim` is the number of dims per modality (2 for logits [B, C]).
     """
     if isinstance(x, torch.Tensor):
         check_float(x, name)
@@ -38,16 +40,34 @@ def as_stacked(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"{name} as one tensor must have shape [M, B, ...], got shape {tuple(x.shape)}")
         check_num_modalities(x.shape[0], f"{name}.shape[0] (number of modalities)")
-        return x
+        return True
     if not isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be a list of M tensors or one stacked tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a list of M tensors or one stacked tensor, got {type(x).__name__} "
+                        f"(expected M tensors [B, ...] or one tensor [M, B, ...])")
     check_num_modalities(len(x), f"len({name}) (number of modalities)")
-    check_same(x, name, ndim=ndim)
-    return torch.stack(list(x))
+    check_same(x, name, ndim=ndim, same_shape=same_shape, same_dtype=same_dtype)
+    return False
 
 
-def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None, same_shape: bool = True) -> None:
-    """Per-modality tensors: all float, same device, same batch size (and same shape if asked)."""
+def as_stacked(x, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    """A list of M tensors [B, ...] or one tensor [M, B, ...] -> a tensor [M, B, ...].
+
+    A stacked tensor is returned as is (strides kept, no copy); a list is stacked (one copy).
+    `ndim` is the number of dims per modality (2 for logits [B, C]).
+    """
+    return x if check_modalities(x, name, ndim=ndim) else torch.stack(list(x))
+
+
+def as_modality_list(x, name: str, *, same_dtype: bool = True) -> Tuple[List[torch.Tensor], bool]:
+    """A list of M tensors [B, ...] (shapes past the batch dim may differ) or one tensor [M, B, ...] -> (the M
+    tensors, whether x was one stacked tensor). A stacked tensor is unbound (views, no copy)."""
+    stacked = check_modalities(x, name, same_shape=False, same_dtype=same_dtype)
+    return (list(x.unbind(0)) if stacked else list(x)), stacked
+
+
+def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None, same_shape: bool = True,
+               same_dtype: bool = True) -> None:
+    """Per-modality tensors: all float, same device, same batch size (and same shape, same dtype if asked)."""
     for i, t in enumerate(xs):
         check_float(t, f"{name}[{i}]")
         if ndim is not None and t.dim() != ndim:
@@ -62,7 +82,7 @@ def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None
             raise ValueError(f"{name}[{i}] has batch size {t.shape[0]} but {name}[0] has {first.shape[0]}; batch sizes must match")
         if same_shape and t.shape != first.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {name}[0] has {tuple(first.shape)}")
-        if t.dtype != first.dtype:
+        if same_dtype and t.dtype != first.dtype:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype} but {name}[0] has {first.dtype}")
 
 
@@ -85,3 +105,24 @@ def check_nonneg(value: float, name: str) -> None:
 def check_choice(value, choices, name: str) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_counter(value, name: str) -> None:
+    """A Philox seed or counter offset: a Python int (not a bool) in [0, 2**63)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_COUNTER:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+
+
+def check_coefficient(k, feature: torch.Tensor, name: str = "k") -> None:
+    """A per-modality coefficient for a feature tap: a 1-element floating tensor on feature's device (read on the
+    device, no sync) or a finite real number (not a bool)."""
+    if isinstance(k, torch.Tensor):
+        if not k.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor or a number, got a tensor of dtype {k.dtype}")
+        if k.numel() != 1:
+            raise ValueError(f"{name} must hold one value (a 0-dim tensor), got shape {tuple(k.shape)}")
+        if k.device != feature.device:
+            raise ValueError(f"{name} is on {k.device} but feature is on {feature.device}; put {name} on the feature's device")
+        return
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
+        raise TypeError(f"{name} must be a finite number or a 1-element tensor, got {k!r}")

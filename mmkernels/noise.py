@@ -25,55 +25,41 @@ by (seed, offset): reproducible and with the same distribution, but other number
 from __future__ import annotations
 
 import math
-import numbers
 from typing import List, Optional, Sequence
 
 import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import check_float, check_nonneg
+from ._validate import MAX_COUNTER, check_coefficient, check_counter, check_float, check_nonneg
 from .ext_ops import cov_noise as _cov_ops  # registers mmkernels::cov_noise_tap_backward, ::sample_cov_noise
 from .ext_ops import ge_isotropic as _ge_ops  # registers mmkernels::ge_isotropic_
 
-_MAX_COUNTER = 2 ** 63 - 1
 _OPS = ("reference", "ext")
-
-
-def _check_counter(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNTER:
-        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
 
 
 def _reference_generator(seed: int, offset: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(hash((int(seed), int(offset))) & _MAX_COUNTER)
+    g.manual_seed(hash((int(seed), int(offset))) & MAX_COUNTER)
     return g
 
 
 def cov_noise_normals(batch: int, *, seed: int, offset: int, device="cpu") -> torch.Tensor:
     """z [B] fp32: the normals cov_noise_tap and sample_cov_noise draw on `device`'s backend for (seed, offset)."""
-    _check_counter(seed, "seed")
-    _check_counter(offset, "offset")
+    check_counter(seed, "seed")
+    check_counter(offset, "offset")
     device = torch.device(device)
     if backend_for(torch.empty(0, device=device), op="cov_noise_tap", available=_OPS) == "ext":
         return _cov_ops.philox_normals(seed, offset, batch, device)[:, 0].contiguous()
     return torch.randn(batch, generator=_reference_generator(seed, offset, device), device=device)
 
 
-def _check_k(k, like: torch.Tensor, name: str = "k") -> torch.Tensor:
-    """k as a 0-dim float tensor on like's device (a number becomes one; a tensor is only detached/reshaped)."""
+def _as_k_tensor(k, feature: torch.Tensor) -> torch.Tensor:
+    """k (checked) as a 0-dim float tensor on feature's device (a number becomes one; a tensor is only detached/reshaped)."""
+    check_coefficient(k, feature)
     if isinstance(k, torch.Tensor):
-        if not k.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor or a number, got a tensor of dtype {k.dtype}")
-        if k.numel() != 1:
-            raise ValueError(f"{name} must hold one value (a 0-dim tensor), got shape {tuple(k.shape)}")
-        if k.device != like.device:
-            raise ValueError(f"{name} is on {k.device} but feature is on {like.device}; put {name} on the feature's device")
         return k.detach().reshape(())
-    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
-        raise TypeError(f"{name} must be a finite number or a 1-element tensor, got {k!r}")
-    return torch.full((), float(k), dtype=torch.float32, device=like.device)
+    return torch.full((), float(k), dtype=torch.float32, device=feature.device)
 
 
 class _CovNoiseTap(torch.autograd.Function):
@@ -105,12 +91,12 @@ def cov_noise_tap(feature: torch.Tensor, k, *, sigma: float = 1.0, seed: int, of
     check_float(feature, "feature")
     if feature.dim() < 1 or feature.shape[0] == 0:
         raise ValueError(f"feature must have shape [B, ...] with B > 0, got shape {tuple(feature.shape)}")
-    k = _check_k(k, feature)
+    k = _as_k_tensor(k, feature)
     check_nonneg(sigma, "sigma")
     if not math.isfinite(sigma):
         raise ValueError(f"sigma must be finite, got {sigma!r}")
-    _check_counter(seed, "seed")
-    _check_counter(offset, "offset")
+    check_counter(seed, "seed")
+    check_counter(offset, "offset")
     backend = backend_for(feature, k, op="cov_noise_tap", available=_OPS)
     return _CovNoiseTap.apply(feature, k, float(sigma), int(seed), int(offset), backend)
 
@@ -123,8 +109,8 @@ def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) 
     check_float(per_sample_grads, "per_sample_grads")
     if per_sample_grads.dim() != 2 or per_sample_grads.shape[0] == 0:
         raise ValueError(f"per_sample_grads must have shape [B, P] with B > 0, got shape {tuple(per_sample_grads.shape)}")
-    _check_counter(seed, "seed")
-    _check_counter(offset, "offset")
+    check_counter(seed, "seed")
+    check_counter(offset, "offset")
     G = per_sample_grads.detach()
     if backend_for(G, op="sample_cov_noise", available=_OPS) == "ext":
         return _cov_ops.sample_cov_noise(G, int(seed), int(offset))
@@ -161,8 +147,8 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
     Tensors with a single element get a NaN std (as torch.std, and as the authors' loop).
     """
     gs = _check_grads(grads)
-    _check_counter(seed, "seed")
-    _check_counter(offset, "offset")
+    check_counter(seed, "seed")
+    check_counter(offset, "offset")
     if not gs:
         return gs
     device = gs[0].device

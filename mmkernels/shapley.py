@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import check_float, check_num_modalities
+from ._validate import as_modality_list, check_float, check_num_modalities
 from .ext_ops import shapley as _ops  # registers mmkernels::shapley_masked_batch, ::shapley_responses(_backward)
 
 _OPS = ("reference", "ext")
@@ -35,28 +35,10 @@ def subset_masks(num_modalities: int) -> List[List[bool]]:
 
 
 def _check_inputs(inputs) -> tuple:
-    if isinstance(inputs, torch.Tensor):
-        check_float(inputs, "inputs")
-        if inputs.dim() < 2:
-            raise ValueError(f"inputs as one tensor must have shape [M, B, ...], got shape {tuple(inputs.shape)}")
-        check_num_modalities(inputs.shape[0], "inputs.shape[0] (number of modalities)")
-        xs = list(inputs.unbind(0))
-    elif isinstance(inputs, (list, tuple)):
-        check_num_modalities(len(inputs), "len(inputs) (number of modalities)")
-        xs = list(inputs)
-    else:
-        raise TypeError(f"inputs must be a list of M tensors [B, ...] or one tensor [M, B, ...], got {type(inputs).__name__}")
-    for i, x in enumerate(xs):
-        check_float(x, f"inputs[{i}]")
-        if x.dim() < 1:
-            raise ValueError(f"inputs[{i}] must have shape [B, ...], got a 0-dim tensor")
-        if x.device != xs[0].device:
-            raise ValueError(f"inputs[{i}] is on {x.device} but inputs[0] is on {xs[0].device}; all modalities must share a device")
-        if x.shape[0] != xs[0].shape[0]:
-            raise ValueError(f"inputs[{i}] has batch size {x.shape[0]} but inputs[0] has {xs[0].shape[0]}; batch sizes must match")
+    xs, stacked = as_modality_list(inputs, "inputs", same_dtype=False)  # float dtypes may differ per modality
     if xs[0].shape[0] == 0:
         raise ValueError("inputs must have a non-empty batch (B > 0), got B = 0")
-    return xs, isinstance(inputs, torch.Tensor)
+    return xs, stacked
 
 
 def shapley_masked_batch(inputs, *, include_full: bool = False):

@@ -19,10 +19,9 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import check_choice, check_float, check_num_modalities, check_same
+from ._validate import MAX_COUNTER, as_modality_list, check_choice, check_coefficient, check_counter, check_float
 
 RESCALE_MODES = ("official", "per_modality", "none")
-_MAX_COUNTER = 2 ** 63 - 1
 
 
 # ============================================================================================ grad tap
@@ -68,16 +67,9 @@ def grad_tap(feature: torch.Tensor, k) -> torch.Tensor:
     check_float(feature, "feature")
     if feature.dim() < 1:
         raise ValueError(f"feature must have a batch dimension [B, ...], got a 0-dim tensor")
+    check_coefficient(k, feature)
     if isinstance(k, torch.Tensor):
-        if not k.is_floating_point():
-            raise TypeError(f"k must be a floating tensor or a number, got a tensor of dtype {k.dtype}")
-        if k.numel() != 1:
-            raise ValueError(f"k must hold one value (a 0-dim tensor), got shape {tuple(k.shape)}")
-        if k.device != feature.device:
-            raise ValueError(f"k is on {k.device} but feature is on {feature.device}; put k on the feature's device")
         return _GradTap.apply(feature, k.detach(), 1.0)
-    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
-        raise TypeError(f"k must be a finite number or a 1-element tensor, got {k!r}")
     return _GradTap.apply(feature, None, float(k))
 
 
@@ -115,7 +107,7 @@ def _reference_uniforms(seed: int, offset: int, num_modalities: int, batch: int,
     """Uniforms of the reference backend: torch's generator seeded from (seed, offset). Reproducible, but not the
     same numbers as the Triton backend's Philox stream."""
     g = torch.Generator(device=device)
-    g.manual_seed(hash((int(seed), int(offset))) & _MAX_COUNTER)
+    g.manual_seed(hash((int(seed), int(offset))) & MAX_COUNTER)
     u = torch.rand(num_modalities * batch + 1, generator=g, device=device)
     return u[:-1].view(num_modalities, batch), u[-1]
 
@@ -134,11 +126,6 @@ def drop_uniforms(seed: int, offset: int, num_modalities: int, batch: int, devic
     return _reference_uniforms(seed, offset, num_modalities, batch, device)
 
 
-def _check_counter(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNTER:
-        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
-
-
 def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "official", p_exe: float = 1.0,
                   training: bool = True):
     """OPM's modality drop (TPAMI Eq. 8 and Alg. 1; DESIGN 4.4) on M per-modality features.
@@ -151,19 +138,7 @@ def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "offici
     probability (a per-call draw from the same stream, decided on the device). (seed, offset) address the random
     stream (see drop_uniforms); the backward reuses the same mask. Identity when training is False.
     """
-    stacked = isinstance(features, torch.Tensor)
-    if stacked:
-        check_float(features, "features")
-        if features.dim() < 2:
-            raise ValueError(f"features as one tensor must have shape [M, B, ...], got shape {tuple(features.shape)}")
-        check_num_modalities(features.shape[0], "features.shape[0] (number of modalities)")
-        xs = list(features.unbind(0))
-    else:
-        if not isinstance(features, (list, tuple)):
-            raise TypeError(f"features must be a list of M tensors [B, ...] or one tensor [M, B, ...], got {type(features).__name__}")
-        check_num_modalities(len(features), "len(features) (number of modalities)")
-        check_same(features, "features", same_shape=False)
-        xs = list(features)
+    xs, stacked = as_modality_list(features, "features")
     m, b = len(xs), xs[0].shape[0]
     device = xs[0].device
     if isinstance(q, torch.Tensor):
@@ -180,8 +155,8 @@ def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "offici
         if len(vals) != m or not all(0.0 <= v <= 1.0 for v in vals):
             raise ValueError(f"q must hold {m} probabilities in [0, 1], got {vals}")
         q = torch.tensor(vals, dtype=torch.float32, device=device)
-    _check_counter(seed, "seed")
-    _check_counter(offset, "offset")
+    check_counter(seed, "seed")
+    check_counter(offset, "offset")
     check_choice(rescale, RESCALE_MODES, "rescale")
     if isinstance(p_exe, bool) or not isinstance(p_exe, numbers.Real) or not 0.0 <= p_exe <= 1.0:
         raise ValueError(f"p_exe must be a probability in [0, 1], got {p_exe!r}")

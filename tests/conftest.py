@@ -1,6 +1,8 @@
 """Test lanes (see tests/run_lanes.py): markers `triton`, `ext`, `cuda`; unmarked tests form the reference lane.
 
 The `device` fixture is "cpu" except in the cuda lane (MMKERNELS_TEST_DEVICE=cuda).
+`@pytest.mark.backend("ext")` (on a test, or in a module's pytestmark) runs it with MMKERNELS_BACKEND=ext;
+`backend(None)` runs it with MMKERNELS_BACKEND unset (automatic choice).
 """
 import os
 
@@ -13,6 +15,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ext: the C++ extension mmkernels._C (CPU twins, or CUDA in the cuda lane)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: longer end-to-end tests")
+    config.addinivalue_line("markers", "backend(name): run with MMKERNELS_BACKEND=name (None: unset)")
 
 
 def lane_device() -> str:
@@ -25,6 +28,18 @@ def device():
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return dev
+
+
+@pytest.fixture(autouse=True)
+def _backend_marker(request, monkeypatch):
+    marker = request.node.get_closest_marker("backend")
+    if marker is None:
+        return
+    name = marker.args[0]
+    if name is None:
+        monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("MMKERNELS_BACKEND", name)
 
 
 def pytest_collection_modifyitems(config, items):

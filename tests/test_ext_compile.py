@@ -5,12 +5,7 @@ import torch
 from mmkernels.noise import cov_noise_tap, ge_isotropic_
 from mmkernels.shapley import shapley_masked_batch, shapley_responses
 
-pytestmark = pytest.mark.ext
-
-
-@pytest.fixture(autouse=True)
-def _ext_backend(monkeypatch):
-    monkeypatch.setenv("MMKERNELS_BACKEND", "ext")
+pytestmark = [pytest.mark.ext, pytest.mark.backend("ext")]
 
 
 def _step(x_a, x_b, w, kappa, k):

@@ -6,20 +6,10 @@ import pytest
 import torch
 
 from mmkernels import reference
+from mmkernels._backend import load_ext as _C  # the extension module mmkernels._C
 from mmkernels.noise import cov_noise_normals, cov_noise_tap, ge_isotropic_, sample_cov_noise
 
-pytestmark = pytest.mark.ext
-
-
-@pytest.fixture(autouse=True)
-def _ext_backend(monkeypatch):
-    monkeypatch.setenv("MMKERNELS_BACKEND", "ext")
-
-
-def _C():
-    from mmkernels._backend import load_ext
-
-    return load_ext()
+pytestmark = [pytest.mark.ext, pytest.mark.backend("ext")]
 
 
 def z_for(batch, seed, offset, device):

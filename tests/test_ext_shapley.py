@@ -4,20 +4,10 @@ import pytest
 import torch
 
 from mmkernels import reference
+from mmkernels._backend import load_ext as _C  # the extension module mmkernels._C
 from mmkernels.shapley import shapley_masked_batch, shapley_responses, subset_masks
 
-pytestmark = pytest.mark.ext
-
-
-@pytest.fixture(autouse=True)
-def _ext_backend(monkeypatch):
-    monkeypatch.setenv("MMKERNELS_BACKEND", "ext")
-
-
-def _C():
-    from mmkernels._backend import load_ext
-
-    return load_ext()
+pytestmark = [pytest.mark.ext, pytest.mark.backend("ext")]
 
 
 @pytest.mark.parametrize("M", range(2, 9))

@@ -5,10 +5,7 @@ import torch
 from mmkernels import reference as R
 from mmkernels.taps import drop_uniforms, grad_tap, modality_drop
 
-
-@pytest.fixture(autouse=True)
-def _auto_backend(monkeypatch):
-    monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
+pytestmark = pytest.mark.backend(None)
 
 
 def test_grad_tap_cpu_view_and_backward():

@@ -7,12 +7,8 @@ import torch
 from mmkernels import reference as R
 from mmkernels.taps import drop_uniforms, grad_tap, modality_drop
 
-pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
+pytestmark = [pytest.mark.triton, pytest.mark.backend("triton"),
+              pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
 
 
 # ------------------------------------------------------------------------------------------------ grad_tap
