@@ -405,7 +405,8 @@ def shapley_weights(num_modalities: int, *, dtype: torch.dtype = torch.float32, 
     Efficiency, sum_m phi_m = v(all): the row of the full set (index 2^M - 2) sums to 1, every other row to 0.
     """
     m = num_modalities
-    fact = torch.tensor([math.factorial(i) for i in range(m + 1)], dtype=torch.float64, device=device)
+    # 0!, 1!, ..., M! built on the device (exact in fp64): no host data to upload, so no copy that syncs on CUDA
+    fact = torch.arange(m + 1, dtype=torch.float64, device=device).clamp(min=1).cumprod(0)
     bits = _subset_bits(m, device)
     size = bits.sum(dim=1, keepdim=True).expand(-1, m)
     pos = fact[size - 1] * fact[m - size] / fact[m]

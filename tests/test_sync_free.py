@@ -326,10 +326,6 @@ def test_public_ops_step_has_no_host_reads(backend):
     run_guarded(make_ops_step("cpu"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: AGM.forward scores phi with api._ops.shapley_combine = reference.shapley_combine on every backend; "
-    "reference.shapley_weights builds its factorial table with torch.tensor(list, device=x.device), a blocking "
-    "H2D copy on CUDA (pytorch/pytorch#120996) in every AGM training step (see test_sync_free_cuda.py)"))
 def test_agm_shapley_scores_upload_no_host_data(monkeypatch):
     """The piece of AGM's step that runs the same code on CPU and CUDA must not place host data on the device:
     torch.tensor / torch.as_tensor of Python data with device= is a synchronous upload when the device is a GPU."""

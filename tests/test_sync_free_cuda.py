@@ -26,17 +26,10 @@ pytestmark = pytest.mark.cuda
 NEEDS_EXT = {"ogmge-covariance-observe-first", "ogmge-covariance-tap-first", "ogmge-official-isotropic",
              "agm-model", "agm-encoders-head-eval", "agm-encoders-head-reuse"}
 
-AGM_SYNC = ("bug: AGM.forward scores phi with api._ops.shapley_combine = mmkernels.reference.shapley_combine, whose "
-            "reference.shapley_weights builds its factorial table with torch.tensor(list, device=x.device): a "
-            "blocking H2D copy (cudaStreamSynchronize) every AGM training step on CUDA; see "
-            "test_sync_free.py::test_agm_shapley_scores_upload_no_host_data")
-
-
 def _params():
     out = []
     for name in BALANCER_STEPS:
-        marks = [pytest.mark.xfail(strict=True, reason=AGM_SYNC)] if name.startswith("agm") else []
-        out.append(pytest.param(name, marks=marks, id=name))
+        out.append(pytest.param(name, id=name))
     return out
 
 
