@@ -8,8 +8,9 @@
 // gradient elements of any non-trivial feature; kUnroll loads per thread keep enough bytes in flight at that
 // occupancy. (A cheaper scheme on sm_90: thread-block clusters sharing the z sum through distributed shared
 // memory, dividing the redundant work by the cluster size; not done here.)
-// Batches larger than kSmemRows (z would not fit in 48 KiB of shared memory) take two launches: the normals
-// into a global [B] buffer, then every block sums them from L2 and reads z_i per row instead of recomputing them.
+// Batches larger than kSmemRows (z would not fit in the 48 KiB of shared memory a block gets without an opt-in)
+// take two launches: the normals into a global [B] buffer, then every block sums them from L2 and reads z_i per
+// row instead of recomputing them.
 #include "cuda_utils.cuh"
 #include "noise_math.h"
 #include "ops.h"
@@ -23,7 +24,12 @@ namespace {
 constexpr int kThreads = 256;       // sample_cov_noise and the helper kernels
 constexpr int kTapThreads = 512;    // the tap: large blocks shorten the per-thread share of the B normals
 constexpr int kUnroll = 4;          // vector loads in flight per thread in the tap's streaming loop
-constexpr int64_t kSmemRows = 12288;  // 48 KiB of float
+// Rows whose z fit in dynamic shared memory. Static + dynamic shared memory of a block may not exceed 48 KiB
+// without cudaFuncSetAttribute(MaxDynamicSharedMemorySize); both kernels also hold a static double scratch[32]
+// for block_sum, so the float rows get 48 KiB - 256 B (12224 rows), not the full 48 KiB (12288 rows would fail
+// to launch with an invalid-argument error).
+constexpr int64_t kStaticSmemBytes = 32 * sizeof(double);
+constexpr int64_t kSmemRows = (48 * 1024 - kStaticSmemBytes) / static_cast<int64_t>(sizeof(float));
 
 // Sum of the B normals (recomputed from Philox, or read from z_global) -> mean(z) on every thread. With kSmem the
 // normals are also kept in z_s[0..B) (thread t writes rows t, t + blockDim.x, ...).
@@ -47,7 +53,7 @@ __global__ void __launch_bounds__(kTapThreads) cov_tap_bwd_kernel(const scalar_t
                                                                uint64_t seed, uint64_t offset, index_t B, index_t R) {
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ float factor_s[];  // kSmem: the B row factors
-  __shared__ double scratch[32];
+  __shared__ double scratch[kStaticSmemBytes / sizeof(double)];
   const float z_mean = normals_mean<kSmem>(factor_s, z_global, B, seed, offset, scratch);
   const float k = *k_ptr;
   if (kSmem) {
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) sample_cov_noise_kernel(const scalar
                                                                     int64_t P, uint64_t seed, uint64_t offset) {
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ float zc_s[];
-  __shared__ double scratch[32];
+  __shared__ double scratch[kStaticSmemBytes / sizeof(double)];
   const float z_mean = normals_mean<kSmem>(zc_s, z_global, B, seed, offset, scratch);
   if (kSmem) {
     for (int64_t i = threadIdx.x; i < B; i += blockDim.x) zc_s[i] = sub_rn(zc_s[i], z_mean);

@@ -27,7 +27,7 @@ struct GeMeta {
   int64_t numel[kMaxTensors];
   int64_t noise_base[kMaxTensors];  // padded stream position of element 0 (a multiple of 4)
   int32_t chunk_begin[kMaxTensors + 1];  // cumulative chunk count of this launch
-  int32_t group[kMaxTensors];
+  int32_t group[kMaxTensors];  // index into k; with no group_index (ge_tensor_std) the tensor's list index
   int32_t ws_begin;  // workspace row of this launch's first chunk
   int32_t ntensors;
 };
@@ -108,7 +108,7 @@ __device__ __forceinline__ Moments warp_merge(const double* __restrict__ ws, int
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) ge_update_kernel(const GeMeta meta, const double* __restrict__ ws,
-                                                             const float* __restrict__ k, uint64_t seed,
+                                                             const double* __restrict__ k, uint64_t seed,
                                                              uint64_t offset) {
   using opmath_t = at::opmath_type<scalar_t>;
   __shared__ opmath_t scale_s;
@@ -143,25 +143,24 @@ __global__ void __launch_bounds__(kThreads) ge_update_kernel(const GeMeta meta, 
   }
 }
 
-// The tensor std only (for ge_tensor_std): one thread per tensor merges its chunks.
-__global__ void ge_std_kernel(const GeMeta meta, const double* __restrict__ ws, float* __restrict__ out, int out_begin) {
+// The tensor std only (for ge_tensor_std): one warp per tensor merges its chunks and writes the std at the
+// tensor's list index (meta.group[t]: make_batches was called without group_index).
+__global__ void ge_std_kernel(const GeMeta meta, const double* __restrict__ ws, float* __restrict__ out) {
   const int t = blockIdx.x;
   if (threadIdx.x < 32) {
     const Moments m = warp_merge(ws, meta.ws_begin + meta.chunk_begin[t], meta.ws_begin + meta.chunk_begin[t + 1]);
-    if (threadIdx.x == 0) out[out_begin + t] = unbiased_std(m);
+    if (threadIdx.x == 0) out[meta.group[t]] = unbiased_std(m);
   }
 }
 
 struct Batch {
   GeMeta meta;
   int nchunks;
-  int first_tensor;  // index into the caller's list of the batch's first tensor (for ge_tensor_std's output)
   at::ScalarType dtype;
 };
 
 // Cut the tensors (grouped by dtype, list order kept inside a group) into launches of <= kMaxTensors tensors.
-std::vector<Batch> make_batches(const std::vector<at::Tensor>& grads, const std::vector<int64_t>& group,
-                                std::vector<int>* order) {
+std::vector<Batch> make_batches(const std::vector<at::Tensor>& grads, const std::vector<int64_t>& group) {
   std::vector<int64_t> base(grads.size());
   int64_t running = 0;
   for (size_t t = 0; t < grads.size(); ++t) base[t] = running, running += pad4(grads[t].numel());
@@ -175,14 +174,12 @@ std::vector<Batch> make_batches(const std::vector<at::Tensor>& grads, const std:
     for (size_t i0 = 0; i0 < ids.size(); i0 += kMaxTensors) {
       Batch bt{};
       bt.dtype = static_cast<at::ScalarType>(kv.first);
-      bt.first_tensor = static_cast<int>(order->size());
       GeMeta& m = bt.meta;
       m.ws_begin = ws;
       int chunks = 0;
       const size_t i1 = std::min(ids.size(), i0 + kMaxTensors);
       for (size_t i = i0; i < i1; ++i) {
         const int t = ids[i], j = static_cast<int>(i - i0);
-        order->push_back(t);
         m.ptr[j] = grads[t].data_ptr();
         m.numel[j] = grads[t].numel();
         m.noise_base[j] = base[t];
@@ -221,15 +218,15 @@ void ge_isotropic_cuda_(const std::vector<at::Tensor>& grads, const at::Tensor& 
                         uint64_t seed, uint64_t offset) {
   const c10::cuda::CUDAGuard guard(grads[0].device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor kf = k.to(at::kFloat).reshape({-1}).contiguous();
-  std::vector<int> order;
-  const std::vector<Batch> batches = make_batches(grads, group, &order);
+  // k in double, as the CPU twin reads it (k rounded once to the gradient's opmath type, also for fp64 k)
+  const at::Tensor kf = k.to(at::kDouble).reshape({-1}).contiguous();
+  const std::vector<Batch> batches = make_batches(grads, group);
   if (batches.empty()) return;
   const at::Tensor ws = run_stats(batches, grads[0].options(), stream);  // pass 1 over all tensors
   for (const Batch& b : batches) {                                       // pass 2 over all tensors
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.dtype, "ge_update_kernel", [&] {
       ge_update_kernel<scalar_t><<<b.nchunks, kThreads, 0, stream>>>(b.meta, ws.const_data_ptr<double>(),
-                                                                     kf.const_data_ptr<float>(), seed, offset);
+                                                                     kf.const_data_ptr<double>(), seed, offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -238,22 +235,16 @@ void ge_isotropic_cuda_(const std::vector<at::Tensor>& grads, const at::Tensor& 
 at::Tensor ge_tensor_std_cuda(const std::vector<at::Tensor>& grads) {
   const c10::cuda::CUDAGuard guard(grads[0].device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  std::vector<int> order;
-  const std::vector<Batch> batches = make_batches(grads, {}, &order);
-  // empty tensors: NaN, as torch.std
+  const std::vector<Batch> batches = make_batches(grads, {});
+  // empty tensors: NaN, as torch.std (a fill kernel; the others are written by ge_std_kernel at their list index,
+  // so no host-built index is copied to the device: no host sync)
   at::Tensor out = at::full({static_cast<int64_t>(grads.size())}, NAN, grads[0].options().dtype(at::kFloat));
   if (batches.empty()) return out;
-  at::Tensor packed = at::empty({static_cast<int64_t>(order.size())}, out.options());
   const at::Tensor ws = run_stats(batches, grads[0].options(), stream);
   for (const Batch& b : batches) {
-    ge_std_kernel<<<b.meta.ntensors, 32, 0, stream>>>(b.meta, ws.const_data_ptr<double>(),
-                                                       packed.mutable_data_ptr<float>(), b.first_tensor);
+    ge_std_kernel<<<b.meta.ntensors, 32, 0, stream>>>(b.meta, ws.const_data_ptr<double>(), out.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // scatter back to list order (order[i] = list index of packed entry i); host-built index, no sync
-  const at::Tensor idx = at::tensor(std::vector<int64_t>(order.begin(), order.end()), at::TensorOptions().dtype(at::kLong))
-                             .to(out.device(), /*non_blocking=*/false);
-  out.index_copy_(0, idx, packed);
   return out;
 }
 

@@ -5,6 +5,7 @@ once, and the reason for a missing piece is kept for `env_report()`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -35,6 +36,15 @@ def triton_available() -> tuple[bool, str]:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_guard(device: torch.device):
+    """Context making `device` the current CUDA device around a Triton launch (a no-op for CPU tensors and when it
+    already is). Triton launches on the CURRENT device's current stream, not on the device of its arguments: without
+    this, tensors on cuda:1 with cuda:0 current would run on the wrong GPU (illegal address)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,6 +105,9 @@ def _select(on_cuda: bool, op: str, available: tuple[str, ...]) -> str:
             raise RuntimeError(f"MMKERNELS_BACKEND=triton but {triton_available()[1]}")
         if forced == "ext" and load_ext() is None:
             raise RuntimeError(f"MMKERNELS_BACKEND=ext but {ext_available()[1]}")
+        if forced == "triton" and not on_cuda and not interpreting():
+            raise RuntimeError(f"MMKERNELS_BACKEND=triton but {op} got CPU tensors: Triton kernels run on CUDA tensors "
+                               "(or on CPU tensors under TRITON_INTERPRET=1)")
         return forced
     if on_cuda:
         if "triton" in available:

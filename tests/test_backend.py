@@ -92,3 +92,41 @@ def test_missing_cuda_pieces_warn_once_and_fall_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _backend.backend_for(x, op="t", available=("reference", "triton")) == "reference"
+
+
+def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    """Triton cannot run on CPU tensors outside the interpreter: a clear error, not a crash inside Triton."""
+    monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
+    monkeypatch.setattr(_backend, "triton_available", lambda: (True, "triton (test)"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="got CPU tensors"):
+        _backend.backend_for(torch.zeros(2), op="t", available=("reference", "triton"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.backend_for(torch.zeros(2), op="t", available=("reference", "triton")) == "triton"
+
+
+@pytest.mark.cuda
+def test_triton_ops_on_a_device_that_is_not_current():
+    """Triton launches on the current device: tensors on cuda:1 with cuda:0 current must still be computed on cuda:1
+    (mmkernels._backend.device_guard), with the same numbers as on the current device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from mmkernels.coefficients import balance_coefficients
+    from mmkernels.taps import grad_tap, modality_drop
+
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 64, 10, generator=gen)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    feats = torch.randn(2, 64, 16, generator=gen)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        out = balance_coefficients(logits.to(dev), labels.to(dev), "ogm", alpha=0.5)
+        f = feats.to(dev).requires_grad_()
+        grad_tap(f, out["coefficients"][0]).sum().backward()
+        dropped = modality_drop(feats.to(dev), [0.3, 0.6], seed=1, offset=5)
+        torch.cuda.synchronize(dev)
+        results.append([out["coefficients"].cpu(), out["flag"].cpu(), f.grad.cpu(), dropped.cpu()])  # sync-ok: test
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)  # not bitwise: the score sums are fp32 atomics in any order

@@ -5,7 +5,8 @@ its equation), then the launcher `balance_coefficients_triton` (allocations, blo
 public function in mmkernels/coefficients.py validates).
 
 How one launch does it all:
-  grid = (M, cdiv(B, BLOCK_B)). Program (m, b) streams the rows of its block of modality m through an
+  grid = (cdiv(B, BLOCK_B), M) (the row blocks on axis 0, whose limit is 2^31 - 1; axes 1 and 2 stop at 65535).
+  Program (b, m) streams the rows of its block of modality m through an
   online softmax over C in tiles of BLOCK_C (fp32 accumulation), forms each row's score (`prob`:
   softmax[y]; `ce`: -log max(softmax[y], 1e-8)), and atomically adds the block's score sum and valid-row
   count into a small fp32 workspace ws[2 * M] (sums, then counts). It then takes a ticket from an int32
@@ -207,8 +208,8 @@ def balance_coefficients_kernel(
         PHASE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     """PHASE 0: accumulate + last program finalizes; 1: accumulate only; 2: finalize only (grid (1, 1))."""
     if PHASE != 2:
-        pid_m = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        pid_m = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         row_in = rows < B
         rows64 = rows.to(tl.int64)
         lab = tl.load(y_ptr + rows64 * sy, mask=row_in, other=ignore_index).to(tl.int64)
@@ -279,7 +280,7 @@ def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, meth
     """logits [M, B, C] (any strides), labels [B] int. Inputs already validated. Returns a dict of device
     tensors: scores, ratios, coefficients [M], flag []. AGM `state` (s_hat [M],
     steps []) is updated in place by the kernel."""
-    from .._backend import interpreting
+    from .._backend import device_guard, interpreting
 
     M, B, C = logits.shape
     device = logits.device
@@ -293,7 +294,7 @@ def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, meth
     else:
         s_hat, steps = out, out  # never read
     block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
-    grid = (M, triton.cdiv(B, block_b))
+    grid = (triton.cdiv(B, block_b), M)  # row blocks on axis 0: B / block_b may exceed 65535
     n_programs = grid[0] * grid[1]
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
     common = dict(METHOD=_METHOD_ID[method], Z_SIGMOID=(z == "sigmoid"), RATIO_DIFF=(ratio == "difference"),
@@ -301,11 +302,12 @@ def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, meth
     args = (logits, logits.stride(0), logits.stride(1), logits.stride(2), labels, labels.stride(0),
             ws, counter, out, s_hat, steps, M, B, C, int(ignore_index), n_programs,
             float(alpha), float(q_base), float(lam), float(beta_max), float(0.0 if clip is None else clip))
-    if not distributed:
-        balance_coefficients_kernel[grid](*args, PHASE=0, num_warps=num_warps, **common)
-    else:
-        balance_coefficients_kernel[grid](*args, PHASE=1, num_warps=num_warps, **common)
-        torch.distributed.all_reduce(ws[: 2 * M], group=group)  # sums [0:M] and counts [M:2M], in place
-        balance_coefficients_kernel[(1, 1)](*args, PHASE=2, num_warps=1, **common)
+    with device_guard(device):  # Triton launches on the current device's current stream
+        if not distributed:
+            balance_coefficients_kernel[grid](*args, PHASE=0, num_warps=num_warps, **common)
+        else:
+            balance_coefficients_kernel[grid](*args, PHASE=1, num_warps=num_warps, **common)
+            torch.distributed.all_reduce(ws[: 2 * M], group=group)  # sums [0:M] and counts [M:2M], in place
+            balance_coefficients_kernel[(1, 1)](*args, PHASE=2, num_warps=1, **common)
     return {"scores": out[:M], "ratios": out[M:2 * M], "coefficients": out[2 * M:3 * M], "flag": out[3 * M]}
 

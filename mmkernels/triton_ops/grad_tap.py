@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import device_guard
+
 
 @triton.jit
 def grad_scale_kernel(g_ptr, out_ptr, k_ptr, k_value, n,
@@ -51,8 +53,13 @@ def grad_scale_triton(grad: torch.Tensor, k: torch.Tensor | None, k_value: float
     n = grad.numel()
     if n == 0:
         return out
+    if k is None and grad.dtype == torch.float64:
+        # Triton passes a Python float as an fp32 scalar: give fp64 math the exact k through memory instead
+        # (torch.full is a fill kernel, not a host-to-device copy: no sync)
+        k = torch.full((1,), float(k_value), dtype=torch.float64, device=grad.device)
     block = 4096
     grid = (triton.cdiv(n, block),)
-    grad_scale_kernel[grid](grad, out, grad if k is None else k, float(k_value), n,
-                            K_FROM_PTR=k is not None, F64=grad.dtype == torch.float64, BLOCK=block, num_warps=8)
+    with device_guard(grad.device):  # Triton launches on the current device
+        grad_scale_kernel[grid](grad, out, grad if k is None else k, float(k_value), n,
+                                K_FROM_PTR=k is not None, F64=grad.dtype == torch.float64, BLOCK=block, num_warps=8)
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import device_guard
+
 RESCALE_MODES = ("official", "per_modality", "none")
 MAX_M = 8
 
@@ -66,11 +68,12 @@ def modality_drop_kernel(x_ptr, out_ptr, sxm, sxb, sxd, q_ptr, seed, offset, m_b
                          RESCALE: tl.constexpr, F64: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """out[j, i, :] = scale(m_base + j, i) * x[j, i, :] for x viewed as [Mx, B, D] (any strides); out contiguous.
-    Grid (Mx, cdiv(B, BLOCK_B), cdiv(D, BLOCK_D)). Used for the forward (x = features) and the backward
+    Grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D), Mx): the row blocks on axis 0 (limit 2^31 - 1; axes 1 and 2 stop at
+    65535, so D <= 65535 * BLOCK_D and Mx <= 8 fit there). Used for the forward (x = features) and the backward
     (x = incoming gradient) with the same (seed, offset), hence the same mask."""
-    j = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    j = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     scale = _row_scale(q_ptr, seed, offset, m_base + j, rows, M, B, p_exe, w0, w1, w2, w3, w4, w5, w6, w7,
                        RESCALE, BLOCK_M)
     rows64 = rows.to(tl.int64)
@@ -106,11 +109,14 @@ def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offs
         return out
     block_d = min(triton.next_power_of_2(d), 2048)
     block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d))
-    grid = (mx, triton.cdiv(b, block_b), triton.cdiv(d, block_d))
-    modality_drop_kernel[grid](x, out, x.stride(0), x.stride(1), x.stride(2), q, int(seed), int(offset), int(m_base),
-                               len(widths), b, d, float(p_exe), *_weights(widths),
-                               RESCALE=int(rescale), F64=x.dtype == torch.float64,
-                               BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=MAX_M, num_warps=4)
+    grid = (triton.cdiv(b, block_b), triton.cdiv(d, block_d), mx)  # row blocks on axis 0 (may exceed 65535)
+    if grid[1] > 65535:
+        raise ValueError(f"modality_drop: {d} elements per row exceed the kernel's limit {65535 * block_d}")
+    with device_guard(x.device):  # Triton launches on the current device
+        modality_drop_kernel[grid](x, out, x.stride(0), x.stride(1), x.stride(2), q, int(seed), int(offset), int(m_base),
+                                   len(widths), b, d, float(p_exe), *_weights(widths),
+                                   RESCALE=int(rescale), F64=x.dtype == torch.float64,
+                                   BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=MAX_M, num_warps=4)
     return out
 
 
@@ -119,5 +125,6 @@ def drop_uniforms_triton(seed: int, offset: int, num_modalities: int, batch: int
     n = num_modalities * batch + 1
     out = torch.empty(n, dtype=torch.float32, device=device)
     block = 1024
-    drop_uniforms_kernel[(triton.cdiv(n, block),)](out, int(seed), int(offset), n, BLOCK=block)
+    with device_guard(out.device):
+        drop_uniforms_kernel[(triton.cdiv(n, block),)](out, int(seed), int(offset), n, BLOCK=block)
     return out[:-1].view(num_modalities, batch), out[-1]
