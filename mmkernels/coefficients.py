@@ -2,11 +2,14 @@
 
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
 zero host syncs; mmkernels/triton_ops/coefficients.py) or the pure-PyTorch reference elsewhere
-(mmkernels/reference.py), which computes the same numbers.
+(mmkernels/reference.py), which computes the same numbers. The one-launch Triton path is the custom op
+`mmkernels::balance_coefficients` (with a fake implementation), so torch.compile treats it as one opaque call and
+the launcher's workspace cache (keyed by device and stream) stays out of the traced graph.
 """
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 
@@ -55,6 +58,32 @@ def _check_state(state, m: int, device: torch.device) -> None:
             raise ValueError(f"state[{key!r}] is on {t.device} but the logits are on {device}")
 
 
+@torch.library.custom_op("mmkernels::balance_coefficients", mutates_args={"s_hat", "steps"})
+def balance_coefficients_op(logits: torch.Tensor, labels: torch.Tensor, s_hat: Optional[torch.Tensor],
+                            steps: Optional[torch.Tensor], method: str, ignore_index: int, alpha: float,
+                            q_base: float, lam: float, beta_max: float, clip: Optional[float], z: str,
+                            ratio: str) -> torch.Tensor:
+    """The fused Triton kernel, one launch: logits [M, B, C] (any strides), labels [B] int -> fp32 out [3M + 1]
+    = scores [0:M], ratios [M:2M], coefficients [2M:3M], flag [3M]. AGM: s_hat [M] and steps [] fp32 are
+    updated in place (None: no history, nothing kept); other methods ignore them (pass None). clip None: no clip.
+    No validation here (balance_coefficients validates)."""
+    from .triton_ops.coefficients import balance_coefficients_launch
+
+    return balance_coefficients_launch(logits, labels, s_hat, steps, method, ignore_index=ignore_index, alpha=alpha,
+                                       q_base=q_base, lam=lam, beta_max=beta_max, clip=clip, z=z, ratio=ratio)
+
+
+@balance_coefficients_op.register_fake
+def _balance_coefficients_fake(logits, labels, s_hat, steps, method, ignore_index, alpha, q_base, lam, beta_max,
+                               clip, z, ratio):
+    return logits.new_empty(3 * logits.shape[0] + 1, dtype=torch.float32)
+
+
+def _split(out: torch.Tensor, m: int) -> dict:
+    """out [3M + 1] -> dict of views (no copy)."""
+    return {"scores": out[:m], "ratios": out[m:2 * m], "coefficients": out[2 * m:3 * m], "flag": out[3 * m]}
+
+
 def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, state: dict | None = None,
                          ignore_index: int = -100, sync: bool = False, group=None, **hyperparameters) -> dict:
     """Scores, discrepancy ratios and coefficients of M modalities for one batch, without a host sync.
@@ -69,7 +98,10 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
                 mmkernels.reference.new_agm_state) holds the running means and is updated IN PLACE
       "mlb":    Kontras et al. Eq. 5-7, ratios r and k (alpha, beta_max)
     sync: when torch.distributed is initialised, all-reduce the score sums and counts (over `group`) before
-      forming ratios, so every rank gets the coefficients of the global batch.
+      forming ratios, so every rank gets the coefficients of the global batch. This path is plain Python (on
+      CUDA: two Triton launches around the all_reduce), not a custom op: under torch.compile keep it outside
+      the compiled region. sync=False (or no process group) on CUDA is the custom op
+      `mmkernels::balance_coefficients` (one launch; traceable with fullgraph=True).
     Returns dict(scores [M], ratios [M], coefficients [M], flag []) of fp32 device tensors. flag: 0 ok,
     1 a non-finite score, ratio or coefficient (coefficients neutral: k = 1, q = 0, kappa = 1; AGM state
     untouched; scores and ratios returned as computed), 2 no valid row (same neutral result; 2 wins over 1).
@@ -91,10 +123,18 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
 
     backend = backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton"))
     if backend == "triton":
-        from .triton_ops.coefficients import balance_coefficients_triton
+        x = logits.detach()  # a view, no copy: the outputs are statistics, never differentiated through the op
+        s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
+        hp = dict(ignore_index=int(ignore_index), alpha=float(p["alpha"]), q_base=float(p["q_base"]),
+                  lam=float(p["lam"]), beta_max=float(p["beta_max"]),
+                  clip=None if p["clip"] is None else float(p["clip"]), z=p["z"], ratio=p["ratio"])
+        if distributed:  # two launches around an all_reduce: plain Python (see the docstring)
+            from .triton_ops.coefficients import balance_coefficients_launch
 
-        return balance_coefficients_triton(logits, labels, method, state=state, ignore_index=ignore_index,
-                                           sync=distributed, group=group, **p)
+            out = balance_coefficients_launch(x, labels, s_hat, steps, method, sync=True, group=group, **hp)
+        else:
+            out = torch.ops.mmkernels.balance_coefficients(x, labels, s_hat, steps, method, **hp)
+        return _split(out, m)
     hp = {k: p[k] for k in METHOD_DEFAULTS[method]}
     if not distributed:
         return reference.balance_coefficients_ref(logits, labels, method, state=state, ignore_index=ignore_index, **hp)

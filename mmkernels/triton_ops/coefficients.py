@@ -1,8 +1,9 @@
 """Fused Triton kernel: per-modality scores -> discrepancy ratios -> coefficients, in ONE launch.
 
 DESIGN.md section 3. Layers: the @triton.jit kernel and its finalize helpers (one per method, each citing
-its equation), then the launcher `balance_coefficients_triton` (allocations, block sizes, no checks: the
-public function in mmkernels/coefficients.py validates).
+its equation), then the launcher `balance_coefficients_launch` (workspace, allocations, block sizes, no checks:
+the public function in mmkernels/coefficients.py validates, and wraps the one-launch path as the custom op
+`mmkernels::balance_coefficients`, opaque to torch.compile).
 
 How one launch does it all:
   grid = (cdiv(B, BLOCK_B), M) (the row blocks on axis 0, whose limit is 2^31 - 1; axes 1 and 2 stop at 65535).
@@ -273,13 +274,17 @@ def _blocks(B: int, C: int, elem: int, interpreting: bool):
     return block_b, block_c, num_warps
 
 
-def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, method: str, *,
-                                state: dict | None, ignore_index: int, alpha: float, q_base: float, lam: float,
-                                beta_max: float, clip: float | None, z: str, ratio: str,
-                                sync: bool = False, group=None) -> dict:
-    """logits [M, B, C] (any strides), labels [B] int. Inputs already validated. Returns a dict of device
-    tensors: scores, ratios, coefficients [M], flag []. AGM `state` (s_hat [M],
-    steps []) is updated in place by the kernel."""
+def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_hat: torch.Tensor | None,
+                                steps: torch.Tensor | None, method: str, *, ignore_index: int, alpha: float,
+                                q_base: float, lam: float, beta_max: float, clip: float | None, z: str, ratio: str,
+                                sync: bool = False, group=None) -> torch.Tensor:
+    """logits [M, B, C] (any strides), labels [B] int. Inputs already validated. Returns the fp32 buffer
+    out [3M + 1] (scores, ratios, coefficients, flag). For AGM, s_hat [M] and steps [] are updated in place
+    by the kernel (None: a throw-away state with no history). Other methods ignore s_hat and steps.
+
+    sync=False: ONE launch; this is the body of the custom op `mmkernels::balance_coefficients`
+    (mmkernels/coefficients.py), so the workspace cache below is invisible to torch.compile.
+    sync=True under torch.distributed: two launches around an all_reduce of the workspace (a plain Python path)."""
     from .._backend import device_guard, interpreting
 
     M, B, C = logits.shape
@@ -287,10 +292,9 @@ def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, meth
     ws, counter = _workspace(device)
     out = torch.empty(3 * M + 1, dtype=torch.float32, device=device)
     if method == "agm":
-        if state is None:  # a throw-away state with no history: tau = r, kappa = 1, nothing kept
-            state = {"s_hat": torch.zeros(M, dtype=torch.float32, device=device),
-                     "steps": torch.zeros((), dtype=torch.float32, device=device)}
-        s_hat, steps = state["s_hat"], state["steps"]
+        if s_hat is None or steps is None:  # a throw-away state with no history: tau = r, kappa = 1, nothing kept
+            s_hat = torch.zeros(M, dtype=torch.float32, device=device)
+            steps = torch.zeros((), dtype=torch.float32, device=device)
     else:
         s_hat, steps = out, out  # never read
     block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
@@ -309,5 +313,5 @@ def balance_coefficients_triton(logits: torch.Tensor, labels: torch.Tensor, meth
             balance_coefficients_kernel[grid](*args, PHASE=1, num_warps=num_warps, **common)
             torch.distributed.all_reduce(ws[: 2 * M], group=group)  # sums [0:M] and counts [M:2M], in place
             balance_coefficients_kernel[(1, 1)](*args, PHASE=2, num_warps=1, **common)
-    return {"scores": out[:M], "ratios": out[M:2 * M], "coefficients": out[2 * M:3 * M], "flag": out[3 * M]}
+    return out
 
