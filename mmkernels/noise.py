@@ -19,8 +19,11 @@ offset + i; ge_isotropic_ takes normal (base_t + j) % 4 of counter offset + (bas
 tensor t, base_t = sum_{s<t} 4 ceil(numel_s / 4). A call consumes B counters (tap, sample_cov_noise) or
 sum_t ceil(numel_t / 4) (ge_isotropic_): advance `offset` by at least that between calls. Under DDP the caller
 seeds the tap per rank (seed, step, rank) and ge_isotropic_ identically on every rank (seed, step).
-The reference backend (extension missing, or MMKERNELS_BACKEND=reference) draws from torch's generator seeded
-by (seed, offset): reproducible and with the same distribution, but other numbers (see `cov_noise_normals`).
+The reference backend (extension missing, or MMKERNELS_BACKEND=reference) draws the same normals from a PyTorch
+transcription of the same stream (mmkernels.reference.philox_normals / philox_ge_normals): the same z on every
+backend and device for the same (seed, offset) (bit-identical in the tests; at most 1 fp32 ulp apart where torch's
+and the C library's double log/cos/sin round differently). Only the arithmetic after the draw may differ in the last
+bits (the reference's fp32 mean and std against the extension's double accumulation).
 """
 from __future__ import annotations
 
@@ -31,27 +34,27 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import MAX_COUNTER, check_coefficient, check_counter, check_float, check_nonneg
+from ._validate import check_coefficient, check_counter, check_float, check_nonneg
 from .ext_ops import cov_noise as _cov_ops  # registers mmkernels::cov_noise_tap_backward, ::sample_cov_noise
 from .ext_ops import ge_isotropic as _ge_ops  # registers mmkernels::ge_isotropic_
 
 _OPS = ("reference", "ext")
 
 
-def _reference_generator(seed: int, offset: int, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(hash((int(seed), int(offset))) & MAX_COUNTER)
-    return g
+def _reference_normals(batch: int, seed: int, offset: int, device) -> torch.Tensor:
+    """z [B] fp32 on the reference backend: normal n0 of Philox positions offset + i (the extension's z)."""
+    return reference.philox_normals(seed, offset, batch, device)[:, 0].contiguous()
 
 
 def cov_noise_normals(batch: int, *, seed: int, offset: int, device="cpu") -> torch.Tensor:
-    """z [B] fp32: the normals cov_noise_tap and sample_cov_noise draw on `device`'s backend for (seed, offset)."""
+    """z [B] fp32: the normals cov_noise_tap and sample_cov_noise draw for (seed, offset): n0 of Philox position
+    offset + i, the same numbers on every backend (the extension's kernel, or the reference's transcription)."""
     check_counter(seed, "seed")
     check_counter(offset, "offset")
     device = torch.device(device)
     if backend_for(torch.empty(0, device=device), op="cov_noise_tap", available=_OPS) == "ext":
         return _cov_ops.philox_normals(seed, offset, batch, device)[:, 0].contiguous()
-    return torch.randn(batch, generator=_reference_generator(seed, offset, device), device=device)
+    return _reference_normals(batch, seed, offset, device)
 
 
 def _as_k_tensor(k, feature: torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,7 @@ class _CovNoiseTap(torch.autograd.Function):
         if backend == "ext":
             g = torch.ops.mmkernels.cov_noise_tap_backward(grad, k, sigma, seed, offset)
         else:
-            z = torch.randn(grad.shape[0], generator=_reference_generator(seed, offset, grad.device), device=grad.device)
+            z = _reference_normals(grad.shape[0], seed, offset, grad.device)
             g = reference.cov_noise_tap_backward(grad, k, z, sigma=sigma)
         return g, None, None, None, None, None
 
@@ -114,7 +117,7 @@ def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) 
     G = per_sample_grads.detach()
     if backend_for(G, op="sample_cov_noise", available=_OPS) == "ext":
         return _cov_ops.sample_cov_noise(G, int(seed), int(offset))
-    z = torch.randn(G.shape[0], generator=_reference_generator(seed, offset, G.device), device=G.device)
+    z = _reference_normals(G.shape[0], seed, offset, G.device)
     out = reference.cov_noise_from_per_sample(G, z)
     return out.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
 
@@ -179,8 +182,8 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
         _ge_ops.ge_isotropic_(gs, k, groups, int(seed), int(offset))
         return gs
     kt = k if not groups else k[torch.tensor(groups, device=device)]
-    gen = _reference_generator(seed, offset, device)
-    normals = [torch.randn(g.shape, generator=gen, device=device) for g in gs]
+    flat = reference.philox_ge_normals([g.numel() for g in gs], seed, offset, device)
+    normals = [n.view(g.shape) for n, g in zip(flat, gs)]
     with torch.no_grad():
         for g, new in zip(gs, reference.ge_isotropic(gs, kt, normals)):
             g.copy_(new)

@@ -7,7 +7,8 @@ modality_drop(features, q, seed=, offset=): per-sample per-modality Bernoulli(q_
 
 Both validate here, once, and dispatch with mmkernels._backend.backend_for: Triton kernels on CUDA tensors
 (custom ops `mmkernels::grad_scale` and `mmkernels::modality_drop_apply`, opaque to torch.compile, with fake
-implementations), the reference (mmkernels/reference.py) elsewhere.
+implementations), the reference (mmkernels/reference.py) elsewhere. The drop's uniforms are the same on both:
+the reference transcribes Triton's tl.rand Philox stream (mmkernels.reference.philox_uniforms_triton).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import MAX_COUNTER, as_modality_list, check_choice, check_coefficient, check_counter, check_float
+from ._validate import as_modality_list, check_choice, check_coefficient, check_counter, check_float
 
 RESCALE_MODES = ("official", "per_modality", "none")
 
@@ -104,18 +105,17 @@ modality_drop_apply.register_autograd(_drop_backward, setup_context=_drop_setup)
 
 
 def _reference_uniforms(seed: int, offset: int, num_modalities: int, batch: int, device) -> tuple:
-    """Uniforms of the reference backend: torch's generator seeded from (seed, offset). Reproducible, but not the
-    same numbers as the Triton backend's Philox stream."""
-    g = torch.Generator(device=device)
-    g.manual_seed(hash((int(seed), int(offset))) & MAX_COUNTER)
-    u = torch.rand(num_modalities * batch + 1, generator=g, device=device)
+    """Uniforms of the reference backend: Triton's tl.rand stream transcribed in PyTorch
+    (mmkernels.reference.philox_uniforms_triton), so the same numbers as the Triton backend, bit for bit."""
+    u = reference.philox_uniforms_triton(seed, offset, num_modalities * batch + 1, device)
     return u[:-1].view(num_modalities, batch), u[-1]
 
 
 def drop_uniforms(seed: int, offset: int, num_modalities: int, batch: int, device="cpu") -> tuple:
     """(u [M, B], u_gate []) fp32: the uniforms modality_drop draws on this device's backend for (seed, offset).
 
-    Triton backend (Philox): u[m, i] = rand(seed, offset + m * B + i), u_gate = rand(seed, offset + M * B).
+    Both backends (Philox, tl.rand's stream): u[m, i] = rand(seed, offset + m * B + i), u_gate = rand(seed, offset + M * B);
+    the reference computes the same numbers as the Triton kernel (mmkernels.reference.philox_uniforms_triton).
     keep[m, i] = u[m, i] >= q_m; the drop runs iff u_gate < p_exe. Feed them to
     mmkernels.reference.modality_drop_ref to reproduce a call."""
     device = torch.device(device)

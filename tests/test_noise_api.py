@@ -1,5 +1,5 @@
 """mmkernels.noise at the public boundary (reference lane): argument validation (backend-independent, before any
-dispatch) and the reference backend (MMKERNELS_BACKEND=reference: torch's generator, the reference's math)."""
+dispatch) and the reference backend (MMKERNELS_BACKEND=reference: the reference's Philox transcription and math)."""
 import math
 
 import pytest
