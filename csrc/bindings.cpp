@@ -36,7 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shapley_weights", &mmk::shapley_weights, py::arg("num_modalities"),
         "float32 [2^M - 1, M]: w_m(S) at row S - 1 (header math)");
   m.def("shapley_masked_batch", &mmk::shapley_masked_batch, py::arg("inputs"), py::arg("num_blocks"),
-        "zero-masked copies of M inputs for subsets S = 1 .. num_blocks stacked along the batch");
+        py::arg("fill") = py::none(),
+        "masked copies of M inputs for subsets S = 1 .. num_blocks stacked along the batch; muted rows of modality m "
+        "hold zeros, or fill[m] (one row) when fill is given");
   m.def("shapley_responses", &mmk::shapley_responses, py::arg("subset_outputs"),
         "phi [M, B, ...] = sum_S w_m(S) v(S)");
   m.def("shapley_responses_backward", &mmk::shapley_responses_backward, py::arg("grad_phi"), py::arg("kappa"),

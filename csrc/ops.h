@@ -23,7 +23,8 @@ at::Tensor ge_tensor_std(const std::vector<at::Tensor>& grads);
 
 // ---- AGM Shapley (shapley.cpp / shapley_cuda.cu) ----
 at::Tensor shapley_weights(int64_t num_modalities);
-std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inputs, int64_t num_blocks);
+std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inputs, int64_t num_blocks,
+                                             const c10::optional<std::vector<at::Tensor>>& fill);
 at::Tensor shapley_responses(const at::Tensor& subset_outputs);
 at::Tensor shapley_responses_backward(const at::Tensor& grad_phi, const c10::optional<at::Tensor>& kappa,
                                       at::ScalarType out_dtype);
@@ -38,7 +39,8 @@ at::Tensor philox_normals_cuda(uint64_t seed, uint64_t offset, int64_t n, at::De
 void ge_isotropic_cuda_(const std::vector<at::Tensor>& grads, const at::Tensor& k, const std::vector<int64_t>& group,
                         uint64_t seed, uint64_t offset);
 at::Tensor ge_tensor_std_cuda(const std::vector<at::Tensor>& grads);
-std::vector<at::Tensor> shapley_masked_batch_cuda(const std::vector<at::Tensor>& inputs, int64_t num_blocks);
+std::vector<at::Tensor> shapley_masked_batch_cuda(const std::vector<at::Tensor>& inputs, int64_t num_blocks,
+                                                  const std::vector<at::Tensor>& fill);
 at::Tensor shapley_responses_cuda(const at::Tensor& values, int M);
 at::Tensor shapley_responses_backward_cuda(const at::Tensor& grad_phi, const at::Tensor& kappa, at::ScalarType out_dtype,
                                            int M);

@@ -2,8 +2,9 @@
 //
 // Subsets are bitmasks S = 1 .. 2^M - 1 (bit m set = modality m present), row S - 1 of every table.
 // shapley_masked_batch: for M inputs [B, ...] builds M outputs [num_blocks * B, ...]; block S - 1 (S = 1 ..
-//   num_blocks) holds input m where bit m of S is set and zeros elsewhere. num_blocks = 2^M - 2 gives the muted
-//   subsets (the full set excluded), 2^M - 1 appends the full set as the last block.
+//   num_blocks) holds input m where bit m of S is set and zeros elsewhere (or, with fill, fill[m] - one row of
+//   modality m, e.g. enc_m(0) - repeated over the B rows). num_blocks = 2^M - 2 gives the muted subsets (the full
+//   set excluded), 2^M - 1 appends the full set as the last block.
 // shapley_responses: values [2^M - 1, B, ...] (the model's output on each subset, v(empty) = 0) ->
 //   phi [M, B, ...] with phi_m = sum_S w_m(S) v(S) in the input dtype, accumulated in float (double for double).
 // shapley_responses_backward: grad_v[S - 1] = sum_m kappa_m w_m(S) grad_phi[m]; when every grad_phi[m] is the
@@ -48,7 +49,8 @@ at::Tensor shapley_weights(int64_t num_modalities) {
   return out.to(at::kFloat);
 }
 
-std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inputs, int64_t num_blocks) {
+std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inputs, int64_t num_blocks,
+                                             const c10::optional<std::vector<at::Tensor>>& fill) {
   const char* op = "shapley_masked_batch";
   const int64_t M = static_cast<int64_t>(inputs.size());
   TORCH_CHECK(M >= 2 && M <= kMaxModalities, op, ": inputs must hold between 2 and 8 modalities, got ", M);
@@ -65,9 +67,29 @@ std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inpu
     check_contiguous(x, op, name.c_str());
     check_same_device(x, inputs[0].device(), op, name.c_str(), "inputs[0]");
   }
+  const bool has_fill = fill.has_value();
+  if (has_fill) {  // fill[m]: one row of modality m, [1, ...] or [...], same dtype and device, contiguous
+    TORCH_CHECK(static_cast<int64_t>(fill->size()) == M, op, ": fill must hold one tensor per modality (", M, "), got ",
+                fill->size());
+    for (int64_t m = 0; m < M; ++m) {
+      const std::string name = "fill[" + std::to_string(m) + "]";
+      const at::Tensor& f = (*fill)[m];
+      const at::Tensor& x = inputs[m];
+      TORCH_CHECK(f.defined(), op, ": ", name, " must be a tensor");
+      const at::IntArrayRef row = x.sizes().slice(1);
+      const bool row_shape = f.sizes() == row;
+      const bool one_row = f.dim() == x.dim() && f.size(0) == 1 && f.sizes().slice(1) == row;
+      TORCH_CHECK(row_shape || one_row, op, ": ", name, " must have shape [1, ...] or [...] with one row of inputs[", m,
+                  "] (", row, "), got ", f.sizes());
+      TORCH_CHECK(f.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of inputs[", m, "] (",
+                  x.scalar_type(), "), got ", f.scalar_type());
+      check_contiguous(f, op, name.c_str());
+      check_same_device(f, x.device(), op, name.c_str(), ("inputs[" + std::to_string(m) + "]").c_str());
+    }
+  }
   if (inputs[0].is_cuda()) {
 #ifdef MMKERNELS_WITH_CUDA
-    return shapley_masked_batch_cuda(inputs, num_blocks);
+    return shapley_masked_batch_cuda(inputs, num_blocks, has_fill ? *fill : std::vector<at::Tensor>{});
 #else
     TORCH_CHECK(false, op, ": mmkernels._C was built without CUDA kernels, got CUDA tensors");
 #endif
@@ -80,12 +102,16 @@ std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inpu
     shape[0] = num_blocks * B;
     at::Tensor out = at::empty(shape, x.options());
     const size_t bytes = x.numel() * x.element_size();
+    const size_t row_bytes = bytes / B;
     const char* src = static_cast<const char*>(x.const_data_ptr());
+    const char* fill_row = has_fill ? static_cast<const char*>((*fill)[m].const_data_ptr()) : nullptr;
     char* dst = static_cast<char*>(out.mutable_data_ptr());
     at::parallel_for(0, num_blocks, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {  // block s holds subset S = s + 1; zero bits are 0.0 in every float format
-        if (((s + 1) >> m) & 1) std::memcpy(dst + s * bytes, src, bytes);
-        else std::memset(dst + s * bytes, 0, bytes);
+        char* blk = dst + s * bytes;
+        if (((s + 1) >> m) & 1) std::memcpy(blk, src, bytes);
+        else if (fill_row == nullptr) std::memset(blk, 0, bytes);
+        else for (int64_t i = 0; i < B; ++i) std::memcpy(blk + i * row_bytes, fill_row, row_bytes);
       }
     });
     outs.push_back(out);

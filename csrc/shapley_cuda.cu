@@ -1,6 +1,6 @@
 // CUDA kernels of the AGM Shapley forwards (see shapley.cpp for the definitions and the CPU twins).
-//   masked batch: one launch for all modalities and subsets; block (x, y) copies (or zeroes) one chunk of one
-//     modality's input into subset block y; dtype-agnostic (bytes, in the widest unit every size and address allows).
+//   masked batch: one launch for all modalities and subsets; block (x, y) copies (or zeroes, or fills with the
+//     fill row repeated) one chunk of one modality's input into subset block y; dtype-agnostic (bytes, in the widest unit every size and address allows).
 //   responses: one thread per output element reads the 2^M - 1 subset values once and accumulates the M phi_m with
 //     the weight table (header math, built in shared memory by each block).
 //   backward: one thread per element reads the M incoming gradients once and writes the 2^M - 1 subset gradients
@@ -20,8 +20,10 @@ constexpr int kMaxSubsets = 255;
 
 struct MaskMeta {
   const char* src[kMaxModalities];
+  const char* fill[kMaxModalities];     // one row of each modality for the muted blocks, or nullptr (zeros)
   char* dst[kMaxModalities];
   int64_t bytes[kMaxModalities];        // bytes of one modality's input (= of one subset block)
+  int64_t row_bytes[kMaxModalities];    // bytes of one row (= of fill[m])
   int64_t chunk_begin[kMaxModalities + 1];  // cumulative copy chunks per modality
   int M;
 };
@@ -39,6 +41,10 @@ __global__ void __launch_bounds__(kThreads) masked_batch_kernel(const MaskMeta m
   unit_t* dst = reinterpret_cast<unit_t*>(meta.dst[m]) + static_cast<int64_t>(blockIdx.y) * units;
   if ((S >> m) & 1u) {
     for (int64_t i = a + threadIdx.x; i < b; i += blockDim.x) dst[i] = src[i];
+  } else if (meta.fill[m] != nullptr) {
+    const unit_t* row = reinterpret_cast<const unit_t*>(meta.fill[m]);
+    const int64_t row_units = meta.row_bytes[m] / static_cast<int64_t>(sizeof(unit_t));
+    for (int64_t i = a + threadIdx.x; i < b; i += blockDim.x) dst[i] = row[i % row_units];
   } else {
     const unit_t zero{};  // all-zero bits are +0.0 in every float format
     for (int64_t i = a + threadIdx.x; i < b; i += blockDim.x) dst[i] = zero;
@@ -114,7 +120,8 @@ int64_t grid_for(int64_t E) {
 
 }  // namespace
 
-std::vector<at::Tensor> shapley_masked_batch_cuda(const std::vector<at::Tensor>& inputs, int64_t num_blocks) {
+std::vector<at::Tensor> shapley_masked_batch_cuda(const std::vector<at::Tensor>& inputs, int64_t num_blocks,
+                                                  const std::vector<at::Tensor>& fill) {
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int M = static_cast<int>(inputs.size());
@@ -131,8 +138,11 @@ std::vector<at::Tensor> shapley_masked_batch_cuda(const std::vector<at::Tensor>&
     meta.src[m] = static_cast<const char*>(x.const_data_ptr());
     meta.dst[m] = static_cast<char*>(outs[m].mutable_data_ptr());
     meta.bytes[m] = x.numel() * x.element_size();
-    for (int64_t v : {meta.bytes[m], static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.src[m])),
-                      static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.dst[m]))})
+    meta.row_bytes[m] = meta.bytes[m] / B;
+    meta.fill[m] = fill.empty() ? nullptr : static_cast<const char*>(fill[m].const_data_ptr());
+    for (int64_t v : {meta.bytes[m], meta.row_bytes[m], static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.src[m])),
+                      static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.dst[m])),
+                      static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.fill[m]))})
       while (align > 1 && v % align != 0) align >>= 1;
   }
   int64_t chunks = 0;

@@ -436,11 +436,13 @@ def shapley_combine(subset_outputs: torch.Tensor) -> torch.Tensor:
     return phi.to(subset_outputs.dtype)
 
 
-def shapley_masked_inputs(inputs) -> list:
-    """Batched zero-masked inputs of the muted subsets S = 1 .. 2^M - 2 (full set excluded), in bitmask order.
+def shapley_masked_inputs(inputs, fill=None) -> list:
+    """Batched masked inputs of the muted subsets S = 1 .. 2^M - 2 (full set excluded), in bitmask order.
 
     inputs: M tensors [B, ...] (shapes may differ after B). Returns M tensors [(2^M - 2) * B, ...]: block S-1
-    (rows (S-1)*B .. S*B-1) holds modality m's input iff bit m of S is set, else zeros (AGM: zero-padding 0^m).
+    (rows (S-1)*B .. S*B-1) holds modality m's input iff bit m of S is set, else zeros (AGM: zero-padding 0^m),
+    or fill[m] when fill is given: M tensors [1, ...] or [...] (one row of modality m; e.g. enc_m(0) for muted
+    features). Differentiable in inputs and fill (fill[m] gets the gradient summed over its muted rows).
     """
     xs = list(inputs)
     m = len(xs)
@@ -448,7 +450,11 @@ def shapley_masked_inputs(inputs) -> list:
     out = []
     for j, x in enumerate(xs):                                        # loop over modalities, not rows
         keep = bits[:, j].view((-1,) + (1,) * x.dim())
-        blk = torch.where(keep, x.unsqueeze(0), torch.zeros((), dtype=x.dtype, device=x.device))
+        if fill is None:
+            other = torch.zeros((), dtype=x.dtype, device=x.device)
+        else:
+            other = fill[j].reshape((1, 1) + tuple(x.shape[1:]))         # one row, broadcast over blocks and rows
+        blk = torch.where(keep, x.unsqueeze(0), other)
         out.append(blk.reshape((-1,) + tuple(x.shape[1:])))
     return out
 

@@ -3,11 +3,14 @@
 Subsets of modalities are bitmasks S = 1 .. 2^M - 1 (bit m set = modality m present), always in that order,
 subset S at index S - 1; the full set is the last one (index 2^M - 2).
 
-shapley_masked_batch(inputs, *, include_full=False)
+shapley_masked_batch(inputs, *, include_full=False, fill=None)
     The zero-masked copies of the M inputs for every muted subset S = 1 .. 2^M - 2, stacked along the batch in one
     launch: run the model ONCE on them (block S - 1 = rows (S-1)B .. SB-1) instead of 2^M - 2 muted forwards.
     include_full=True appends the full set as a last block (2^M - 1 blocks) for a single pass over all subsets.
-    Differentiable (for features with encoder reuse): input m's gradient is the sum over the blocks keeping it.
+    fill: M tensors, one row of each modality ([1, ...] or [...]): muted rows of modality m hold fill[m] instead
+    of zeros (e.g. enc_m(0) when masking features: the features of a zero input).
+    Differentiable (for features with encoder reuse): input m's gradient is the sum over the blocks keeping it,
+    fill[m]'s the sum over every row of the blocks muting it.
 shapley_responses(subset_outputs, kappa=None)
     The model's outputs on all 2^M - 1 non-empty subsets [2^M - 1, B, ...] (v(empty) = 0) -> phi [M, B, ...],
     phi_m = sum_S w_m(S) v(S), sum_m phi_m = v(full) (Shapley efficiency). In the backward the gradient reaching
@@ -41,20 +44,46 @@ def _check_inputs(inputs) -> tuple:
     return xs, stacked
 
 
-def shapley_masked_batch(inputs, *, include_full: bool = False):
-    """Zero-masked copies for all muted subsets, batched (module docstring).
+def _check_fill(fill, xs) -> Optional[List[torch.Tensor]]:
+    if fill is None:
+        return None
+    if not isinstance(fill, (list, tuple)):
+        raise TypeError(f"fill must be None or a list of {len(xs)} tensors (one row per modality), "
+                        f"got {type(fill).__name__}")
+    if len(fill) != len(xs):
+        raise ValueError(f"fill must hold one tensor per modality ({len(xs)}), got {len(fill)}")
+    for m, (f, x) in enumerate(zip(fill, xs)):
+        name = f"fill[{m}]"
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(f).__name__}")
+        row = tuple(x.shape[1:])
+        if tuple(f.shape) not in (row, (1,) + row):
+            raise ValueError(f"{name} must have shape {(1,) + row} or {row} (one row of inputs[{m}]), "
+                             f"got {tuple(f.shape)}")
+        if f.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of inputs[{m}] ({x.dtype}), got {f.dtype}")
+        if f.device != x.device:
+            raise ValueError(f"{name} is on {f.device} but inputs[{m}] is on {x.device}")
+    return list(fill)
+
+
+def shapley_masked_batch(inputs, *, include_full: bool = False, fill=None):
+    """Masked copies for all muted subsets, batched (module docstring).
 
     inputs: a list of M (2..8) float tensors [B, ...] (shapes and float dtypes may differ per modality; one device;
     non-contiguous inputs are copied first) or one tensor [M, B, ...]. Returns a list of M tensors
     [n * B, ...] (n = 2^M - 2, or 2^M - 1 with include_full), or one tensor [M, n * B, ...] for a stacked input.
+    fill: None (muted rows are zeros) or a list of M tensors [1, ...] or [...] (one row of inputs[m], same dtype
+    and device): muted rows of modality m hold fill[m]. Differentiable in fill (sum over its muted rows).
     """
     xs, stacked = _check_inputs(inputs)
+    fill = _check_fill(fill, xs)
     M = len(xs)
     n = 2 ** M - (1 if include_full else 2)
     if backend_for(*xs, op="shapley_masked_batch", available=_OPS) == "ext":
-        outs = _ops.shapley_masked_batch(xs, n)
+        outs = _ops.shapley_masked_batch(xs, n, fill)
     else:
-        outs = reference.shapley_masked_inputs(xs)
+        outs = reference.shapley_masked_inputs(xs, fill)
         if include_full:
             outs = [torch.cat([o, x]) for o, x in zip(outs, xs)]
     return torch.stack(outs) if stacked else list(outs)

@@ -158,9 +158,8 @@ class AGM(Balancer):
                 # enc_m(0): one zero row per modality, broadcast (every muted row sees the same value)
                 zero_feats = [enc(torch.zeros_like(x[:1])) for enc, x in zip(encoders, inputs)]
                 present = feats if self.muted_mode == "reuse" else [enc(x) for enc, x in zip(encoders, inputs)]
-            # muted rows hold enc_m(0) instead of 0: mask (feat - enc(0)) to zero, then add enc(0) back
-            centred = _ops.shapley_masked_batch([p - z for p, z in zip(present, zero_feats)])
-            masked = [c + z for c, z in zip(centred, zero_feats)]
+            # muted rows hold enc_m(0) instead of 0 (the features of a zero input); its gradient is the sum over them
+            masked = _ops.shapley_masked_batch(present, fill=zero_feats)
             with _training_mode([head], False):
                 muted = head(masked)
         muted = muted.reshape((n_muted, b) + tuple(full.shape[1:]))

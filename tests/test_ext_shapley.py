@@ -62,6 +62,57 @@ def test_masked_batch_noncontiguous_and_gradient(device):
     torch.testing.assert_close(b.grad, gb[4:8] + gb[8:])  # blocks S = 2 and 3 keep modality 1
 
 
+@pytest.mark.parametrize("M", [2, 3, 5])
+def test_masked_batch_fill_matches_reference(device, M):
+    """fill: muted rows of modality m hold fill[m] ([1, ...] or [...]), bit-equal to the reference, with gradients."""
+    torch.manual_seed(20 + M)
+    B = 3
+    shapes = [(B, 2 + m) if m % 2 else (B, 1, 3, m + 1) for m in range(M)]
+    xs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    fill = [torch.randn((1,) + s[1:] if m % 2 else s[1:], device=device, requires_grad=True) for m, s in enumerate(shapes)]
+    got = shapley_masked_batch(xs, fill=fill)
+    xr = [x.detach().clone().requires_grad_() for x in xs]
+    fr = [f.detach().clone().requires_grad_() for f in fill]
+    want = reference.shapley_masked_inputs(xr, fr)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    gs = [torch.randn_like(g) for g in got]
+    torch.autograd.backward(got, gs)
+    torch.autograd.backward(want, gs)
+    for a, b in zip(xs + fill, xr + fr):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    full = shapley_masked_batch([x.detach() for x in xs], fill=[f.detach() for f in fill], include_full=True)
+    for g, w, x in zip(full, want, xs):
+        assert torch.equal(g, torch.cat([w.detach(), x.detach()]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_masked_batch_fill_dtypes_odd_sizes(device, dtype):
+    xs = [torch.randn(5, 3, device=device).to(dtype), torch.randn(5, 1, device=device).to(dtype)]  # 2-byte rows
+    fill = [torch.randn(1, 3, device=device).to(dtype), torch.randn(1, device=device).to(dtype)]
+    for g, w in zip(shapley_masked_batch(xs, fill=fill), reference.shapley_masked_inputs(xs, fill)):
+        assert g.dtype == dtype and torch.equal(g, w)
+    big = [torch.randn(7, 3000, device=device).to(dtype), torch.randn(7, 5, device=device).to(dtype)]  # > one copy chunk
+    big_fill = [torch.randn(3000, device=device).to(dtype), torch.randn(1, 5, device=device).to(dtype)]
+    for g, w in zip(shapley_masked_batch(big, fill=big_fill, include_full=True),
+                    reference.shapley_masked_inputs(big, big_fill)):
+        assert torch.equal(g[: w.shape[0]], w)
+
+
+def test_masked_batch_fill_gradcheck(device):
+    """fp64 gradcheck of the ext op in inputs AND fill (fill[m]'s gradient: the sum over its muted rows)."""
+    kw = dict(device=device, dtype=torch.float64, requires_grad=True)
+    a, b, c = torch.randn(2, 3, **kw), torch.randn(2, 1, 2, **kw), torch.randn(2, 2, **kw)
+    fa, fb, fc = torch.randn(1, 3, **kw), torch.randn(1, 2, **kw), torch.randn(1, 2, **kw)
+
+    def op(a, b, c, fa, fb, fc):
+        return tuple(shapley_masked_batch([a, b, c], fill=[fa, fb, fc]))
+
+    assert torch.autograd.gradcheck(op, (a, b, c, fa, fb, fc))
+    assert torch.autograd.gradcheck(lambda a, b, fa, fb: tuple(shapley_masked_batch([a, b], fill=[fa, fb], include_full=True)),
+                                    (a, c, fa, fc))
+
+
 @pytest.mark.parametrize("M", [2, 3, 4, 5, 6])
 def test_responses_and_gradient_match_reference(device, M):
     torch.manual_seed(10 + M)
@@ -113,6 +164,11 @@ def test_custom_ops_opcheck(device):
     xs = [torch.randn(2, 3, device=device, requires_grad=True), torch.randn(2, 5, device=device, requires_grad=True)]
     torch.library.opcheck(torch.ops.mmkernels.shapley_masked_batch.default, (xs, 2),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    fill = [torch.randn(1, 3, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)]
+    torch.library.opcheck(torch.ops.mmkernels.shapley_masked_batch.default, (xs, 3, fill),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    assert str(torch.ops.mmkernels.shapley_masked_batch.default._schema) == (
+        "mmkernels::shapley_masked_batch(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]")
 
 
 def test_raw_ops_reject_bad_input(device):
@@ -128,6 +184,15 @@ def test_raw_ops_reject_bad_input(device):
         C.shapley_masked_batch([x, torch.randn(3, 2, device=device).t()], 2)
     with pytest.raises(RuntimeError, match="num_blocks must be"):
         C.shapley_masked_batch([x, x], 5)
+    f = torch.zeros(3, device=device)
+    with pytest.raises(RuntimeError, match=r"fill must hold one tensor per modality \(2\), got 1"):
+        C.shapley_masked_batch([x, x], 2, [f])
+    with pytest.raises(RuntimeError, match=r"fill\[1\] must have shape \[1, ...\] or \[...\]"):
+        C.shapley_masked_batch([x, x], 2, [f, torch.zeros(2, 3, device=device)])
+    with pytest.raises(RuntimeError, match=r"fill\[0\] must have the dtype of inputs\[0\]"):
+        C.shapley_masked_batch([x, x], 2, [f.double(), f])
+    with pytest.raises(RuntimeError, match=r"fill\[1\] must be contiguous"):
+        C.shapley_masked_batch([x, x], 2, [f, torch.zeros(3, 2, device=device)[:, 0].unsqueeze(0)])
     with pytest.raises(RuntimeError, match=r"subset_outputs.shape\[0\] must be 2\^M - 1"):
         C.shapley_responses(torch.randn(4, 2, 3, device=device))
     with pytest.raises(RuntimeError, match=r"subset_outputs.shape\[0\] must be 2\^M - 1"):
@@ -143,6 +208,8 @@ def test_raw_ops_reject_bad_input(device):
     if device == "cuda":
         with pytest.raises(RuntimeError, match=r"inputs\[1\] must be on cuda:0"):
             C.shapley_masked_batch([x, torch.randn(2, 3)], 2)
+        with pytest.raises(RuntimeError, match=r"fill\[1\] must be on cuda:0"):
+            C.shapley_masked_batch([x, x], 2, [torch.zeros(3, device=device), torch.zeros(3)])
 
 
 def test_batched_muted_forward_equals_sequential_muted_forwards(device):

@@ -329,6 +329,28 @@ def test_shapley_masked_inputs_hand():
     assert torch.equal(out1, torch.tensor([[0.0], [3.0]]))
 
 
+def test_shapley_masked_inputs_fill_hand():
+    """Muted rows hold fill[m] (one row, [1, ...] or [...]); fill[m]'s gradient is the sum over its muted rows."""
+    x0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)   # B = 2
+    x1 = torch.tensor([[5.0], [6.0]], dtype=torch.float64, requires_grad=True)
+    f0 = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)            # [1, 2]
+    f1 = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)                    # [1] = one row's shape
+    out0, out1 = R.shapley_masked_inputs([x0, x1], [f0, f1])
+    # block S=1 (rows 0-1) keeps modality 0 only, block S=2 (rows 2-3) keeps modality 1 only
+    assert torch.equal(out0, torch.tensor([[1.0, 2.0], [3.0, 4.0], [-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64))
+    assert torch.equal(out1, torch.tensor([[-3.0], [-3.0], [5.0], [6.0]], dtype=torch.float64))
+    g0 = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], dtype=torch.float64)
+    g1 = torch.tensor([[10.0], [20.0], [30.0], [40.0]], dtype=torch.float64)
+    torch.autograd.backward([out0, out1], [g0, g1])
+    assert torch.equal(x0.grad, g0[:2]) and torch.equal(x1.grad, g1[2:])
+    assert torch.equal(f0.grad, torch.tensor([[12.0, 14.0]], dtype=torch.float64))   # rows 2 + 3
+    assert torch.equal(f1.grad, torch.tensor([30.0], dtype=torch.float64))           # rows 0 + 1
+    # fill None is zeros; fill of zeros equals it
+    z = R.shapley_masked_inputs([x0, x1], [torch.zeros(2, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)])
+    for a, b in zip(z, R.shapley_masked_inputs([x0, x1])):
+        assert torch.equal(a, b)
+
+
 def test_shapley_subset_grad_scale_is_chain_rule():
     """d/d f(S) of sum_m kappa_m <phi_m, g> is c(S) g."""
     M, B = 3, 2

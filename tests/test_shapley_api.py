@@ -64,6 +64,34 @@ def test_masked_batch_validation():
         shapley_masked_batch(torch.randn(1, 2, 3))
 
 
+def test_reference_masked_batch_fill(ref_backend):
+    xs = [torch.randn(2, 3), torch.randn(2, 1, 4)]
+    fill = [torch.randn(1, 3), torch.randn(1, 4)]                 # [1, ...] and [...] (one row of each input)
+    out = shapley_masked_batch(xs, fill=fill, include_full=True)   # blocks S = 1, 2, 3
+    assert torch.equal(out[0][2:4], fill[0].expand(2, 3)) and torch.equal(out[1][:2], fill[1].expand(2, 1, 4))
+    assert torch.equal(out[0][:2], xs[0]) and torch.equal(out[1][2:], torch.cat([xs[1], xs[1]]))
+    stacked = shapley_masked_batch(torch.stack([xs[0], xs[0]]), fill=[fill[0], fill[0][0]])
+    assert torch.equal(stacked[1][:2], fill[0].expand(2, 3)) and torch.equal(stacked[0][2:], fill[0].expand(2, 3))
+
+
+def test_masked_batch_fill_validation():
+    xs = [torch.randn(2, 3), torch.randn(2, 4)]
+    with pytest.raises(TypeError, match="fill must be None or a list of 2 tensors"):
+        shapley_masked_batch(xs, fill=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"fill must hold one tensor per modality \(2\), got 1"):
+        shapley_masked_batch(xs, fill=[torch.zeros(3)])
+    with pytest.raises(TypeError, match=r"fill\[1\] must be a tensor, got float"):
+        shapley_masked_batch(xs, fill=[torch.zeros(3), 0.0])
+    with pytest.raises(ValueError, match=r"fill\[1\] must have shape \(1, 4\) or \(4,\) .*got \(2, 4\)"):
+        shapley_masked_batch(xs, fill=[torch.zeros(3), torch.zeros(2, 4)])
+    with pytest.raises(ValueError, match=r"fill\[0\] must have shape .*got \(1, 2\)"):
+        shapley_masked_batch(xs, fill=[torch.zeros(1, 2), torch.zeros(4)])
+    with pytest.raises(TypeError, match=r"fill\[0\] must have the dtype of inputs\[0\] \(torch.float32\), got torch.float64"):
+        shapley_masked_batch(xs, fill=[torch.zeros(3, dtype=torch.float64), torch.zeros(4)])
+    with pytest.raises(ValueError, match=r"fill\[1\] is on meta but inputs\[1\] is on cpu"):
+        shapley_masked_batch(xs, fill=[torch.zeros(3), torch.zeros(4, device="meta")])
+
+
 def test_masked_batch_noncontiguous_is_copied():
     a = torch.randn(3, 2).t()  # [2, 3] non-contiguous
     out = shapley_masked_batch([a, torch.randn(2, 4)])

@@ -1,9 +1,10 @@
 """torch.library ops over mmkernels._C for AGM's Shapley forwards (csrc/shapley.cpp, csrc/shapley_cuda.cu).
 
 Subsets are bitmasks S = 1 .. 2^M - 1 (bit m = modality m present), at index S - 1.
-mmkernels::shapley_masked_batch(inputs, num_blocks): M tensors [B, ...] -> M tensors [num_blocks * B, ...], block
-    S - 1 keeping modality m iff bit m of S is set (zeros otherwise). Differentiable: the gradient of input m is the
-    sum of the gradients of the blocks that keep it.
+mmkernels::shapley_masked_batch(inputs, num_blocks, fill=None): M tensors [B, ...] -> M tensors [num_blocks * B, ...],
+    block S - 1 keeping modality m iff bit m of S is set (zeros otherwise, or fill[m] - one row [1, ...] or [...] -
+    in every row). Differentiable: the gradient of input m is the sum of the gradients of the blocks that keep it;
+    that of fill[m] is the sum of the gradients of all rows of the blocks that mute m.
 mmkernels::shapley_responses(subset_outputs, kappa): [2^M - 1, B, ...] -> phi [M, B, ...] (AGM Eq. 1-3, v(empty) = 0).
     Backward (mmkernels::shapley_responses_backward): grad_v[S - 1] = sum_m kappa_m w_m(S) grad_phi[m], i.e. the
     gradient reaching phi_m is scaled by kappa_m (AGM's modulation; kappa None = the exact gradient).
@@ -17,35 +18,46 @@ import torch
 from ._ext import ext
 
 
-@torch.library.custom_op("mmkernels::shapley_masked_batch", mutates_args=())
-def shapley_masked_batch(inputs: List[torch.Tensor], num_blocks: int) -> List[torch.Tensor]:
-    return ext().shapley_masked_batch([x.contiguous() for x in inputs], num_blocks)
+# infer_schema does not take Optional[List[Tensor]]: the schema is spelled out
+@torch.library.custom_op("mmkernels::shapley_masked_batch", mutates_args=(),
+                         schema="(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]")
+def shapley_masked_batch(inputs: List[torch.Tensor], num_blocks: int,
+                         fill: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    fill = None if fill is None else [f.contiguous() for f in fill]
+    return ext().shapley_masked_batch([x.contiguous() for x in inputs], num_blocks, fill)
 
 
 @shapley_masked_batch.register_fake
-def _shapley_masked_batch_fake(inputs, num_blocks):
+def _shapley_masked_batch_fake(inputs, num_blocks, fill=None):
     return [x.new_empty((num_blocks * x.shape[0],) + tuple(x.shape[1:])) for x in inputs]
 
 
 def _masked_setup(ctx, inputs, output):
-    xs, num_blocks = inputs
+    xs, num_blocks, fill = inputs
     ctx.num_blocks = num_blocks
     ctx.shapes = [tuple(x.shape) for x in xs]
+    ctx.fill_shapes = None if fill is None else [tuple(f.shape) for f in fill]
 
 
 def _masked_backward(ctx, grads):
     # input m's gradient: sum of the gradients of the blocks S - 1 whose subset S keeps m, as a 0/1-weighted sum
-    # over blocks (built on the device from arange: no host data, no sync, traceable)
+    # over blocks (built on the device from arange: no host data, no sync, traceable); fill[m]'s gradient: the
+    # sum over the blocks that mute m and over their B rows
     n = ctx.num_blocks
-    out = []
+    out, out_fill = [], []
     for m, (g, shape) in enumerate(zip(grads, ctx.shapes)):
         if g is None:
             out.append(None)
+            out_fill.append(None)
             continue
         subsets = torch.arange(1, n + 1, device=g.device)
         keep = ((subsets >> m) & 1).to(g.dtype)
-        out.append((keep @ g.reshape(n, -1)).reshape(shape))
-    return out, None
+        blocks = g.reshape(n, -1)
+        out.append((keep @ blocks).reshape(shape))
+        if ctx.fill_shapes is not None:
+            muted = (1 - keep) @ blocks                                   # [B * row]
+            out_fill.append(muted.reshape(shape[0], -1).sum(0).reshape(ctx.fill_shapes[m]))
+    return out, None, (out_fill if ctx.fill_shapes is not None else None)
 
 
 shapley_masked_batch.register_autograd(_masked_backward, setup_context=_masked_setup)
