@@ -68,14 +68,24 @@ def test_bench_eager_reference(benchmark, m, b, c, method):
     _bench_timed_and_syncs(benchmark, R.balance_coefficients_ref, m, b, c, method)
 
 
-_COMPILED = {}
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,b,c", SHAPES)
 def test_bench_compiled_reference(benchmark, m, b, c, method):
-    fn = _COMPILED.setdefault(method, torch.compile(R.balance_coefficients_ref, dynamic=False))
+    # A fresh Dynamo cache per case: one shared compiled function would hit Dynamo's recompile limit after
+    # 8 shapes and silently run the later cases eager while they are labelled compiled.
+    torch._dynamo.reset()
+    before = _graphs_compiled()
+    fn = torch.compile(R.balance_coefficients_ref, dynamic=False)
     _bench_timed_and_syncs(benchmark, fn, m, b, c, method)
+    graphs = _graphs_compiled() - before
+    assert graphs >= 1, "torch.compile built no graph for this case: its timing would be eager"
+    benchmark.extra_info["compiled_graphs"] = graphs
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,6 +1,8 @@
 """Render pytest-benchmark JSON files into one markdown table per group and a PNG.
 
-    python benchmarks/render.py RESULTS.json [MORE.json ...] --md OUT.md --png OUT.png
+    python benchmarks/render.py RESULTS.json [MORE.json|.jsonl ...] --md OUT.md --png OUT.png
+
+A .jsonl file holds the lines benchmarks/_jsonl.py writes as each benchmark ends (the GPU suite's format).
 
 Train-step cases (bench_train_step.py) get a table with the step time, its ratio to the joint step of the same M
 and implementation device, host syncs, GPU kernels and peak memory; every other group a generic table (median, mean,
@@ -18,7 +20,10 @@ def load(paths):
     benches, machine = [], {}
     for p in paths:
         with open(p) as f:
-            data = json.load(f)
+            if p.endswith(".jsonl"):  # benchmarks/_jsonl.py lines: benchmark records, test records skipped
+                data = {"benchmarks": [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "benchmark"]}
+            else:
+                data = json.load(f)
         machine = data.get("machine_info", machine)
         for b in data.get("benchmarks", []):
             b["_file"] = os.path.basename(p)
@@ -118,7 +123,7 @@ def render_png(benches, path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    p.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files, or .jsonl files of benchmarks/_jsonl.py")
     p.add_argument("--md", default=None, help="write the markdown here (default: stdout)")
     p.add_argument("--png", default=None, help="write the training-step plot here")
     args = p.parse_args(argv)

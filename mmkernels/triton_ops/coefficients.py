@@ -35,7 +35,7 @@ import triton.language as tl
 
 METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
 _METHOD_ID = {name: i for i, name in enumerate(METHODS)}
-LOG_EPS = math.log(1e-8)  # AGM's clamp p >= 1e-8 (DESIGN sec. 3, `ce` score)
+LOG_EPS = tl.constexpr(math.log(1e-8))  # AGM's clamp p >= 1e-8 (DESIGN sec. 3, `ce` score); a jit global must be constexpr
 MAX_M = 8
 
 

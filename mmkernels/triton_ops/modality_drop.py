@@ -100,6 +100,17 @@ def _weights(widths) -> list:
     return w + [0.0] * (MAX_M - len(w))
 
 
+# Each program draws BLOCK_M * BLOCK_B Philox uniforms (its rows' keep decisions over all modalities); capping
+# BLOCK_B at 128 keeps that at 8 per thread with 4 warps, so narrow rows (D = 1, 3, ...) do not spill registers.
+_MAX_BLOCK_B = 128
+
+
+def _drop_blocks(b: int, d: int) -> tuple:
+    block_d = min(triton.next_power_of_2(d), 2048)
+    block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d, _MAX_BLOCK_B))
+    return block_d, block_b
+
+
 def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int,
                                widths: list, rescale: int, p_exe: float) -> torch.Tensor:
     """x [Mx, B, D] holding modalities m_base .. m_base + Mx - 1 of M = len(widths); returns scale * x, contiguous."""
@@ -107,8 +118,7 @@ def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offs
     out = torch.empty((mx, b, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d = min(triton.next_power_of_2(d), 2048)
-    block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d))
+    block_d, block_b = _drop_blocks(b, d)
     grid = (triton.cdiv(b, block_b), triton.cdiv(d, block_d), mx)  # row blocks on axis 0 (may exceed 65535)
     if grid[1] > 65535:
         raise ValueError(f"modality_drop: {d} elements per row exceed the kernel's limit {65535 * block_d}")
