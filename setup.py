@@ -74,7 +74,13 @@ def _ext_modules():
     if use_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = os.environ.get("CUDA_HOME") or _cuda_home()
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:  # a build-isolation environment, or no torch yet
+        raise SystemExit(
+            f"[mmkernels setup] torch is not importable here ({exc}). mmkernels._C is built against the torch you "
+            "have installed: install torch first, then run `pip install --no-build-isolation -e .` (or `.`). "
+            "To install the pure-Python package without the extension, set MMKERNELS_SKIP_EXT=1.") from None
 
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
@@ -131,7 +137,7 @@ setup(
     python_requires=">=3.10",
     packages=["mmkernels", "mmkernels.triton_ops", "mmkernels.ext_ops", "mmkernels.demo", "mmkernels.api"],
     package_dir={"mmkernels.api": "python_api"},
-    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    install_requires=["torch>=2.11,<2.15", "numpy", "triton; platform_system == 'Linux'"],  # the range CI tests
     extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -46,18 +46,34 @@ def _benchmark_record(item) -> dict | None:
     }
 
 
+_IN_WORKER = False
+
+
+def pytest_configure(config):
+    global _IN_WORKER
+    _IN_WORKER = hasattr(config, "workerinput")  # a pytest-xdist worker: its controller writes the test lines
+
+
+def pytest_runtest_logreport(report):
+    """Test lines, written by the process that reports (under xdist the controller, which also reports a test
+    whose worker crashed)."""
+    if _IN_WORKER or not (report.when == "call" or report.outcome != "passed"):
+        return
+    rec = {"kind": "test", "nodeid": report.nodeid, "outcome": report.outcome, "when": report.when,
+           "duration": round(report.duration, 4)}
+    if report.outcome == "failed":
+        rec["longrepr"] = str(report.longrepr)[-2000:]
+    elif report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+        rec["reason"] = str(report.longrepr[-1])[:300]
+    _write(rec)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Benchmark lines, written by the process that ran the benchmark (it holds the statistics)."""
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        rec = {"kind": "test", "nodeid": item.nodeid, "outcome": report.outcome, "duration": round(report.duration, 4)}
-        if report.outcome == "failed":
-            rec["longrepr"] = str(report.longrepr)[-2000:]
-        elif report.outcome == "skipped" and isinstance(report.longrepr, tuple):
-            rec["reason"] = str(report.longrepr[-1])[:300]
-        _write(rec)
-        if report.when == "call" and report.outcome == "passed":
-            bench = _benchmark_record(item)
-            if bench is not None:
-                _write(bench)
+    if report.when == "call" and report.outcome == "passed":
+        bench = _benchmark_record(item)
+        if bench is not None:
+            _write(bench)

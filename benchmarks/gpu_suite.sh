@@ -2,7 +2,8 @@
 # Everything a lent GPU machine should run, in ONE call of at most 10 minutes on a machine with no network:
 #   MMKERNELS_GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh [--dry-run] OUT_DIR
 # Stages, headline numbers first, each under its own limit; all limits together stay under SUITE_BUDGET_S
-# (default 530 s, install and build included), and a stage that would start with under 15 s left is skipped:
+# (default 530 s, install and build included), and a stage that would start with under 15 s left is skipped
+# (SUITE_SKIP=a,b skips stages by name):
 #   install        pip install --no-build-isolation --no-deps -e . (fallback: build_ext --inplace); build time reported
 #   env            versions, device, commit, mmkernels.env_report()
 #   bench_coef     coefficient op: fused vs eager reference (DESIGN sec. 8 shapes)
@@ -47,6 +48,10 @@ trap 'exit 143' TERM INT
 
 stage() {  # stage NAME SECONDS command...  (runs with MMKERNELS_STAGE=NAME; skipped when the budget is spent)
   local name="$1" limit="$2"; shift 2
+  if [[ ",${SUITE_SKIP:-}," == *",$name,"* ]]; then
+    echo "$name: skipped (SUITE_SKIP)" | tee -a "$SUMMARY"
+    return 0
+  fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$left" -lt 15 ]; then
     echo "$name: skipped (budget spent)" | tee -a "$SUMMARY"
@@ -74,6 +79,8 @@ else
   BENCH=("${PYTEST[@]}" --bench-full)
   TRAIN_K=()
   TESTS=(tests -m "triton or ext or cuda")
+  # pytest-xdist (on the GPU machines): a test that crashes the interpreter loses one worker, not the lane
+  "$PY" -c "import xdist" 2>/dev/null && TESTS+=(-n 4)
 fi
 
 # --- install and build for the local GPU (16 cores there)

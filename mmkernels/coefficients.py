@@ -2,12 +2,14 @@
 
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
 zero host syncs; mmkernels/triton_ops/coefficients.py) or the pure-PyTorch reference elsewhere
-(mmkernels/reference.py), which computes the same numbers. The one-launch Triton path is the custom op
-`mmkernels::balance_coefficients` (with a fake implementation), so torch.compile treats it as one opaque call and
-the launcher's workspace cache (keyed by device and stream) stays out of the traced graph.
+(mmkernels/reference.py), which computes the same numbers. Under torch.compile the one-launch Triton path is the
+custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the launcher's
+workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is called
+directly, skipping the op's dispatch (host time that would exceed the kernel's own).
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional
 
@@ -30,6 +32,20 @@ def _check_number(value, name: str, *, allow_none: bool = False) -> None:
 
 
 def _check_hyperparameters(method: str, hp: dict) -> dict:
+    try:  # a trainer passes the same hyperparameters every step: validated once per distinct set
+        return _checked_hyperparameters(method, tuple((k, type(v), v) for k, v in sorted(hp.items())))
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return _check_hyperparameters_uncached(method, hp)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_hyperparameters(method: str, items: tuple) -> dict:
+    return _check_hyperparameters_uncached(method, {k: v for k, _, v in items})
+
+
+def _check_hyperparameters_uncached(method: str, hp: dict) -> dict:
     allowed = METHOD_DEFAULTS[method]
     unknown = set(hp) - set(allowed)
     if unknown:
@@ -128,12 +144,12 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
         hp = dict(ignore_index=int(ignore_index), alpha=float(p["alpha"]), q_base=float(p["q_base"]),
                   lam=float(p["lam"]), beta_max=float(p["beta_max"]),
                   clip=None if p["clip"] is None else float(p["clip"]), z=p["z"], ratio=p["ratio"])
-        if distributed:  # two launches around an all_reduce: plain Python (see the docstring)
+        if torch.compiler.is_compiling():  # traced: the opaque custom op (one launch)
+            out = torch.ops.mmkernels.balance_coefficients(x, labels, s_hat, steps, method, **hp)
+        else:  # eager: the launcher directly (the op's dispatch would cost more host time than the kernel)
             from .triton_ops.coefficients import balance_coefficients_launch
 
-            out = balance_coefficients_launch(x, labels, s_hat, steps, method, sync=True, group=group, **hp)
-        else:
-            out = torch.ops.mmkernels.balance_coefficients(x, labels, s_hat, steps, method, **hp)
+            out = balance_coefficients_launch(x, labels, s_hat, steps, method, sync=distributed, group=group, **hp)
         return _split(out, m)
     hp = {k: p[k] for k in METHOD_DEFAULTS[method]}
     if not distributed:

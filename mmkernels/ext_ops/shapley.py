@@ -57,7 +57,10 @@ def _masked_backward(ctx, grads):
         if ctx.fill_shapes is not None:
             muted = (1 - keep) @ blocks                                   # [B * row]
             out_fill.append(muted.reshape(shape[0], -1).sum(0).reshape(ctx.fill_shapes[m]))
-    return out, None, (out_fill if ctx.fill_shapes is not None else None)
+    grads_in = (out, None, out_fill if ctx.fill_shapes is not None else None)
+    # One gradient per input the dispatcher actually passed: it drops `fill` when it equals its default (None),
+    # and torch 2.11 insists on that count (later versions also accept one per schema argument).
+    return grads_in[:len(ctx.needs_input_grad)]
 
 
 shapley_masked_batch.register_autograd(_masked_backward, setup_context=_masked_setup)

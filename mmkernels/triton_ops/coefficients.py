@@ -27,11 +27,15 @@ inf. Each gives flag 1 and neutral coefficients (scores and ratios are stored as
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .._backend import device_guard, interpreting
+from ._sizes import cdiv, next_pow2
 
 METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
 _METHOD_ID = {name: i for i, name in enumerate(METHODS)}
@@ -265,11 +269,12 @@ def _workspace(device: torch.device):
     return ws
 
 
+@functools.lru_cache(maxsize=1024)
 def _blocks(B: int, C: int, elem: int, interpreting: bool):
     cap_c = 1024 if elem >= 4 else 2048
-    block_c = min(triton.next_power_of_2(max(C, 1)), cap_c)
+    block_c = min(next_pow2(max(C, 1)), cap_c)
     tile = 65536 if interpreting else 4096  # interpreter: bigger tiles = fewer Python-level programs
-    block_b = max(1, min(triton.next_power_of_2(max(B, 1)), tile // block_c))
+    block_b = max(1, min(next_pow2(max(B, 1)), tile // block_c))
     num_warps = 4 if block_b * block_c <= 2048 else 8
     return block_b, block_c, num_warps
 
@@ -282,11 +287,9 @@ def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_ha
     out [3M + 1] (scores, ratios, coefficients, flag). For AGM, s_hat [M] and steps [] are updated in place
     by the kernel (None: a throw-away state with no history). Other methods ignore s_hat and steps.
 
-    sync=False: ONE launch; this is the body of the custom op `mmkernels::balance_coefficients`
-    (mmkernels/coefficients.py), so the workspace cache below is invisible to torch.compile.
+    sync=False: ONE launch; called directly by balance_coefficients in eager mode, and the body of the custom op
+    `mmkernels::balance_coefficients` under torch.compile, so the workspace cache below is invisible to tracing.
     sync=True under torch.distributed: two launches around an all_reduce of the workspace (a plain Python path)."""
-    from .._backend import device_guard, interpreting
-
     M, B, C = logits.shape
     device = logits.device
     ws, counter = _workspace(device)
@@ -298,7 +301,7 @@ def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_ha
     else:
         s_hat, steps = out, out  # never read
     block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
-    grid = (triton.cdiv(B, block_b), M)  # row blocks on axis 0: B / block_b may exceed 65535
+    grid = (cdiv(B, block_b), M)  # row blocks on axis 0: B / block_b may exceed 65535
     n_programs = grid[0] * grid[1]
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
     common = dict(METHOD=_METHOD_ID[method], Z_SIGMOID=(z == "sigmoid"), RATIO_DIFF=(ratio == "difference"),

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._sizes import cdiv, next_pow2
+
 from .._backend import device_guard
 
 
@@ -58,7 +60,7 @@ def grad_scale_triton(grad: torch.Tensor, k: torch.Tensor | None, k_value: float
         # (torch.full is a fill kernel, not a host-to-device copy: no sync)
         k = torch.full((1,), float(k_value), dtype=torch.float64, device=grad.device)
     block = 4096
-    grid = (triton.cdiv(n, block),)
+    grid = (cdiv(n, block),)
     with device_guard(grad.device):  # Triton launches on the current device
         grad_scale_kernel[grid](grad, out, grad if k is None else k, float(k_value), n,
                                 K_FROM_PTR=k is not None, F64=grad.dtype == torch.float64, BLOCK=block, num_warps=8)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._sizes import cdiv, next_pow2
+
 from .._backend import device_guard
 
 RESCALE_MODES = ("official", "per_modality", "none")
@@ -106,8 +108,8 @@ _MAX_BLOCK_B = 128
 
 
 def _drop_blocks(b: int, d: int) -> tuple:
-    block_d = min(triton.next_power_of_2(d), 2048)
-    block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d, _MAX_BLOCK_B))
+    block_d = min(next_pow2(d), 2048)
+    block_b = max(1, min(next_pow2(b), 4096 // block_d, _MAX_BLOCK_B))
     return block_d, block_b
 
 
@@ -119,7 +121,7 @@ def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offs
     if out.numel() == 0:
         return out
     block_d, block_b = _drop_blocks(b, d)
-    grid = (triton.cdiv(b, block_b), triton.cdiv(d, block_d), mx)  # row blocks on axis 0 (may exceed 65535)
+    grid = (cdiv(b, block_b), cdiv(d, block_d), mx)  # row blocks on axis 0 (may exceed 65535)
     if grid[1] > 65535:
         raise ValueError(f"modality_drop: {d} elements per row exceed the kernel's limit {65535 * block_d}")
     with device_guard(x.device):  # Triton launches on the current device
@@ -136,5 +138,5 @@ def drop_uniforms_triton(seed: int, offset: int, num_modalities: int, batch: int
     out = torch.empty(n, dtype=torch.float32, device=device)
     block = 1024
     with device_guard(out.device):
-        drop_uniforms_kernel[(triton.cdiv(n, block),)](out, int(seed), int(offset), n, BLOCK=block)
+        drop_uniforms_kernel[(cdiv(n, block),)](out, int(seed), int(offset), n, BLOCK=block)
     return out[:-1].view(num_modalities, batch), out[-1]
