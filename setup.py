@@ -84,6 +84,10 @@ def _ext_modules():
 
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # Link the shared libstdc++ that torch itself uses. A compiler whose default search path holds only libstdc++.a
+    # (a wrapper g++ on the GPU machines) otherwise embeds a second copy whose exported std:: symbols mix with the
+    # process's copy: formatting an integer in an error message then crashed the interpreter (SIGSEGV).
+    link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.13)
     if use_cuda and cu:
         if not _gpu_visible():
@@ -97,12 +101,15 @@ def _ext_modules():
             cpp + cu,
             include_dirs=[os.path.join(ROOT, "csrc")] + inc,
             define_macros=[("MMKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + (
+                ["-Xptxas=-v"] if os.environ.get("MMKERNELS_PTXAS_VERBOSE") == "1" else [])},
         )
     else:
         _log(f"building CPU sources only ({why})")
         ext = CppExtension(
-            "mmkernels._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx_flags}
+            "mmkernels._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [ext], {"build_ext": _ReportingBuild.wrap(BuildExtension)}
 

@@ -29,12 +29,19 @@ def _force_triton(monkeypatch):
     monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
 
 
-def _close(got: dict, want: dict, *, rtol=2e-5, atol=1e-6, msg=""):
+# AGM's kappa = exp(alpha (tau - r)) turns an absolute error e in tau - r (sums of O(1) ratios accumulated in another
+# order: GPU atomics vs torch's reduction, fp32) into a relative error alpha * e: with alpha = 2.5 and e of a few
+# 1e-6, kappa differs by up to ~1e-4 relative (seen on an H200: 2.9e-5 fp32, 9.1e-5 fp16 logits).
+AGM_COEF_RTOL = 1e-4
+
+
+def _close(got: dict, want: dict, *, rtol=2e-5, atol=1e-6, msg="", method=None):
     assert set(got) == set(want)
     for key in want:
         assert got[key].dtype == torch.float32, key
         assert got[key].shape == want[key].shape, key
-        torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=rtol, atol=atol, equal_nan=True,
+        r = AGM_COEF_RTOL if method == "agm" and key == "coefficients" else rtol
+        torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=r, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{msg} key={key}: {m}")
 
 
@@ -57,7 +64,7 @@ def _run_all_methods(x, y, device, *, ignore_index=-100, msg=""):
             for _ in range(2 if method == "agm" else 1):  # AGM: a second step uses the running means
                 got = balance_coefficients(x, y, method, state=st_k, ignore_index=ignore_index, **hp)
                 want = R.balance_coefficients_ref(x, y, method, state=st_r, ignore_index=ignore_index, **hp)
-                _close(got, want, msg=f"{msg} {method} {hp}")
+                _close(got, want, msg=f"{msg} {method} {hp}", method=method)
             if method == "agm":
                 torch.testing.assert_close(st_k["s_hat"], st_r["s_hat"], rtol=2e-5, atol=1e-6)
                 assert torch.equal(st_k["steps"], st_r["steps"])
@@ -138,7 +145,7 @@ def test_agm_state_parity_20_steps(device):
             x[1, 4, 2] = float("nan")  # a bad step: flag 1, state untouched, later steps continue from it
         got = balance_coefficients(x, y, "agm", state=st_k, alpha=2.0, clip=3.0)
         want = R.balance_coefficients_ref(x, y, "agm", state=st_r, alpha=2.0, clip=3.0)
-        _close(got, want, msg=f"step {step}")
+        _close(got, want, msg=f"step {step}", method="agm")
         torch.testing.assert_close(st_k["s_hat"], st_r["s_hat"], rtol=2e-5, atol=1e-6)
         assert torch.equal(st_k["steps"], st_r["steps"])
     assert st_k["steps"].item() == 19.0
@@ -277,7 +284,7 @@ def test_sync_path_two_launches_single_process_group(monkeypatch, tmp_path, devi
             got = balance_coefficients(x, y, method, state=st_k if method == "agm" else None, sync=True)
             assert len(calls) == 2, calls
             want = R.balance_coefficients_ref(x, y, method, state=st_r if method == "agm" else None)
-            _close(got, want, msg=method)
+            _close(got, want, msg=method, method=method)
         calls.clear()
         balance_coefficients(x, y, "ogm", sync=False)
         assert len(calls) == 1

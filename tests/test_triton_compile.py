@@ -69,7 +69,7 @@ def test_compiled_matches_eager(method, hp, device):
         assert torch.equal(st_c["s_hat"], st_e["s_hat"]) and torch.equal(st_c["steps"], st_e["steps"]), i
     if method == "agm":
         assert st_c["steps"].item() == 3.0 and st_c["s_hat"].abs().sum().item() > 0
-        assert not torch.allclose(got["coefficients"], torch.ones(M))  # kappa moved away from neutral
+        assert not torch.allclose(got["coefficients"], torch.ones(M, device=device))  # kappa moved away from neutral
     # the eager Triton path agrees with the reference too (so both sides above ran the real kernel)
     want_ref = R.balance_coefficients_ref(x.permute(1, 0, 2), y, method, **hp)
     torch.testing.assert_close(got["scores"], want_ref["scores"], rtol=2e-5, atol=1e-6)
