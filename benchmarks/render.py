@@ -84,9 +84,11 @@ def generic_tables(benches):
 
 
 def render_markdown(benches, machine):
-    head = f"Machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}, python {machine.get('python_version', '?')}"
     ts = train_step_table(benches)
-    parts = [head]
+    parts = []
+    if machine:  # pytest-benchmark JSON carries it; the suite's JSON lines do not (versions.txt does)
+        parts.append(f"Machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}, "
+                     f"python {machine.get('python_version', '?')}")
     if ts:
         parts += ["## Training step", ts]
     gen = generic_tables(benches)

@@ -32,6 +32,8 @@ def _check_number(value, name: str, *, allow_none: bool = False) -> None:
 
 
 def _check_hyperparameters(method: str, hp: dict) -> dict:
+    if torch.compiler.is_compiling():  # traced once anyway; Dynamo would warn about the lru_cache
+        return _check_hyperparameters_uncached(method, hp)
     try:  # a trainer passes the same hyperparameters every step: validated once per distinct set
         return _checked_hyperparameters(method, tuple((k, type(v), v) for k, v in sorted(hp.items())))
     except TypeError as exc:
