@@ -40,8 +40,10 @@ MMK_HD Moments merge_moments(Moments a, Moments b) {
 }
 
 // Unbiased standard deviation (as torch.std), NaN for fewer than two values (as torch.std).
+// A tensor with fewer than 2 elements has no unbiased std; it is defined as 0 (so GE adds only 1e-8 * n to a PReLU
+// weight or a scalar bias instead of turning it into NaN).
 MMK_HD float unbiased_std(Moments m) {
-  if (m.n < 2.0) return NAN;
+  if (m.n < 2.0) return 0.0f;
   return static_cast<float>(sqrt(m.m2 / (m.n - 1.0)));
 }
 
@@ -49,8 +51,7 @@ MMK_HD float unbiased_std(Moments m) {
 // (float for float/half/bfloat16 gradients, double for double ones) plus 1e-8, added in double.
 template <typename opmath_t>
 MMK_HD opmath_t ge_noise_scale(Moments m) {
-  if (m.n < 2.0) return static_cast<opmath_t>(NAN);
-  const double sd = sqrt(m.m2 / (m.n - 1.0));
+  const double sd = m.n < 2.0 ? 0.0 : sqrt(m.m2 / (m.n - 1.0));  // std := 0 below 2 elements (see unbiased_std)
   return static_cast<opmath_t>(static_cast<double>(static_cast<opmath_t>(sd)) + 1e-8);
 }
 

@@ -13,6 +13,17 @@ import torch
 
 MIN_MODALITIES, MAX_MODALITIES = 2, 8
 MAX_COUNTER = 2 ** 63 - 1  # Philox seeds and counter offsets are int64 on the device side
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+# The ranges of the coefficient hyperparameters: ONE table, used by mmkernels.balance_coefficients and by the balancers'
+# constructors. name: (low, high, low_open, high_open, None allowed).
+HYPERPARAMETER_RANGES = {
+    "alpha": (0.0, None, False, False, False),    # alpha < 0 would turn suppression into amplification (k > 1)
+    "q_base": (0.0, 1.0, True, True, False),      # TPAMI Eq. 8: a drop probability
+    "lam": (0.0, None, False, False, False),      # TPAMI Eq. 8: q grows with the discrepancy
+    "beta_max": (1.0, None, False, False, False),  # MLB Eq. 6: beta >= 1 keeps k >= 1 for the lagging modality
+    "clip": (0.0, None, True, False, True),       # AGM: an upper clamp on the exponent, > 0 (None: no clamp)
+}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -100,6 +111,37 @@ def check_labels(labels: torch.Tensor, batch: int, device: torch.device, name: s
 def check_nonneg(value: float, name: str) -> None:
     if not isinstance(value, (int, float)) or value != value or value < 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False, allow_none=False) -> None:
+    """A finite real number (not a bool) in [low, high] (open ends where asked); the message names the argument and
+    the range."""
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value and abs(value) != float("inf")
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be a finite number in {rng}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_hyperparameter(value, name: str) -> None:
+    """A coefficient hyperparameter against HYPERPARAMETER_RANGES (the same check in the op and the balancers)."""
+    low, high, low_open, high_open, allow_none = HYPERPARAMETER_RANGES[name]
+    check_real(value, name, low=low, high=high, low_open=low_open, high_open=high_open, allow_none=allow_none)
+
+
+def check_ignore_index(value, name: str = "ignore_index") -> None:
+    """A label value that counts nowhere: a Python int (not a bool) that fits in int64 (the kernels compare in int64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit in int64 [-2**63, 2**63), got {value!r}")
 
 
 def check_choice(value, choices, name: str) -> None:

@@ -10,25 +10,18 @@ directly, skipping the op's dispatch (host time that would exceed the kernel's o
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Optional
 
 import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import as_stacked, check_choice, check_labels
+from ._validate import as_stacked, check_choice, check_hyperparameter, check_ignore_index, check_labels
 
 METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
 METHOD_DEFAULTS = reference.METHOD_DEFAULTS  # hyperparameters each method accepts, with their defaults
-_ALL_HP = {"alpha": 1.0, "q_base": 0.5, "lam": 0.5, "beta_max": 2.0, "clip": None, "z": "tanh", "ratio": "ratio"}
-
-
-def _check_number(value, name: str, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be a finite real number{' or None' if allow_none else ''}, got {value!r}")
+_ALL_HP = {"alpha": 1.0, "q_base": 0.5, "lam": 0.5, "beta_max": 2.0, "clip": None, "z": "tanh", "ratio": "ratio",
+           "tie": 0}
 
 
 def _check_hyperparameters(method: str, hp: dict) -> dict:
@@ -53,9 +46,10 @@ def _check_hyperparameters_uncached(method: str, hp: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(allowed)}")
     p = {**_ALL_HP, **allowed, **hp}
-    for name in ("alpha", "q_base", "lam", "beta_max"):
-        _check_number(p[name], name)
-    _check_number(p["clip"], "clip", allow_none=True)
+    for name in ("alpha", "q_base", "lam", "beta_max", "clip"):  # the balancers' ranges (_validate's one table)
+        check_hyperparameter(p[name], name)
+    if isinstance(p["tie"], bool) or p["tie"] not in (0, 1):
+        raise ValueError(f"tie must be 0 or 1 (the modality an exact M = 2 tie suppresses), got {p['tie']!r}")
     check_choice(p["z"], ("tanh", "sigmoid"), "z")
     check_choice(p["ratio"], ("ratio", "difference"), "ratio")
     return p
@@ -80,7 +74,7 @@ def _check_state(state, m: int, device: torch.device) -> None:
 def balance_coefficients_op(logits: torch.Tensor, labels: torch.Tensor, s_hat: Optional[torch.Tensor],
                             steps: Optional[torch.Tensor], method: str, ignore_index: int, alpha: float,
                             q_base: float, lam: float, beta_max: float, clip: Optional[float], z: str,
-                            ratio: str) -> torch.Tensor:
+                            ratio: str, tie: int = 0) -> torch.Tensor:
     """The fused Triton kernel, one launch: logits [M, B, C] (any strides), labels [B] int -> fp32 out [3M + 1]
     = scores [0:M], ratios [M:2M], coefficients [2M:3M], flag [3M]. AGM: s_hat [M] and steps [] fp32 are
     updated in place (None: no history, nothing kept); other methods ignore them (pass None). clip None: no clip.
@@ -88,12 +82,13 @@ def balance_coefficients_op(logits: torch.Tensor, labels: torch.Tensor, s_hat: O
     from .triton_ops.coefficients import balance_coefficients_launch
 
     return balance_coefficients_launch(logits, labels, s_hat, steps, method, ignore_index=ignore_index, alpha=alpha,
-                                       q_base=q_base, lam=lam, beta_max=beta_max, clip=clip, z=z, ratio=ratio)
+                                       q_base=q_base, lam=lam, beta_max=beta_max, clip=clip, z=z, ratio=ratio,
+                                       tie=tie)
 
 
 @balance_coefficients_op.register_fake
 def _balance_coefficients_fake(logits, labels, s_hat, steps, method, ignore_index, alpha, q_base, lam, beta_max,
-                               clip, z, ratio):
+                               clip, z, ratio, tie=0):
     return logits.new_empty(3 * logits.shape[0] + 1, dtype=torch.float32)
 
 
@@ -109,7 +104,8 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     unimodal_logits: a list of M tensors [B, C] or one tensor [M, B, C] (any strides, not copied), float.
     labels: int [B]; rows equal to `ignore_index` count nowhere.
     method and its hyperparameters (defaults in METHOD_DEFAULTS):
-      "ogm_ge": authors' CVPR 2022 coefficient k (alpha)
+      "ogm_ge": authors' coefficient k (alpha; tie=0: an exact M = 2 tie suppresses modality 0, as the CVPR 2022
+                code; tie=1: modality 1, as the TPAMI repository's OGM script)
       "ogm":    TPAMI Eq. 11, k = max(0, 1 - alpha z(rho)) where rho > 1 (alpha, z="tanh"|"sigmoid", ratio="ratio"|"difference")
       "opm":    TPAMI Eq. 8, drop probability q (q_base, lam, z, ratio)
       "agm":    AGM Eq. 7-10, ratios r and coefficients kappa (alpha, clip=None); `state` (from
@@ -120,20 +116,24 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
       CUDA: two Triton launches around the all_reduce), not a custom op: under torch.compile keep it outside
       the compiled region. sync=False (or no process group) on CUDA is the custom op
       `mmkernels::balance_coefficients` (one launch; traceable with fullgraph=True).
-    Returns dict(scores [M], ratios [M], coefficients [M], flag []) of fp32 device tensors. flag: 0 ok,
+    Hyperparameter ranges (the balancers' own, mmkernels._validate.HYPERPARAMETER_RANGES): alpha >= 0, q_base in
+    (0, 1), lam >= 0, beta_max >= 1, clip None or > 0; ValueError naming the argument otherwise.
+    B = 0 is allowed (flag 2, neutral coefficients; with sync the rank still joins the all-reduce).
+    Returns dict(scores [M], ratios [M], coefficients [M], flag []) of fp32 device tensors that never require grad
+    (the logits are detached). flag: 0 ok,
     1 a non-finite score, ratio or coefficient (coefficients neutral: k = 1, q = 0, kappa = 1; AGM state
     untouched; scores and ratios returned as computed), 2 no valid row (same neutral result; 2 wins over 1).
-    Labels outside [0, C) that are not ignore_index give a non-finite score (flag 1); a 'prob' score sum of
+    Labels outside [0, C) that are not ignore_index give a non-finite score (flag 1) on every backend (the
+    balancers check label values on CPU tensors first and raise a ValueError naming `labels`); a 'prob' score sum of
     exactly 0 (softmax[y] underflows on every row) gives an inf or NaN ratio (flag 1).
     """
     logits = as_stacked(unimodal_logits, "unimodal_logits", ndim=2)
     m, b, c = logits.shape
-    if b < 1 or c < 1:
-        raise ValueError(f"unimodal_logits must have at least one row and one class, got shape [M, B, C] = {[m, b, c]}")
+    if c < 1:
+        raise ValueError(f"unimodal_logits must have at least one class, got shape [M, B, C] = {[m, b, c]}")
     check_labels(labels, b, logits.device)
     check_choice(method, METHODS, "method")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     p = _check_hyperparameters(method, hyperparameters)
     if method == "agm":
         _check_state(state, m, logits.device)
@@ -145,7 +145,7 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
         s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
         hp = dict(ignore_index=int(ignore_index), alpha=float(p["alpha"]), q_base=float(p["q_base"]),
                   lam=float(p["lam"]), beta_max=float(p["beta_max"]),
-                  clip=None if p["clip"] is None else float(p["clip"]), z=p["z"], ratio=p["ratio"])
+                  clip=None if p["clip"] is None else float(p["clip"]), z=p["z"], ratio=p["ratio"], tie=int(p["tie"]))
         if torch.compiler.is_compiling():  # traced: the opaque custom op (one launch)
             out = torch.ops.mmkernels.balance_coefficients(x, labels, s_hat, steps, method, **hp)
         else:  # eager: the launcher directly (the op's dispatch would cost more host time than the kernel)
@@ -154,6 +154,7 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
             out = balance_coefficients_launch(x, labels, s_hat, steps, method, sync=distributed, group=group, **hp)
         return _split(out, m)
     hp = {k: p[k] for k in METHOD_DEFAULTS[method]}
+    logits = logits.detach()  # statistics only: the outputs never require grad
     if not distributed:
         return reference.balance_coefficients_ref(logits, labels, method, state=state, ignore_index=ignore_index, **hp)
     return _reference_synced(logits, labels, method, state, ignore_index, group, hp)

@@ -11,7 +11,8 @@ sample_cov_noise(per_sample_grads, *, seed, offset)      DESIGN 4.3
     (seed, offset), so the two agree exactly when G holds the per-sample gradients behind the tap.
 ge_isotropic_(grads, k, *, seed, offset, group_index=None) DESIGN 4.2 (authors' OGM-GE code)
     In place for every tensor t: grad_t = k_t * grad_t + N(0, (std_t + 1e-8)^2), std_t the unbiased std of the
-    unmodulated grad_t, k read on the device. Two multi-tensor passes over all tensors, no host sync.
+    unmodulated grad_t (0 for a tensor with fewer than 2 elements), k read on the device. Two multi-tensor passes
+    over all tensors, no host sync.
 
 Randomness (DESIGN 9): (seed, offset) address a counter-based Philox4x32-10 stream (csrc/philox.h). The
 extension backend (C++ CPU twins and CUDA kernels) gives the same z on CPU and CUDA: z_i is normal n0 of counter
@@ -147,7 +148,8 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
        coefficients) with group_index[t] in [0, G) naming tensor t's entry (a list of ints, host data).
        A sequence of numbers is accepted too. Read on the device: no host sync.
     seed, offset: the Philox stream, identical on every DDP rank so replicas stay equal.
-    Tensors with a single element get a NaN std (as torch.std, and as the authors' loop).
+    A tensor with a single element (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 (noise
+    1e-8 * n), on every backend; torch.std and the authors' loop would give NaN and a NaN parameter.
     """
     gs = _check_grads(grads)
     check_counter(seed, "seed")

@@ -82,14 +82,16 @@ def score_sums(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index
 
     logits: [M, B, C] (or a list of M tensors [B, C]), any float dtype; labels: int [B]; rows with
     labels == ignore_index count nowhere (not in the sums, not in the count; their logits may even be NaN).
+    A valid row whose label lies outside [0, C) scores NaN (so the pipeline's flag is 1, as in the Triton kernel).
     kind 'prob': sum_i softmax(u_m,i)[y_i]                       (TPAMI Eq. 6 and 7; OGM-GE; MLB Eq. 4)
     kind 'ce'  : sum_i -log(max(softmax(u_m,i)[y_i], 1e-8))      (AGM Eq. 4; computed as -max(log_softmax, log 1e-8))
     Returns (sums [M] fp32, count [] fp32).
     """
     x = _acc(_stack(logits))
-    m, b = x.shape[0], x.shape[1]
+    m, b, c = x.shape[0], x.shape[1], x.shape[2]
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    in_range = (labels >= 0) & (labels < c)
+    safe = torch.where(valid & in_range, labels, torch.zeros_like(labels)).long()
     logp = torch.log_softmax(x, dim=-1).gather(-1, safe.view(1, b, 1).expand(m, b, 1)).squeeze(-1)  # [M, B]
     if kind == "prob":
         val = logp.exp()
@@ -97,6 +99,7 @@ def score_sums(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index
         val = -logp.clamp(min=LOG_PROB_FLOOR)
     else:
         raise ValueError(f"kind must be 'prob' or 'ce', got {kind!r}")
+    val = torch.where(in_range.view(1, b), val, torch.full_like(val, float("nan")))
     sums = torch.where(valid.view(1, b), val, torch.zeros_like(val)).sum(dim=1)
     count = valid.sum().to(torch.float32)
     return sums.to(torch.float32), count
@@ -144,12 +147,14 @@ def ratio_mlb(s) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- coefficients
-def ogm_ge_coefficients(s, *, alpha: float = 1.0):
-    """OGM-GE coefficients as the authors' CVPR 2022 code computes them (DESIGN sec. 3). s [M] 'prob' sums.
+def ogm_ge_coefficients(s, *, alpha: float = 1.0, tie: int = 0):
+    """OGM-GE coefficients as the authors' code computes them (DESIGN sec. 3). s [M] 'prob' sums.
 
-    M = 2: rho_0 = s_0/s_1, rho_1 = s_1/s_0. If rho_1 > 1: k_1 = 1 - tanh(alpha * rho_1), k_0 = 1;
-           else k_0 = 1 - tanh(alpha * rho_0), k_1 = 1. An exact tie (rho = 1) therefore suppresses modality 0,
-           and k jumps at rho = 1 (from 1 to 1 - tanh(alpha)).
+    M = 2: rho_0 = s_0/s_1, rho_1 = s_1/s_0; k = 1 - tanh(alpha * rho) for the suppressed modality, 1 for the other;
+           k jumps at rho = 1 (from 1 to 1 - tanh(alpha)).
+           tie=0 (CVPR 2022 code): suppress modality 1 iff rho_1 > 1, else modality 0 (a tie suppresses modality 0).
+           tie=1 (TPAMI repository's OGM script): suppress modality 0 iff rho_0 > 1, else modality 1 (a tie
+           suppresses modality 1).
     M > 2: rho = TPAMI Eq. 7 (ratio_tpami) and k_m = 1 - tanh(alpha * rho_m) if rho_m > 1 else 1.
     Returns (rho [M] fp32, k [M] fp32).
     """
@@ -159,7 +164,7 @@ def ogm_ge_coefficients(s, *, alpha: float = 1.0):
         rho = torch.stack([s[0] / s[1], s[1] / s[0]])
         sup = 1.0 - torch.tanh(alpha * rho)
         one = torch.ones_like(rho[0])
-        first_ahead = ~(rho[1] > 1.0)                                    # tie or modality 0 ahead -> suppress 0
+        first_ahead = ~(rho[1] > 1.0) if tie == 0 else rho[0] > 1.0    # who is suppressed (at a tie: modality `tie`)
         k = torch.stack([torch.where(first_ahead, sup[0], one), torch.where(first_ahead, one, sup[1])])
     else:
         rho = _acc(ratio_tpami(s))
@@ -194,15 +199,15 @@ def agm_kappa(s, s_hat, *, alpha: float = 1.0, clip: float | None = None, steps=
                                                        lower = stronger, so a strong modality has r > 1)
     tau_m   = the same on s_hat                       (Eq. 9; s_hat is the running mean BEFORE this step's update)
     kappa_m = exp(alpha * clamp(tau_m - r_m, max=clip))   (Eq. 8: exp(-alpha (r - tau)); clip None = no clamp)
-    steps (optional, [] tensor or number): the number of past steps in s_hat; where steps == 0 there is no history
-    and tau := r, so kappa = 1.
+    steps (optional, [] tensor or number): the number of past steps in s_hat; where steps == 0 there is no history:
+    s_hat = 0 as in Alg. 1 (and the authors' code), so tau = 1 and kappa = exp(alpha * clamp(1 - r, max=clip)).
     Returns (r, tau, kappa), each [M] fp32.
     """
     s, s_hat = _acc(s), _acc(s_hat)
     r = _agm_strength(s)
     tau = _agm_strength(s_hat)
-    if steps is not None:
-        tau = torch.where(_acc_like(steps, s) > 0, tau, r)
+    if steps is not None:  # Alg. 1: s_hat starts at 0, so tau = exp(0) = 1 before any history
+        tau = torch.where(_acc_like(steps, s) > 0, tau, torch.ones_like(tau))
     diff = tau - r
     if clip is not None:
         diff = diff.clamp(max=clip)
@@ -303,7 +308,7 @@ def olm_update(w, logit_norms, lam, *, lr: float, steps: int, target: str = "bud
 
 # ----------------------------------------------------------------------------------------------- pipeline
 METHOD_DEFAULTS = {  # hyperparameters of each method and their defaults (DESIGN sec. 3)
-    "ogm_ge": {"alpha": 1.0},
+    "ogm_ge": {"alpha": 1.0, "tie": 0},
     "ogm": {"alpha": 1.0, "z": "tanh", "ratio": "ratio"},
     "opm": {"q_base": 0.5, "lam": 0.5, "z": "tanh", "ratio": "ratio"},
     "agm": {"alpha": 1.0, "clip": None},
@@ -322,12 +327,13 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
     """The whole pipeline scores -> ratios -> coefficients for one batch (DESIGN sec. 3), no host sync.
 
     logits [M, B, C] or a list of M [B, C]; labels int [B]; method in ogm_ge | ogm | opm | agm | mlb.
-      ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=1.0)
+      ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=1.0, tie=0)
       ogm   : 'prob' sums, ratio_tpami, ogm_coefficients (hp alpha=1.0, z='tanh', ratio='ratio'|'difference')
       opm   : same ratio, opm_drop_probability -> q (hp q_base=0.5, lam=0.5, z='tanh', ratio)
       agm   : 'ce' means, r as ratios, kappa as coefficients (hp alpha=1.0, clip=None); state =
               dict(s_hat=[M] fp32, steps=[] fp32) is read (tau from s_hat before the update) and then updated IN
-              PLACE with this step's scores (AGM Eq. 10). state None: no history (tau = r, kappa = 1), nothing stored.
+              PLACE with this step's scores (AGM Eq. 10). state None: no history (s_hat = 0, tau = 1, Alg. 1), nothing
+              stored.
       mlb   : 'prob' sums, ratio_mlb, mlb_coefficients (hp alpha=1.0, beta_max=2.0)
     With ratio='difference' the ratio is formed on batch-mean scores (sums / count), see ratio_tpami.
     Returns dict(scores [M], ratios [M], coefficients [M], flag []) all fp32. flag: 2 no valid rows; else 1 a
@@ -340,6 +346,7 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
     """
     _check_method(method, hp)
     kind = "ce" if method == "agm" else "prob"
+    logits = logits.detach() if isinstance(logits, torch.Tensor) else [u.detach() for u in logits]  # statistics only
     sums, count = score_sums(logits, labels, kind=kind, ignore_index=ignore_index)
     return balance_from_sums_ref(sums, count, method, state=state, **hp)
 
@@ -362,7 +369,7 @@ def balance_from_sums_ref(sums: torch.Tensor, count: torch.Tensor, method: str, 
     s = sums / count if method == "agm" else sums
 
     if method == "ogm_ge":
-        ratios, coeff = ogm_ge_coefficients(s, alpha=p["alpha"])
+        ratios, coeff = ogm_ge_coefficients(s, alpha=p["alpha"], tie=p["tie"])
         neutral = 1.0
     elif method in ("ogm", "opm"):
         ratios = ratio_tpami(sums / count if p["ratio"] == "difference" else sums, variant=p["ratio"])
@@ -627,6 +634,8 @@ def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -
 def ge_isotropic(grads, k, normals) -> list:
     """Parameter-mode GE as in the authors' OGM-GE code (DESIGN 4.2): g <- k * g + (std(g) + 1e-8) * n per tensor,
     std = unbiased std of the unmodulated grad over all its elements, n ~ N(0, 1) given (same shapes as grads).
+    A tensor with fewer than 2 elements (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 here
+    (noise 1e-8 * n), where torch.std (and the authors' loop) would give NaN and turn the parameter into NaN.
 
     grads: list of T tensors; k: T numbers / 0-d tensors or a tensor [T]; normals: list of T tensors.
     Returns a new list in each grad's dtype (computed in fp32, fp64 for fp64). The loop is over tensors, not rows.
@@ -635,7 +644,7 @@ def ge_isotropic(grads, k, normals) -> list:
     for i, (g, n) in enumerate(zip(grads, normals)):
         ga = _acc(g)
         ki = _acc_like(k[i], ga)
-        std = ga.std(unbiased=True) + GE_STD_EPS
+        std = (ga.std(unbiased=True) if ga.numel() >= 2 else ga.new_zeros(())) + GE_STD_EPS
         out.append((ki * ga + std * _acc(n).to(ga.dtype)).to(g.dtype))
     return out
 

@@ -165,8 +165,8 @@ def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "offici
 
     widths = [math.prod(x.shape[1:]) for x in xs]
     mode = RESCALE_MODES.index(rescale)
-    if backend_for(xs[0], q, op="modality_drop", available=("reference", "triton")) == "triton":
-        if stacked:
+    if b > 0 and backend_for(xs[0], q, op="modality_drop", available=("reference", "triton")) == "triton":
+        if stacked:  # (B = 0: the reference below, which handles empty features)
             out = modality_drop_apply(features.reshape(m, b, -1), q, seed, offset, 0, widths, mode, float(p_exe))
             return out.view(features.shape)
         return [modality_drop_apply(x.reshape(1, b, -1), q, seed, offset, j, widths, mode, float(p_exe)).view(x.shape)

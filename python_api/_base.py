@@ -26,20 +26,8 @@ def check_int(value, name: str, *, minimum: int = 0, allow_none: bool = False) -
         raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
 
 
-def check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False, allow_none=False) -> None:
-    """A finite real number in [low, high] (open ends where asked); the message names the argument and the range."""
-    if value is None and allow_none:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value and abs(value) != float("inf")
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+check_real = _validate.check_real
+check_hyperparameter = _validate.check_hyperparameter  # the coefficient op's ranges (one table, _validate)
 
 
 def check_num_modalities(m) -> int:
@@ -104,9 +92,13 @@ class Balancer:
       enabled: False turns the balancer into a no-op (same as being outside the window).
       official: reproduce the authors' public code where it differs from the paper (README "Differences").
       ignore_index: label of rows that count nowhere.
-      seed: seed of the counter-based noise / drop streams; the offset follows the step counter.
+      seed: seed of the counter-based noise / drop streams (an int in [0, 2**63)); the offset follows the step counter.
       sync: all-reduce the score sums under torch.distributed (None: when a process group with > 1 rank is up).
-      optimizer: if given, step() is called automatically after each optimizer.step().
+        Every rank joins every collective in the same order, whatever its batch (an empty or all-ignored batch too).
+      optimizer: if given, step() is called automatically after each optimizer.step(). A step whose
+        optimizer.step() never comes (torch.amp.GradScaler skips it when the gradients hold inf/NaN) is ended by
+        the next step's first call (observe, tap, drop, forward, loss) once its backward has run; `skipped_steps`
+        counts them.
     """
 
     method: str = ""            # name stored in state_dict
@@ -122,9 +114,8 @@ class Balancer:
         if end is not None and end <= start:
             raise ValueError(f"end must be greater than start (window start <= t < end), got start={start}, end={end}")
         _validate.check_choice(unit, ("step", "epoch"), "unit")
-        check_int(seed, "seed")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        _validate.check_counter(seed, "seed")
+        _validate.check_ignore_index(ignore_index)
         self.start, self.end, self.unit = int(start), end, unit
         self.enabled = bool(enabled)
         self.official = bool(official)
@@ -142,13 +133,33 @@ class Balancer:
             "scores": torch.zeros(m), "ratios": torch.zeros(m),
             "coefficients": torch.full((m,), float(self.neutral)), "flag": torch.zeros(()),
         }
+        self._auto_step = optimizer is not None
+        self.skipped_steps = 0        # steps ended without optimizer.step() (GradScaler skips), optimizer= only
         if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
             self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
 
     # ---------------------------------------------------------------- host-side protocol
     def step(self) -> None:
         """End the training step (call after optimizer.step(), or pass optimizer= to do it automatically)."""
         self._step += 1
+
+    def _roll_over(self) -> None:
+        """optimizer= given, this step's backward has run and a new step's work begins, yet optimizer.step() never
+        came (GradScaler skipped it): end the step here, as the hook would have."""
+        if self._auto_step and self._backward_step == self._step:
+            self.skipped_steps += 1
+            self.step()
+
+    def _mark_on_backward(self, tensors) -> None:
+        """Record the backward of this step when a gradient reaches one of `tensors` (eager; a host flag only)."""
+        if torch.compiler.is_compiling():
+            return
+        step = self._step
+        for y in tensors:
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(lambda g, s=step: self._mark_backward(s))
 
     def set_epoch(self, epoch: int) -> None:
         check_int(epoch, "epoch")
@@ -259,24 +270,26 @@ class Balancer:
         return x
 
     # ---------------------------------------------------------------- observe
-    def _begin_observe(self, what: str = "observe") -> None:
+    def _begin_observe(self, what: str = "observe", *, mark: bool = True) -> None:
+        """Check that this step may observe (raises otherwise, changing nothing) and, if mark, record it."""
+        self._roll_over()
         if self._observed_step == self._step:
             raise RuntimeError(f"{type(self).__name__}.{what}() was called twice in step {self._step}; call "
                                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
         if self._backward_step == self._step:
             raise RuntimeError(f"{type(self).__name__}.{what}() called after backward in step {self._step}; "
                                f"call bal.step() to start the next step first")
-        self._observed_step = self._step
+        if mark:
+            self._observed_step = self._step
 
     def _hyperparameters(self) -> dict:
         """Hyperparameters passed to balance_coefficients."""
         return {}
 
-    def _run_coefficients(self, x: torch.Tensor, labels: torch.Tensor, *, state=None) -> dict | None:
-        """The public coefficient op on stacked logits [M, B, C] (detached). None for an empty batch (no update)."""
+    def _run_coefficients(self, x: torch.Tensor, labels: torch.Tensor, *, state=None) -> dict:
+        """The public coefficient op on stacked logits [M, B, C] (detached). Run for an empty batch too (flag 2,
+        neutral coefficients): under sync every rank must join the all-reduce of every step."""
         self._to_device(x.device)
-        if x.shape[1] == 0:
-            return None
         return _ops.balance_coefficients(x.detach(), labels, self.coefficient_method, state=state,
                                          ignore_index=self.ignore_index, sync=self._sync(),
                                          **self._hyperparameters())
@@ -335,18 +348,19 @@ class Balancer:
                                f"modulate_grads() after backward instead of tap()")
         if not self._grad_step():
             return xs
+        self._roll_over()
         if self._backward_step == self._step:
             raise RuntimeError(f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
                                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
         self._to_device(xs[0].device)
         step = self._step
+        if xs[0].shape[0] == 0:  # no rows: nothing to scale (the ops need B > 0)
+            self._mark_on_backward(xs)
+            return xs
         if self._observed_step == step:   # coefficients known now: pass them to the op (compile-friendly)
             coef = self._stats["coefficients"]
             out = [self._tap_op(x, coef, m, step) for m, x in enumerate(xs)]
-            if not torch.compiler.is_compiling():
-                for y in out:
-                    if y.requires_grad:
-                        y.register_hook(lambda g, s=step: self._mark_backward(s))
+            self._mark_on_backward(out)
             return out
         if torch.compiler.is_compiling():
             raise RuntimeError(f"under torch.compile call {type(self).__name__}.observe() before tap() "
@@ -364,6 +378,48 @@ class Balancer:
     def _load_extra_tensors(self, tensors: dict) -> None:
         pass
 
+    _optional_tensors: tuple = ()  # extra state tensors a state_dict may lack (OLM's reference losses)
+
+    def _check_state(self, state, strict: bool) -> None:
+        """Everything load_state_dict reads, checked before anything is assigned (a rejected load changes nothing)."""
+        if not isinstance(state, dict) or "method" not in state or "num_modalities" not in state:
+            raise ValueError("state must be a dict returned by a balancer's state_dict()")
+        if state["method"] != self.method:
+            raise ValueError(f"state was saved by a {state['method']!r} balancer, cannot load it into {self.method!r}")
+        if state["num_modalities"] != self.num_modalities:
+            raise ValueError(f"state was saved for num_modalities={state['num_modalities']}, "
+                             f"this balancer has num_modalities={self.num_modalities}")
+        missing = [k for k in ("hyperparameters", "step", "epoch", "seed", "enabled", "tensors") if k not in state]
+        if missing:
+            raise ValueError(f"state lacks the entries {missing} (expected a balancer's state_dict())")
+        for key in ("step", "epoch"):
+            check_int(state[key], f"state[{key!r}]")
+        _validate.check_counter(state["seed"], "state['seed']")
+        t = state["tensors"]
+        if not isinstance(t, dict):
+            raise TypeError(f"state['tensors'] must be a dict of tensors, got {type(t).__name__}")
+        mine = {**self._stats, **self._extra_tensors()}
+        required = [k for k in mine if k not in self._optional_tensors]
+        missing = [k for k in required if k not in t]
+        if missing:
+            raise ValueError(f"state['tensors'] lacks {missing} (expected {sorted(required)})")
+        m = self.num_modalities
+        for k, v in t.items():
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise TypeError(f"state['tensors'][{k!r}] must be a floating tensor, got "
+                                f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}")
+            if v.is_meta:
+                raise ValueError(f"state['tensors'][{k!r}] is a meta tensor (no data); load a state_dict saved with "
+                                 f"its values (e.g. torch.load(..., map_location='cpu'))")
+            want = tuple(mine[k].shape) if k in mine else ((m,) if k in self._optional_tensors else None)
+            if want is not None and tuple(v.shape) != want:
+                raise ValueError(f"state['tensors'][{k!r}] must have shape {list(want)}, got {list(v.shape)}")
+        hp, current = state["hyperparameters"], self._hparams_state()
+        if strict and hp != current:
+            diff = {k: (hp.get(k), current.get(k)) for k in set(current) | set(hp) if hp.get(k) != current.get(k)}
+            raise ValueError(f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep "
+                             f"the current ones")
+
     def state_dict(self) -> dict:
         """Everything a resume needs for bit-identical coefficients: method, M, hyperparameters, host counters,
         seed, and the device tensors (cloned)."""
@@ -375,20 +431,9 @@ class Balancer:
                 "tensors": tensors}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too."""
-        if not isinstance(state, dict) or "method" not in state or "num_modalities" not in state:
-            raise ValueError("state must be a dict returned by a balancer's state_dict()")
-        if state["method"] != self.method:
-            raise ValueError(f"state was saved by a {state['method']!r} balancer, cannot load it into {self.method!r}")
-        if state["num_modalities"] != self.num_modalities:
-            raise ValueError(f"state was saved for num_modalities={state['num_modalities']}, "
-                             f"this balancer has num_modalities={self.num_modalities}")
-        mine = self._hparams_state()
-        if strict and state["hyperparameters"] != mine:
-            diff = {k: (state["hyperparameters"].get(k), mine.get(k)) for k in set(mine) | set(state["hyperparameters"])
-                    if state["hyperparameters"].get(k) != mine.get(k)}
-            raise ValueError(f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep "
-                             f"the current ones")
+        """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too.
+        Every entry is checked first (ValueError / TypeError naming it); a rejected state changes nothing."""
+        self._check_state(state, strict)
         self._step, self._epoch, self.seed = int(state["step"]), int(state["epoch"]), int(state["seed"])
         self.enabled = bool(state["enabled"])
         self._observed_step = int(state.get("observed_step", -1))

@@ -8,7 +8,7 @@ import torch
 from mmkernels import _validate, reference
 
 from . import _ops
-from ._base import Balancer, check_label_values, check_real
+from ._base import Balancer, check_hyperparameter, check_label_values
 
 
 @contextlib.contextmanager
@@ -47,8 +47,11 @@ class AGM(Balancer):
                        the authors' numbers when the encoders have BatchNorm or dropout.
     Muted passes run in eval mode with autograd on (BatchNorm running statistics, as the authors do).
     Arguments: alpha >= 0 (default 1.0), clip (None or > 0; authors: 10 on CREMA-D, 7 on UR-Funny), muted_mode.
-    official=True: after the window's end the last kappa stays in force (the authors' behaviour); by default kappa
-    returns to 1 outside the window.
+    First step (Alg. 1, and the authors' code): s_hat starts at 0, so tau = 1 and kappa = exp(alpha (1 - r)).
+    official=True, as the authors' code: (1) the running means s_hat average from the first training step even when
+    the window starts later (before `start` the Shapley pass runs to update them, kappa stays 1); (2) after the
+    window's end the last kappa stays in force. By default s_hat averages from the window's first step (no extra
+    pass before it) and kappa returns to 1 outside the window.
     """
 
     method = "agm"
@@ -57,8 +60,8 @@ class AGM(Balancer):
     def __init__(self, num_modalities: int, *, alpha: float = 1.0, clip: float | None = None,
                  muted_mode: str = "eval", **kwargs):
         super().__init__(num_modalities, **kwargs)
-        check_real(alpha, "alpha", low=0.0)
-        check_real(clip, "clip", low=0.0, low_open=True, allow_none=True)
+        check_hyperparameter(alpha, "alpha")
+        check_hyperparameter(clip, "clip")
         _validate.check_choice(muted_mode, ("eval", "reuse"), "muted_mode")
         self.alpha, self.clip, self.muted_mode = float(alpha), clip, muted_mode
         self._agm = reference.new_agm_state(self.num_modalities)
@@ -81,7 +84,8 @@ class AGM(Balancer):
 
     @property
     def running_scores(self) -> torch.Tensor:
-        """s_hat, the cumulative mean of the scores since the first modulated step (AGM Eq. 10), [M] fp32."""
+        """s_hat, the cumulative mean of the scores (AGM Eq. 10) since the first modulated step (official=True: since
+        the first training step), [M] fp32."""
         return self._agm["s_hat"]
 
     def tap(self, feats):
@@ -121,24 +125,34 @@ class AGM(Balancer):
         """Fused logits f(all) [B, C]; their backward scales the gradient reaching phi_m by kappa_m (this step's)."""
         self._check_inputs(inputs, labels, model, encoders, head)
         inputs = list(inputs)
+        live = self.enabled and self.training and torch.is_grad_enabled()
+        if live:
+            self._roll_over()
         modulate = self._grad_step()
-        frozen = (self.official and self.enabled and self.training and torch.is_grad_enabled()
-                  and self.end is not None and not self.in_window() and self._observed_step >= 0)
-        if not (modulate or frozen):
+        t = self._step if self.unit == "step" else self._epoch
+        # official: the authors' running means average from the first training step, before the window too
+        track = live and self.official and not modulate and t < self.start
+        frozen = (self.official and live and self.end is not None and not self.in_window()
+                  and self._observed_step >= 0 and not track)
+        if not (modulate or frozen or track):
             if self.training and not self.in_window():   # kappa returns to 1 outside the window (exactly)
                 self._stats = {**self._stats, "coefficients": torch.ones_like(self._stats["coefficients"])}
             if model is not None:
                 return model(*inputs)
             return head([enc(x) for enc, x in zip(encoders, inputs)])
-        if modulate:
-            self._begin_observe("forward")
+        observe = modulate or track
+        if observe:  # may this step observe? (raises before any work; recorded only once the labels are checked)
+            self._begin_observe("forward", mark=False)
         subsets = self._subset_outputs(inputs, model, encoders, head)       # [2^M - 1, B, ...]
         self._to_device(subsets.device)
-        if modulate:
+        if observe:
             phi = _ops.shapley_combine(subsets.detach())                     # [M, B, C], scores only
-            check_label_values(labels, phi.shape[-1], self.ignore_index)
-            self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=True)
-        return _ops.shapley_fused(subsets, self._stats["coefficients"])
+            check_label_values(labels, phi.shape[-1], self.ignore_index)   # a rejected call changes no state
+            self._observed_step = self._step
+            self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)
+        out = _ops.shapley_fused(subsets, self._stats["coefficients"])
+        self._mark_on_backward([out])
+        return out
 
     __call__ = forward
 

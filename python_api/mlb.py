@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmkernels import _validate
 
-from ._base import Balancer, ParameterModeMixin, check_real
+from ._base import Balancer, ParameterModeMixin, check_hyperparameter
 
 
 def _masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -31,8 +31,8 @@ class MLB(ParameterModeMixin, Balancer):
 
     def __init__(self, num_modalities: int, *, alpha: float = 0.8, beta_max: float = 2.0, params=None, **kwargs):
         super().__init__(num_modalities, **kwargs)
-        check_real(alpha, "alpha", low=0.0)
-        check_real(beta_max, "beta_max", low=1.0)
+        check_hyperparameter(alpha, "alpha")
+        check_hyperparameter(beta_max, "beta_max")
         self.alpha, self.beta_max = float(alpha), float(beta_max)
         self._init_params(params)
 

@@ -6,7 +6,7 @@ import torch
 from mmkernels import _validate
 
 from . import _ops
-from ._base import Balancer, ParameterModeMixin, check_real
+from ._base import Balancer, ParameterModeMixin, check_hyperparameter, check_real
 
 _AUTO = "auto"
 
@@ -17,8 +17,9 @@ class OGMGE(ParameterModeMixin, Balancer):
     Paper mode (default): rho = TPAMI Eq. 7, k_m = max(0, 1 - alpha tanh(rho_m - 1)) if rho_m > 1 else 1 (Eq. 11),
     applied by feature taps with batch-covariance noise: row i of modality m's feature gradient is multiplied by
     k_m + sigma (z_i - mean z) (Eq. 13-17, DESIGN 4.1).
-    official=True: the authors' coefficient (M = 2: k = 1 - tanh(alpha rho) for the leading modality, a tie suppresses
-    modality 0) and their noise: after backward, for every listed tensor, grad = k_m grad + N(0, std(grad)^2)
+    official=True: the authors' coefficient (M = 2: k = 1 - tanh(alpha rho) for the leading modality; an exact tie
+    suppresses modality 0 as in the CVPR 2022 code, modality 1 in OGM(official=True), the TPAMI repository's OGM
+    script) and their noise: after backward, for every listed tensor, grad = k_m grad + N(0, std(grad)^2)
     ("isotropic", parameter mode: pass params= and call modulate_grads()).
 
     Arguments: num_modalities; alpha >= 0 (default 0.8, the authors' CREMA-D value); noise "covariance" (taps),
@@ -29,11 +30,12 @@ class OGMGE(ParameterModeMixin, Balancer):
 
     method = "ogm_ge"
     default_noise = "covariance"
+    official_tie = 0  # modality an exact M = 2 tie suppresses with official=True (CVPR 2022 code: 0)
 
     def __init__(self, num_modalities: int, *, alpha: float = 0.8, noise=_AUTO, sigma: float = 1.0, params=None,
                  official: bool = False, z: str = "tanh", ratio: str = "ratio", **kwargs):
         super().__init__(num_modalities, official=official, **kwargs)
-        check_real(alpha, "alpha", low=0.0)
+        check_hyperparameter(alpha, "alpha")
         check_real(sigma, "sigma", low=0.0)
         _validate.check_choice(z, ("tanh", "sigmoid"), "z")
         _validate.check_choice(ratio, ("ratio", "difference"), "ratio")
@@ -52,7 +54,7 @@ class OGMGE(ParameterModeMixin, Balancer):
 
     def _hyperparameters(self) -> dict:
         if self.coefficient_method == "ogm_ge":
-            return {"alpha": self.alpha}
+            return {"alpha": self.alpha, **({"tie": self.official_tie} if self.official_tie else {})}
         return {"alpha": self.alpha, "z": self.z, "ratio": self.ratio}
 
     def _hparams_state(self) -> dict:
@@ -81,7 +83,9 @@ class OGMGE(ParameterModeMixin, Balancer):
 
 class OGM(OGMGE):
     """OGM (TPAMI Eq. 7 and 11): OGMGE without noise by default (noise=None). official=True follows the authors' OGM
-    script, which runs OGM-GE (authors' coefficient, isotropic noise in parameter mode)."""
+    script (TPAMI repository), which runs OGM-GE (authors' coefficient, isotropic noise in parameter mode) and whose
+    M = 2 rule suppresses modality 0 iff rho_0 > 1, else modality 1: an exact tie suppresses modality 1."""
 
     method = "ogm"
     default_noise = None
+    official_tie = 1

@@ -28,9 +28,13 @@ class OLM(Balancer):
     disabled) w acts as 1 (exactly). The norm statistics accumulate in training mode only.
     Arguments: lr (default 0.01), update_steps (default 10), target ("budget" default, or "paper").
     `scores` = mean logit norms used by the last update, `ratios` = lambda, `coefficients` = w in force.
+    A non-finite loss, norm, lambda or update sets flag 1 (`nonfinite`) and w falls back to 1 (at the first report: the
+    flag only, L0 is recorded as given). Under torch.distributed (sync) report() all-reduces the norm statistics and
+    averages the reported losses over the ranks (one collective per report, on every rank), so w is the same everywhere.
     """
 
     method = "olm"
+    _optional_tensors = ("train_loss0", "dev_loss0")
 
     def __init__(self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, target: str = "budget",
                  **kwargs):
@@ -118,16 +122,28 @@ class OLM(Balancer):
         tr, dv = self._as_losses(train_losses, "train_losses"), self._as_losses(dev_losses, "dev_losses")
         if not self.enabled:
             return
+        m = self.num_modalities
+        norm_sum, norm_count = self._norm_sum, self._norm_count
+        if self._sync():  # every rank, every report, the same collective (DESIGN sec. 3, Distributed)
+            packed = torch.cat([norm_sum, norm_count.view(1), tr, dv])
+            torch.distributed.all_reduce(packed)
+            world = torch.distributed.get_world_size()
+            norm_sum, norm_count = packed[:m], packed[m]
+            tr, dv = packed[m + 1:2 * m + 1] / world, packed[2 * m + 1:] / world
         if self._loss0 is None:
             self._loss0 = (tr, dv)
+            finite = torch.isfinite(tr).all() & torch.isfinite(dv).all()
+            self._stats = {**self._stats, "flag": torch.where(finite, 0.0, 1.0).to(self._device, torch.float32)}
             return
         g, c = reference.olm_rates(self._loss0[0], self._loss0[1], tr, dv)
         lam = reference.olm_rebalance_factors(g, c)
-        norms = self._norm_sum / self._norm_count.clamp(min=1.0)
+        norms = norm_sum / norm_count.clamp(min=1.0)
         w_new = reference.olm_update(self._w, norms, lam, lr=self.lr, steps=self.update_steps, target=self.target)
-        ok = torch.isfinite(w_new).all()
+        # sign(NaN) = 0 would keep w silently: every input of the update must be finite too
+        ok = (torch.isfinite(w_new).all() & torch.isfinite(lam).all() & torch.isfinite(norms).all()
+              & torch.isfinite(tr).all() & torch.isfinite(dv).all())
         # no logits seen since the last report: keep w; a non-finite update: w falls back to 1 and the flag is set
-        w = torch.where(self._norm_count > 0, w_new, self._w)
+        w = torch.where(norm_count > 0, w_new, self._w)
         self._w = torch.where(ok, w, torch.ones_like(w))
         self._stats = {"scores": norms, "ratios": lam, "coefficients": self._w,
                        "flag": torch.where(ok, 0.0, 1.0).to(device=self._device, dtype=torch.float32)}

@@ -6,20 +6,27 @@ import torch
 from mmkernels import _validate
 
 from . import _ops
-from ._base import Balancer, check_real
+from ._base import Balancer, check_hyperparameter, check_real
 
 
 class OPM(Balancer):
     """Drop the features of the leading modality with probability q_m (TPAMI Eq. 8):
     q_m = min(1, q_base (1 + lam tanh(rho_m - 1))) if rho_m > 1 else 0, rho from Eq. 7.
 
-    Alg. 1: q computed at step t is used to drop at step t + 1, so `drop(feats)` needs no second head pass and no sync:
+    timing="next" (default; Alg. 1): q computed at step t is used to drop at step t + 1, so `drop(feats)` needs no
+    second head pass and no sync:
         feats = bal.drop([enc_a(xa), enc_v(xv)])            # q from the previous step; identity in eval mode
         bal.observe(concat_unimodal_logits(undropped_feats, head), y)   # sets q for the next step
+    timing="same" (default when official=True; the authors' code): q is computed on batch t and drops batch t. Call
+    observe() on the undropped features first, then drop() in the same step (the coefficient launch precedes the
+    drop; still no sync, but the unimodal logits come before the drop):
+        feats = [enc_a(xa), enc_v(xv)]
+        bal.observe(concat_unimodal_logits(feats, head), y)  # q of this batch
+        feats = bal.drop(feats)                              # drops with it
     Arguments: q_base in (0, 1) (0.5), lam >= 0 (0.5), z, ratio (Tab. 15 variants); p_exe: the whole drop runs with
     this probability per step (default 1.0; official 0.7); rescale of the kept features: "per_modality"
     (1/(1 - q_m), default), "official" (1/(1 - theta), theta = sum d_m q_m / sum d_m; default when official=True)
-    or "none". `coefficients` holds the q the next drop will use (exactly 0 when the next step is outside the window).
+    or "none". `coefficients` holds the q the next drop will use (exactly 0 when that drop's step is outside the window).
     """
 
     method = "opm"
@@ -28,10 +35,12 @@ class OPM(Balancer):
 
     def __init__(self, num_modalities: int, *, q_base: float = 0.5, lam: float = 0.5, z: str = "tanh",
                  ratio: str = "ratio", p_exe: float | None = None, rescale: str | None = None,
-                 official: bool = False, **kwargs):
+                 timing: str | None = None, official: bool = False, **kwargs):
         super().__init__(num_modalities, official=official, **kwargs)
-        check_real(q_base, "q_base", low=0.0, high=1.0, low_open=True, high_open=True)
-        check_real(lam, "lam", low=0.0)
+        check_hyperparameter(q_base, "q_base")
+        check_hyperparameter(lam, "lam")
+        timing = ("same" if official else "next") if timing is None else timing
+        _validate.check_choice(timing, ("next", "same"), "timing")
         _validate.check_choice(z, ("tanh", "sigmoid"), "z")
         _validate.check_choice(ratio, ("ratio", "difference"), "ratio")
         p_exe = (0.7 if official else 1.0) if p_exe is None else p_exe
@@ -39,14 +48,14 @@ class OPM(Balancer):
         rescale = ("official" if official else "per_modality") if rescale is None else rescale
         _validate.check_choice(rescale, ("official", "per_modality", "none"), "rescale")
         self.q_base, self.lam, self.z, self.ratio = float(q_base), float(lam), z, ratio
-        self.p_exe, self.rescale = float(p_exe), rescale
+        self.p_exe, self.rescale, self.timing = float(p_exe), rescale, timing
         self._q_prev = torch.zeros(self.num_modalities)   # q in force before this step's observe()
 
     def _hyperparameters(self) -> dict:
         return {"q_base": self.q_base, "lam": self.lam, "z": self.z, "ratio": self.ratio}
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "p_exe": self.p_exe, "rescale": self.rescale}
+        return {**super()._hparams_state(), "p_exe": self.p_exe, "rescale": self.rescale, "timing": self.timing}
 
     def _move(self, device) -> None:
         super()._move(device)
@@ -60,23 +69,34 @@ class OPM(Balancer):
 
     @property
     def drop_probability(self) -> torch.Tensor:
-        """q the drop of the current step uses, [M] fp32 device tensor."""
+        """q the drop of the current step uses, [M] fp32 device tensor (timing="same": this step's, once observed)."""
+        if self.timing == "same":
+            return self._stats["coefficients"]
         return self._q_prev if self._observed_step == self._step else self._stats["coefficients"]
 
     def drop(self, feats) -> list:
-        """Drop modality m's features row-wise with probability q_m of the previous step (TPAMI Alg. 1).
+        """Drop modality m's features row-wise with probability q_m of the previous step (TPAMI Alg. 1), or of this
+        step with timing="same" (observe() first).
 
         feats: list of M tensors [B, ...] (widths may differ). Identity in eval mode, without grad, outside the
         window, or when disabled. A row never loses every modality."""
         xs = self._check_list(feats, "feats")
+        if self.enabled and self.training and torch.is_grad_enabled():
+            self._roll_over()
         if not self._grad_step():
             return xs
+        if self.timing == "same" and self._observed_step != self._step:
+            raise RuntimeError(f"OPM(timing='same') drops with the q of this batch: call observe() on the undropped "
+                               f"unimodal logits before drop() (step {self._step})")
         self._to_device(xs[0].device)
-        return _ops.modality_drop(xs, self.drop_probability, seed=self.seed,
-                                  offset=self._noise_offset(self._step, 0), rescale=self.rescale, p_exe=self.p_exe)
+        out = _ops.modality_drop(xs, self.drop_probability, seed=self.seed,
+                                 offset=self._noise_offset(self._step, 0), rescale=self.rescale, p_exe=self.p_exe)
+        self._mark_on_backward(out)
+        return out
 
     def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
-        """Score the UNDROPPED unimodal logits of this step and set q for the next step (TPAMI Alg. 1)."""
+        """Score the UNDROPPED unimodal logits of this step and set q for the next step (TPAMI Alg. 1), or for this
+        step's drop with timing="same"."""
         x = self._check_logits(unimodal_logits, labels)
         if not (self.enabled and self.training):
             return
@@ -87,6 +107,9 @@ class OPM(Balancer):
         self._store(res, modulate=self.enabled and self.in_window(self._time_next()))
 
     def _time_next(self) -> int:
+        """Time of the drop that uses this observation's q."""
+        if self.timing == "same":
+            return self._step if self.unit == "step" else self._epoch
         return self._step + 1 if self.unit == "step" else self._epoch
 
     def tap(self, feats):  # OPM acts through drop(), not gradient taps

@@ -57,5 +57,13 @@ def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
     """Multi-layer head (TPAMI Sec. 4.3.7): u_m = head(feats with every j != m zeroed), the M zeroed copies batched
     into ONE head call of M*B rows. head: callable on a list of M tensors [N, D_j] -> [N, C]. Returns [M, B, C].
     Run it under torch.no_grad() (or detach) when the logits only feed a balancer."""
+    if not callable(head) or isinstance(head, (list, tuple, torch.Tensor)):
+        raise TypeError(f"head must be a callable taking a list of M tensors [N, D_j] (arguments: head, feats), "
+                        f"got {type(head).__name__}")
     xs = _check_feats(feats)
-    return reference.zero_out_unimodal_logits(head, xs)
+    try:
+        out = reference.zero_out_unimodal_logits(head, xs)
+    except TypeError as exc:  # e.g. an nn.Linear, which takes one tensor, not the list of M features
+        raise TypeError(f"head must take a list of M feature tensors [N, D_j] and return logits [N, C] (a fusion "
+                        f"head such as lambda fs: linear(torch.cat(fs, 1))); calling it raised: {exc}") from exc
+    return out

@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-DEPS="torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.3.5 pybind11 ninja pytest pytest-benchmark matplotlib wheel setuptools"
+DEPS="torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.3.5 pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15 wheel setuptools"
 stamp="$VENV/.mmkernels-deps"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$DEPS" ]; then
   echo "[gpu-stack] installing $DEPS"

@@ -95,14 +95,14 @@ def agm_strength(s):
 
 def agm(s, history, alpha, clip=None):
     """AGM Eq. 7-10: tau from the arithmetic mean of the scores of all PAST steps (history: list of score lists);
-    no history -> tau = r. kappa = exp(-alpha (r - tau)), the exponent's (tau - r) clipped at `clip`."""
+    no history -> s_hat = 0 (Alg. 1, the authors' code), tau = 1. kappa = exp(-alpha (r - tau)), the exponent's (tau - r) clipped at `clip`."""
     M = len(s)
     r = agm_strength(s)
     if history:
         s_hat = [sum(h[m] for h in history) / len(history) for m in range(M)]
         tau = agm_strength(s_hat)
     else:
-        tau = list(r)
+        tau = [1.0] * M
     kappa = []
     for m in range(M):
         d = tau[m] - r[m]

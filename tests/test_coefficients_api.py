@@ -54,7 +54,7 @@ def test_forced_backend_without_implementation_raises(batch, monkeypatch):
     (lambda x, y: balance_coefficients(x[:1], y, "ogm"), ValueError, "number of modalities"),
     (lambda x, y: balance_coefficients(x[0], y, "ogm"), ValueError, "3 dims"),
     (lambda x, y: balance_coefficients(x.long(), y, "ogm"), TypeError, "floating"),
-    (lambda x, y: balance_coefficients(x[:, :0], y[:0], "ogm"), ValueError, "at least one row"),
+    (lambda x, y: balance_coefficients(x[:, :, :0], y, "ogm"), ValueError, "at least one class"),
     (lambda x, y: balance_coefficients(x, y, "ogm", ignore_index=1.5), TypeError, "ignore_index"),
     (lambda x, y: balance_coefficients(x, y, "agm", state={"s_hat": torch.zeros(2), "steps": torch.zeros(())}),
      ValueError, "s_hat"),

@@ -216,9 +216,7 @@ def test_ge_groups_dtypes_and_edge_sizes(device):
     want = reference.ge_isotropic(orig, torch.tensor(ks, device=device), [n.view_as(o) for n, o in zip(normals, orig)])
     for t, (g, w) in enumerate(zip(grads, want)):
         assert g.dtype == orig[t].dtype
-        if orig[t].numel() == 1:
-            assert torch.isnan(g).all()  # torch.std of one value is NaN, as in the authors' loop
-            continue
+        # one element: std := 0 (issue 10; torch.std and the authors' loop give NaN), the same as the reference
         tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(g.dtype, 1e-5)
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
@@ -291,3 +289,12 @@ def test_raw_ops_reject_bad_input(device):
             C.cov_noise_tap_backward(torch.randn(4, 3, device=device), torch.tensor(1.0), 1.0, 0, 0)
         with pytest.raises(RuntimeError, match=r"grads\[1\] must be on cuda:0"):
             C.ge_isotropic_([torch.randn(3, device=device), torch.randn(3)], torch.ones(2, device=device), [], 0, 0)
+
+
+def test_ge_std_of_fewer_than_two_elements_is_zero(device):
+    # the header math itself (csrc/noise_math.h), shared by the CPU twin and the CUDA kernel: std := 0, never NaN
+    std = _C().ge_tensor_std([torch.randn(1, device=device), torch.randn(3, device=device)])
+    assert std[0].item() == 0.0 and torch.isfinite(std).all()
+    p = torch.full((1,), 0.25, device=device)
+    ge_isotropic_([p], torch.ones(1, device=device), seed=0, offset=0)
+    assert torch.isfinite(p).all() and abs(p.item() - 0.25) < 1e-6

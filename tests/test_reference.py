@@ -132,8 +132,8 @@ def test_agm_kappa_hand():
     _, _, kappa = R.agm_kappa(s, s_hat, alpha=1.0, clip=0.5)
     eq(kappa, [0.1793740787340172, 1.6487212707001282])   # exponent 0.632 clipped to 0.5
     _, tau, kappa = R.agm_kappa(s, s_hat, alpha=1.0, steps=torch.tensor(0.0))
-    eq(tau, r)                                              # no history: tau := r
-    eq(kappa, [1.0, 1.0])
+    eq(tau, [1.0, 1.0])                                     # no history: s_hat = 0 (Alg. 1), tau = 1
+    eq(kappa, [0.1793740787340172, 1.8815963875316455])     # exp(1 - r)
 
 
 def test_agm_update_running_hand():
@@ -281,7 +281,7 @@ def test_pipeline_hand():
     out = R.balance_coefficients_ref(logits, labels, "agm", state=state, alpha=2.0)
     # M = 2: r_0 = exp(2 (mean s - s_0)) = exp(s_1 - s_0) = exp(-ln 0.75 - ln 2) = 1 / (0.75 * 2) = 2/3 ; r_1 = 3/2
     eq(out["ratios"], [2 / 3, 1.5])
-    eq(out["coefficients"], [1.0, 1.0])                          # step 0: no history
+    eq(out["coefficients"], [math.exp(2 / 3), math.exp(-1.0)])  # step 0: tau = 1 (Alg. 1), kappa = exp(2 (1 - r))
     eq(state["s_hat"], [0.6931471805599453, 0.2876820724517809])
     eq(state["steps"], 1.0)
 
@@ -687,8 +687,9 @@ def test_agm_running_mean_over_steps():
         out = R.balance_coefficients_ref(logits, labels, "agm", state=state, alpha=1.5, clip=10.0)
         s = R.scores(logits, labels, kind="ce")
         torch.testing.assert_close(out["scores"], s)
-        if step == 0:
-            eq(out["coefficients"], [1.0] * M)
+        if step == 0:  # Alg. 1: s_hat starts at 0, tau = 1
+            _, _, kappa = R.agm_kappa(s, torch.zeros(M), alpha=1.5, clip=10.0)
+            torch.testing.assert_close(out["coefficients"], kappa, rtol=1e-5, atol=1e-6)
         else:
             s_hat = torch.stack(past).mean(0)                   # tau from the mean BEFORE this step
             _, _, kappa = R.agm_kappa(s, s_hat, alpha=1.5, clip=10.0)
@@ -702,10 +703,11 @@ def test_agm_running_mean_over_steps():
     assert all(torch.equal(before[k], state[k]) for k in state)
 
 
-def test_agm_without_state_is_neutral():
+def test_agm_without_state_starts_from_zero_means():
     logits, labels = small_batch()
     out = R.balance_coefficients_ref(logits, labels, "agm")
-    eq(out["coefficients"], [1.0, 1.0])
+    # no history: s_hat = 0 (AGM Alg. 1, the authors' code), tau = 1, kappa = exp(alpha (1 - r)), alpha = 1
+    torch.testing.assert_close(out["coefficients"], torch.exp(1.0 - out["ratios"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -111,4 +111,4 @@ def test_op_schema():
     schema = str(torch.ops.mmkernels.balance_coefficients.default._schema)
     assert schema == ("mmkernels::balance_coefficients(Tensor logits, Tensor labels, Tensor(a2!)? s_hat, "
                       "Tensor(a3!)? steps, str method, SymInt ignore_index, float alpha, float q_base, float lam, "
-                      "float beta_max, float? clip, str z, str ratio) -> Tensor"), schema
+                      "float beta_max, float? clip, str z, str ratio, SymInt tie=0) -> Tensor"), schema

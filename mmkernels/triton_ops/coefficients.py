@@ -91,13 +91,15 @@ def _ratio_tpami(s, count, mi, M, RATIO_DIFF: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _fin_ogm_ge(rho, mi, M, alpha):
-    # OGM-GE, CVPR 2022 (authors' code): k = 1 - tanh(alpha * rho) for the leading modality, 1 otherwise.
-    # M = 2: modality 1 is suppressed iff rho_1 > 1, else modality 0 (an exact tie suppresses modality 0).
+def _fin_ogm_ge(rho, mi, M, alpha, tie):
+    # OGM-GE, authors' code: k = 1 - tanh(alpha * rho) for the leading modality, 1 otherwise.
+    # M = 2, tie 0 (CVPR 2022 code): modality 1 is suppressed iff rho_1 > 1, else modality 0 (a tie suppresses 0);
+    #        tie 1 (TPAMI repository's OGM script): modality 0 is suppressed iff rho_0 > 1, else modality 1.
     # M > 2: TPAMI ratio, k_m = 1 - tanh(alpha * rho_m) where rho_m > 1.
     damp = 1.0 - _tanh(alpha * rho)
+    rho0 = tl.sum(tl.where(mi == 0, rho, 0.0), axis=0)
     rho1 = tl.sum(tl.where(mi == 1, rho, 0.0), axis=0)
-    lead1 = rho1 > 1.0
+    lead1 = tl.where(tie == 0, rho1 > 1.0, rho0 <= 1.0)  # NaN ratios are flagged (neutral k) either way
     k2 = tl.where(mi == 1, tl.where(lead1, damp, 1.0), tl.where(lead1, 1.0, damp))
     kM = tl.where(rho > 1.0, damp, 1.0)
     return tl.where(M == 2, k2, kM)
@@ -136,10 +138,10 @@ def _agm_r(s, mm, M):
 
 @triton.jit
 def _fin_agm(s, s_hat, steps, mm, M, alpha, clip, HAS_CLIP: tl.constexpr):
-    # AGM Eq. 7-9: r on this step's scores, tau on the running means (before the update; tau := r while
-    # there is no history, steps == 0), kappa_m = exp(alpha * min(tau_m - r_m, clip))
+    # AGM Eq. 7-9: r on this step's scores, tau on the running means (before the update; Alg. 1 starts them at
+    # 0, so tau = 1 while there is no history, steps == 0), kappa_m = exp(alpha * min(tau_m - r_m, clip))
     r = _agm_r(s, mm, M)
-    tau = tl.where(steps > 0, _agm_r(s_hat, mm, M), r)
+    tau = tl.where(steps > 0, _agm_r(s_hat, mm, M), 1.0)
     e = tau - r
     if HAS_CLIP:
         e = tl.minimum(e, clip)
@@ -148,7 +150,7 @@ def _fin_agm(s, s_hat, steps, mm, M, alpha, clip, HAS_CLIP: tl.constexpr):
 
 @triton.jit
 def _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M,
-              alpha, q_base, lam, beta_max, clip,
+              alpha, q_base, lam, beta_max, clip, tie,
               METHOD: tl.constexpr, Z_SIGMOID: tl.constexpr, RATIO_DIFF: tl.constexpr, HAS_CLIP: tl.constexpr,
               BLOCK_M: tl.constexpr):
     mi = tl.arange(0, BLOCK_M)
@@ -163,7 +165,7 @@ def _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M,
     neutral = 1.0  # k = 1, kappa = 1; OPM's q = 0
     if METHOD == 0:
         ratio = _ratio_tpami(s, count, mi, M, RATIO_DIFF, BLOCK_M)
-        coef = _fin_ogm_ge(ratio, mi, M, alpha)
+        coef = _fin_ogm_ge(ratio, mi, M, alpha, tie)
     elif METHOD == 1:
         ratio = _ratio_tpami(s, count, mi, M, RATIO_DIFF, BLOCK_M)
         coef = _fin_ogm(ratio, alpha, Z_SIGMOID)
@@ -208,7 +210,7 @@ def balance_coefficients_kernel(
         x_ptr, sxm, sxb, sxc, y_ptr, sy,
         ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr,
         M, B, C, ignore_index, n_programs,
-        alpha, q_base, lam, beta_max, clip,
+        alpha, q_base, lam, beta_max, clip, tie,
         METHOD: tl.constexpr, Z_SIGMOID: tl.constexpr, RATIO_DIFF: tl.constexpr, HAS_CLIP: tl.constexpr,
         PHASE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     """PHASE 0: accumulate + last program finalizes; 1: accumulate only; 2: finalize only (grid (1, 1))."""
@@ -245,10 +247,10 @@ def balance_coefficients_kernel(
         if PHASE == 0:
             ticket = tl.atomic_add(cnt_ptr, 1)  # acq_rel: our adds are visible to the last ticket holder
             if ticket == n_programs - 1:
-                _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip,
+                _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip, tie,
                           METHOD, Z_SIGMOID, RATIO_DIFF, HAS_CLIP, BLOCK_M)
     else:
-        _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip,
+        _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip, tie,
                   METHOD, Z_SIGMOID, RATIO_DIFF, HAS_CLIP, BLOCK_M)
 
 
@@ -282,7 +284,7 @@ def _blocks(B: int, C: int, elem: int, interpreting: bool):
 def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_hat: torch.Tensor | None,
                                 steps: torch.Tensor | None, method: str, *, ignore_index: int, alpha: float,
                                 q_base: float, lam: float, beta_max: float, clip: float | None, z: str, ratio: str,
-                                sync: bool = False, group=None) -> torch.Tensor:
+                                tie: int = 0, sync: bool = False, group=None) -> torch.Tensor:
     """logits [M, B, C] (any strides), labels [B] int. Inputs already validated. Returns the fp32 buffer
     out [3M + 1] (scores, ratios, coefficients, flag). For AGM, s_hat [M] and steps [] are updated in place
     by the kernel (None: a throw-away state with no history). Other methods ignore s_hat and steps.
@@ -295,20 +297,21 @@ def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_ha
     ws, counter = _workspace(device)
     out = torch.empty(3 * M + 1, dtype=torch.float32, device=device)
     if method == "agm":
-        if s_hat is None or steps is None:  # a throw-away state with no history: tau = r, kappa = 1, nothing kept
+        if s_hat is None or steps is None:  # a throw-away state with no history (s_hat = 0, tau = 1), nothing kept
             s_hat = torch.zeros(M, dtype=torch.float32, device=device)
             steps = torch.zeros((), dtype=torch.float32, device=device)
     else:
         s_hat, steps = out, out  # never read
     block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
-    grid = (cdiv(B, block_b), M)  # row blocks on axis 0: B / block_b may exceed 65535
+    grid = (max(1, cdiv(B, block_b)), M)  # row blocks on axis 0 (B / block_b may exceed 65535); B = 0: one block
+    # per modality, all rows masked, so the finalize still runs (flag 2) and a synced rank joins the all-reduce
     n_programs = grid[0] * grid[1]
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
     common = dict(METHOD=_METHOD_ID[method], Z_SIGMOID=(z == "sigmoid"), RATIO_DIFF=(ratio == "difference"),
                   HAS_CLIP=clip is not None, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=MAX_M)
     args = (logits, logits.stride(0), logits.stride(1), logits.stride(2), labels, labels.stride(0),
             ws, counter, out, s_hat, steps, M, B, C, int(ignore_index), n_programs,
-            float(alpha), float(q_base), float(lam), float(beta_max), float(0.0 if clip is None else clip))
+            float(alpha), float(q_base), float(lam), float(beta_max), float(0.0 if clip is None else clip), int(tie))
     with device_guard(device):  # Triton launches on the current device's current stream
         if not distributed:
             balance_coefficients_kernel[grid](*args, PHASE=0, num_warps=num_warps, **common)
