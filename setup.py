@@ -5,6 +5,9 @@ Switches (environment variables):
   MMKERNELS_BUILD_CUDA=1  compile the CUDA sources even without a visible GPU (compile check; needs nvcc)
   MMKERNELS_BUILD_CUDA=0  never compile the CUDA sources
   TORCH_CUDA_ARCH_LIST    target architectures (default "9.0" when no GPU is visible)
+  MMKERNELS_PTXAS_VERBOSE=1  pass -Xptxas=-v to nvcc (registers, spills, shared memory per CUDA kernel; CI prints them)
+Install with `pip install --no-build-isolation -e .` (pyproject.toml selects the PEP 517/660 path): the extension
+is built against the torch already installed, which an isolated build environment does not have.
 The C++ CPU sources are always built unless MMKERNELS_SKIP_EXT=1.
 """
 import glob

@@ -36,4 +36,8 @@ if [ ! -f "$VENV/.mmkernels-build" ] || [ "$(cat "$VENV/.mmkernels-build")" != "
 fi
 "$PY" -c "import torch, triton, numpy; print(f'[gpu-stack] python {__import__(\"sys\").version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}')"
 cd "$ROOT"
-exec "$PY" tests/run_lanes.py --lanes reference,ext-cpu,gpu-compile "$@"
+set +e
+"$PY" tests/run_lanes.py --lanes reference,ext-cpu,gpu-compile "$@" | tee "$VENV/lanes.log"
+rc=${PIPESTATUS[0]}
+echo "python 3.12 / torch 2.11 / triton 3.6: $(grep -E '^lane ' "$VENV/lanes.log" | awk '{print $2 " " $3}' | paste -sd, -)"
+exit "$rc"

@@ -5,6 +5,10 @@ Lanes (DESIGN.md section 7):
   triton      @pytest.mark.triton with TRITON_INTERPRET=1 set before triton is imported (CPU tensors)
   ext-cpu     @pytest.mark.ext: the C++ CPU twins of mmkernels._C
   benchmarks  benchmarks/ in their reduced CPU form, timing disabled (checks they run, asserts no speed)
+  gpu-stack   scripts/gpu_stack_lane.sh: reference, ext-cpu and gpu-compile again on the GPU machines' stack (python
+              3.12, torch 2.11, triton 3.6) in its own venv; runs by default only with MMKERNELS_GPU_STACK_LANE=1 (CI)
+  gpu-compile tests/gpu_compile.py (a plain command, not pytest): every Triton kernel specialization of the tests and
+              benchmarks compiled for sm_90a and sm_80 without a GPU; fails on a compile error, a spill, smem > 48 KiB
   cuda        triton + ext + cuda tests on a GPU (MMKERNELS_TEST_DEVICE=cuda); skipped without one
 Exit status is non-zero if any lane fails. Usage: python tests/run_lanes.py [--lanes a,b] [pytest args...]
 """
@@ -23,8 +27,12 @@ LANES = {
     "triton": (["tests", "-m", "triton"], {"TRITON_INTERPRET": "1"}),
     "ext-cpu": (["tests", "-m", "ext"], {}),
     "benchmarks": (["benchmarks", "--benchmark-disable"], {}),
+    "gpu-compile": ([sys.executable, "tests/gpu_compile.py"], {}),
+    "gpu-stack": (["bash", "scripts/gpu_stack_lane.sh"], {}),
     "cuda": (["tests", "-m", "triton or ext or cuda"], {"MMKERNELS_TEST_DEVICE": "cuda"}),
 }
+COMMAND_LANES = {"gpu-compile", "gpu-stack"}  # whole commands (no pytest arguments); their last output line is the summary
+OPT_IN_LANES = {"gpu-stack": "MMKERNELS_GPU_STACK_LANE"}  # run by default only when this variable is 1 (CI sets it)
 
 
 def gpu_reason() -> str | None:
@@ -43,26 +51,30 @@ def run_lane(name: str, extra: list[str]) -> tuple[str, str]:
         env.pop("MMKERNELS_TEST_DEVICE", None)
     if name != "triton":
         env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, *extra]
+    command = name in COMMAND_LANES
+    cmd = list(args) if command else [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, *extra]
     print(f"\n===== lane {name}: {' '.join(cmd[1:])}" + (f"  [{' '.join(f'{k}={v}' for k, v in env_add.items())}]" if env_add else ""), flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = ""
     for line in proc.stdout:
         sys.stdout.write(line)
-        if re.search(r"\b(passed|failed|error|skipped|no tests ran)\b", line):
+        if command:
+            last = line.strip() or last
+        elif re.search(r"\b(passed|failed|error|skipped|no tests ran)\b", line):
             last = line.strip().strip("=").strip()
     rc = proc.wait()
     took = f"{time.time() - t0:.0f}s"
     if rc == 0:
         return "PASSED", f"{last} ({took})"
-    if rc == 5:
+    if rc == 5 and not command:
         return "FAILED", f"no tests collected ({took})"
-    return "FAILED", f"{last or f'pytest exit code {rc}'} ({took})"
+    runner = args[-1] if command else "pytest"
+    return "FAILED", f"{last or f'{runner} exit code {rc}'} ({took})"
 
 
 def main(argv: list[str]) -> int:
-    lanes = list(LANES)
+    lanes = [name for name in LANES if name not in OPT_IN_LANES or os.environ.get(OPT_IN_LANES[name]) == "1"]
     if argv[:1] == ["--lanes"]:
         lanes, argv = argv[1].split(","), argv[2:]
     results = {}
@@ -75,7 +87,7 @@ def main(argv: list[str]) -> int:
         results[name] = run_lane(name, argv)
     print("\n===== lane summary")
     for name, (status, detail) in results.items():
-        print(f"lane {name:<10} {status:<7} {detail}")
+        print(f"lane {name:<11} {status:<7} {detail}")
     return 0 if all(s != "FAILED" for s, _ in results.values()) else 1
 
 

@@ -275,9 +275,11 @@ def _workspace(device: torch.device):
 def _blocks(B: int, C: int, elem: int, interpreting: bool):
     cap_c = 1024 if elem >= 4 else 2048
     block_c = min(next_pow2(max(C, 1)), cap_c)
-    tile = 65536 if interpreting else 4096  # interpreter: bigger tiles = fewer Python-level programs
+    # interpreter: bigger tiles = fewer Python-level programs. Compiled: narrow rows (C <= 32) carry more per-row state
+    # per element, so their tile stays at 2048 (128 x 32 at 8 warps spilled with triton 3.6's ptxas; gpu-compile lane)
+    tile = 65536 if interpreting else (2048 if block_c <= 32 else 4096)
     block_b = max(1, min(next_pow2(max(B, 1)), tile // block_c))
-    num_warps = 4 if block_b * block_c <= 2048 else 8
+    num_warps = 4 if block_b * block_c <= 2048 and block_b < 1024 else 8  # <= 4 rows of state per thread
     return block_b, block_c, num_warps
 
 
