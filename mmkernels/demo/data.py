@@ -1,6 +1,7 @@
-"""A synthetic audio-visual classification set, generated in memory from a seed, that shows modality imbalance.
+"""The demo's data: a container for M views (`Views`, `Splits`) and a synthetic audio-visual set that shows modality
+imbalance (the real-data set, UCI Multiple Features, is in mfeat.py).
 
-Design (what makes one modality dominate, the phenomenon OGM-GE/OPM/AGM/MLB/OLM study):
+Design of the synthetic set (what makes one modality dominate, the phenomenon OGM-GE/OPM/AGM/MLB/OLM study):
 - "audio" is the fast modality: class prototypes in a low-dimensional space, far apart and nearly linearly separable,
   except that classes come in confusable pairs (2c, 2c+1) whose audio prototypes are close. A linear read-out learns
   it in a few hundred steps; alone it tops out below the fused accuracy because pairs stay ambiguous.
@@ -19,34 +20,40 @@ import torch
 
 
 @dataclass
-class AVData:
-    audio: torch.Tensor   # [N, audio_dim] fp32
-    visual: torch.Tensor  # [N, visual_dim] fp32
-    labels: torch.Tensor  # [N] int64
+class Views:
+    """M views of the same N samples: views[m] is [N, D_m] fp32, labels [N] int64."""
+
+    views: list
+    labels: torch.Tensor
 
     def __len__(self):
         return self.labels.shape[0]
 
     def to(self, device):
-        return AVData(self.audio.to(device), self.visual.to(device), self.labels.to(device))
+        return Views([x.to(device) for x in self.views], self.labels.to(device))
 
     def subset(self, idx):
-        return AVData(self.audio[idx], self.visual[idx], self.labels[idx])
+        return Views([x[idx] for x in self.views], self.labels[idx])
 
 
 @dataclass
-class AVSplits:
-    train: AVData
-    dev: AVData     # held out from training: OLM's generalisation rate reads its losses
-    test: AVData
+class Splits:
+    train: Views
+    dev: Views      # held out from training: OLM's generalisation rate reads its losses; AGM's d^m fits its probe
+    test: Views
     num_classes: int
+    names: tuple    # one name per view, e.g. ("audio", "visual")
+
+    @property
+    def dims(self):
+        return [x.shape[1] for x in self.train.views]
 
 
 def make_dataset(seed: int = 0, *, n_train: int = 3000, n_dev: int = 500, n_test: int = 1500, num_classes: int = 6,
                  audio_dim: int = 16, visual_dim: int = 64, audio_sep: float = 5.0, audio_pair_gap: float = 2.0,
                  audio_noise: float = 1.0, visual_signal: float = 3.5, visual_noise: float = 1.0,
-                 visual_rank: int = 4) -> AVSplits:
-    """Deterministic synthetic split (see module docstring). Class-balanced labels."""
+                 visual_rank: int = 4) -> Splits:
+    """Deterministic synthetic split with views ("audio", "visual") (see module docstring). Class-balanced labels."""
     if num_classes % 2:
         raise ValueError(f"num_classes must be even (classes come in audio-confusable pairs), got {num_classes}")
     g = torch.Generator().manual_seed(int(seed))
@@ -70,8 +77,8 @@ def make_dataset(seed: int = 0, *, n_train: int = 3000, n_dev: int = 500, n_test
         which = torch.randint(0, visual_rank, (n,), generator=g)
         sign = torch.randint(0, 2, (n, 1), generator=g).float() * 2 - 1
         v = visual_signal * sign * dirs[y, which] + visual_noise * torch.randn(n, visual_dim, generator=g)
-        return AVData(a.float(), v.float(), y.long())
+        return Views([a.float(), v.float()], y.long())
 
     train = draw(n_train)
     dev = draw(n_dev)
-    return AVSplits(train=train, dev=dev, test=draw(n_test), num_classes=num_classes)
+    return Splits(train=train, dev=dev, test=draw(n_test), num_classes=num_classes, names=("audio", "visual"))

@@ -26,6 +26,13 @@ LABELS = {
 }
 
 
+def label(name: str) -> str:
+    """The table's label of a method or of a reference run "<view> alone"."""
+    if name in LABELS:
+        return LABELS[name]
+    return f"{name[:-len(' alone')]} encoder alone" if name.endswith(" alone") else name
+
+
 def concat_unimodal(model, feats, *, detach=True):
     """u_m = f_m W_m^T + b/M from the concat head (TPAMI Eq. 6, Sec. 4.5.2), [M, B, C] (public API helper)."""
     from mmkernels.api import concat_unimodal_logits
@@ -71,9 +78,13 @@ class JointRunner:
         return self.model(inputs)
 
     @torch.no_grad()
+    def unimodal_logits(self, inputs):
+        """u_m of the concat head, [M, B, C] (for AGM's linear head these equal its Shapley responses phi_m)."""
+        return concat_unimodal(self.model, self.model.encode(inputs))
+
+    @torch.no_grad()
     def unimodal_losses(self, inputs, y):
-        u = concat_unimodal(self.model, self.model.encode(inputs))
-        return torch.stack([F.cross_entropy(u_m, y) for u_m in u])
+        return torch.stack([F.cross_entropy(u_m, y) for u_m in self.unimodal_logits(inputs)])
 
 
 def api_class(name):
@@ -243,9 +254,9 @@ class MLBRunner(_BalancerRunner):
         return loss.detach()
 
     @torch.no_grad()
-    def unimodal_losses(self, inputs, y):
-        feats = self.model.encode(inputs)
-        return torch.stack([F.cross_entropy(h(f), y) for h, f in zip(self.uni_heads, feats)])
+    def unimodal_logits(self, inputs):
+        """MLB's own per-encoder heads h_m(f_m), the logits its multi-loss trains and its scores read, [M, B, C]."""
+        return torch.stack([h(f) for h, f in zip(self.uni_heads, self.model.encode(inputs))])
 
 
 class OLMRunner(_BalancerRunner):

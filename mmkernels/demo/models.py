@@ -82,10 +82,16 @@ class ConcatClassifier(nn.Module):
         return self.fuse(self.encode(inputs))
 
 
-def build_model(backbone: str, audio_dim: int, visual_dim: int, num_classes: int, *, seed: int = 0) -> ConcatClassifier:
+def make_encoder(backbone: str, in_dim: int, modality: int, *, seed: int = 0) -> nn.Module:
+    """Encoder of view `modality` (input [B, in_dim]): a 2-layer MLP (64-d output), or a ResNet-18 on a fixed random
+    64 x 64 image of the vector (1 channel for view 0, as a spectrogram; 3 for the others), 512-d output."""
     if backbone == "mlp":
-        return ConcatClassifier([MLPEncoder(audio_dim), MLPEncoder(visual_dim)], num_classes)
+        return MLPEncoder(in_dim)
     if backbone == "resnet18":
-        return ConcatClassifier([SyntheticResNetEncoder(audio_dim, 1, 64, seed + 101),
-                                 SyntheticResNetEncoder(visual_dim, 3, 64, seed + 202)], num_classes)
+        return SyntheticResNetEncoder(in_dim, 1 if modality == 0 else 3, 64, seed + 101 * (modality + 1))
     raise ValueError(f"backbone must be 'mlp' or 'resnet18', got {backbone!r}")
+
+
+def build_model(backbone: str, in_dims, num_classes: int, *, seed: int = 0) -> ConcatClassifier:
+    """M encoders (one per view, in_dims[m] inputs each) and the concat head."""
+    return ConcatClassifier([make_encoder(backbone, d, m, seed=seed) for m, d in enumerate(in_dims)], num_classes)

@@ -1,4 +1,4 @@
-"""Training, evaluation and the linear probe of the demo."""
+"""Training, evaluation, the linear probe and the diagnostics of the demo, for any number of views."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import AVSplits
+from ..metrics import competition_strengths, unimodal_accuracy
+from .data import Splits
 from .methods import make_method
-from .models import ConcatClassifier, build_model, MLPEncoder, SyntheticResNetEncoder
+from .models import ConcatClassifier, build_model, make_encoder
 from .timing import StepTimer
 
 
@@ -31,12 +32,15 @@ class RunResult:
     method: str
     seed: int
     fused_acc: float
-    modality_acc: list             # linear-probe accuracy of each encoder (frozen), on the test split
+    modality_acc: list             # [M] linear-probe accuracy of each encoder (frozen), on the test split
     ms_per_step: float
     balance_share: float
     trace_steps: list = field(default_factory=list)
     ratio_trace: list = field(default_factory=list)   # [n_trace][M] (what each method calls its ratio)
     coef_trace: list = field(default_factory=list)    # [n_trace][M] (its coefficient)
+    peak_mib: float = float("nan")                    # peak CUDA memory of the training loop (nan on CPU)
+    unimodal_acc: list = field(default_factory=list)  # [M] accuracy of each view's unimodal logits u_m, test split
+    competition: list | None = None                   # [M] AGM competition strength d^m (None: no alone runs)
 
 
 def _batches(n, batch_size, steps, seed, device):
@@ -52,9 +56,10 @@ def _batches(n, batch_size, steps, seed, device):
 
 
 def _inputs(data, idx=None):
+    """(list of M view tensors [B, D_m], labels [B]) of the rows idx (all rows when None)."""
     if idx is None:
-        return [data.audio, data.visual], data.labels
-    return [data.audio[idx], data.visual[idx]], data.labels[idx]
+        return list(data.views), data.labels
+    return [x[idx] for x in data.views], data.labels[idx]
 
 
 @torch.no_grad()
@@ -84,25 +89,32 @@ def linear_probe_accuracy(encoder, x_train, y_train, x_test, y_test, num_classes
         return (lin(f_te).argmax(1) == y_test).float().mean().item()  # sync-ok: evaluation, after training
 
 
-def _encoder_for(cfg, in_dim, channels, seed):
-    if cfg.backbone == "mlp":
-        return MLPEncoder(in_dim)
-    return SyntheticResNetEncoder(in_dim, channels, 64, seed)
+def _peak_start(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
 
-def train_unimodal(splits: AVSplits, modality: int, seed: int, cfg: DemoConfig, on_step=None) -> RunResult:
-    """The encoder of one modality trained alone (encoder + linear head), the reference each modality's
-    accuracy under joint training is compared with."""
+def _peak_mib(dev):
+    """Peak CUDA memory allocated since _peak_start, in MiB; nan on CPU."""
+    return torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else float("nan")
+
+
+def train_unimodal(splits: Splits, modality: int, seed: int, cfg: DemoConfig, on_step=None):
+    """The encoder of one view trained alone (encoder + linear head, the joint run's settings): the reference each
+    view's accuracy under joint training is compared with, and its mono-modal concept (AGM Sec. 3.2.1, late fusion).
+
+    Returns (RunResult, concept): concept = (logits on the dev split [N_dev, K], logits on the test split [N_test, K]).
+    """
     dev = torch.device(cfg.device)
-    tr, te = splits.train.to(dev), splits.test.to(dev)
+    tr, dv, te = splits.train.to(dev), splits.dev.to(dev), splits.test.to(dev)
     torch.manual_seed(seed)
-    dims = (tr.audio.shape[1], tr.visual.shape[1])
-    enc = _encoder_for(cfg, dims[modality], (1, 3)[modality], seed + (101, 202)[modality])
+    enc = make_encoder(cfg.backbone, splits.dims[modality], modality, seed=seed)
     model = ConcatClassifier([enc], splits.num_classes).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     timer = StepTimer(dev)
-    x_tr = (tr.audio, tr.visual)[modality]
+    x_tr = tr.views[modality]
     model.train()
+    _peak_start(dev)
     for step, idx in enumerate(_batches(len(tr), cfg.batch_size, cfg.steps, seed, dev)):
         timer.skip(step < min(cfg.warmup_steps, cfg.steps // 4))  # short runs still time 3/4 of their steps
         with timer.step():
@@ -112,28 +124,40 @@ def train_unimodal(splits: AVSplits, modality: int, seed: int, cfg: DemoConfig, 
             opt.step()
         if on_step:
             on_step(step)
-    x_te = (te.audio, te.visual)[modality]
+    peak = _peak_mib(dev)
+    x_te = te.views[modality]
     model.eval()
     with torch.no_grad():
-        acc = (model([x_te]).argmax(1) == te.labels).float().mean().item()  # sync-ok: evaluation
-    probe = linear_probe_accuracy(enc, x_tr, tr.labels, x_te, te.labels, splits.num_classes, iters=cfg.probe_iters, seed=seed)
-    accs = [float("nan"), float("nan")]
+        concept = (_logits(model, [dv.views[modality]]), _logits(model, [x_te]))
+        acc = (concept[1].argmax(1) == te.labels).float().mean().item()  # sync-ok: evaluation
+    probe = linear_probe_accuracy(enc, x_tr, tr.labels, x_te, te.labels, splits.num_classes, iters=cfg.probe_iters,
+                                  seed=seed)
+    accs = [float("nan")] * len(splits.names)
     accs[modality] = probe
+    uni = [float("nan")] * len(splits.names)
+    uni[modality] = acc
     t = timer.summary()
-    return RunResult(("audio alone", "visual alone")[modality], seed, acc, accs, t["ms_per_step"], 0.0)
+    result = RunResult(f"{splits.names[modality]} alone", seed, acc, accs, t["ms_per_step"], 0.0, peak_mib=peak,
+                       unimodal_acc=uni)
+    return result, concept
 
 
-def train_method(splits: AVSplits, method: str, seed: int, cfg: DemoConfig, on_step=None) -> RunResult:
-    """Joint training of the two-encoder concat classifier with one balancing method (or none: "joint")."""
+def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_step=None, concepts=None) -> RunResult:
+    """Joint training of the M-encoder concat classifier with one balancing method (or none: "joint").
+
+    concepts: None, or per view the (dev, test) logits of its encoder trained alone (train_unimodal), for AGM's
+    competition strength d^m (fitted on the dev split, measured on the test split).
+    """
     dev = torch.device(cfg.device)
     tr, dv, te = splits.train.to(dev), splits.dev.to(dev), splits.test.to(dev)
     torch.manual_seed(seed)
-    model = build_model(cfg.backbone, tr.audio.shape[1], tr.visual.shape[1], splits.num_classes, seed=seed).to(dev)
+    model = build_model(cfg.backbone, splits.dims, splits.num_classes, seed=seed).to(dev)
     runner = make_method(method, model, num_classes=splits.num_classes, seed=seed, total_steps=cfg.steps)
     opt = torch.optim.SGD(runner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     timer = StepTimer(dev)
     steps_seen, ratios, coefs = [], [], []
     model.train()
+    _peak_start(dev)
     for step, idx in enumerate(_batches(len(tr), cfg.batch_size, cfg.steps, seed, dev)):
         inputs, y = _inputs(tr, idx)
         timer.skip(step < min(cfg.warmup_steps, cfg.steps // 4))  # short runs still time 3/4 of their steps
@@ -147,16 +171,35 @@ def train_method(splits: AVSplits, method: str, seed: int, cfg: DemoConfig, on_s
         runner.end_step(step, lambda: _split_losses(runner, tr, dv))
         if on_step:
             on_step(step)
+    peak = _peak_mib(dev)
     model.eval()
     inputs, y = _inputs(te)
     with torch.no_grad():
         fused = (runner.eval_logits(inputs).argmax(1) == y).float().mean().item()  # sync-ok: evaluation
-    probes = [linear_probe_accuracy(model.encoders[m], (tr.audio, tr.visual)[m], tr.labels, inputs[m], y,
-                                    splits.num_classes, iters=cfg.probe_iters, seed=seed) for m in range(2)]
+        uni = unimodal_accuracy(runner.unimodal_logits(inputs), y).tolist()    # sync-ok: evaluation
+    probes = [linear_probe_accuracy(model.encoders[m], tr.views[m], tr.labels, inputs[m], y, splits.num_classes,
+                                    iters=cfg.probe_iters, seed=seed) for m in range(len(inputs))]
+    strength = None
+    if concepts is not None:
+        with torch.no_grad():
+            z_dev, z_test = _fused_features(model, dv.views), _fused_features(model, inputs)
+        strength = competition_strengths(z_dev, [c[0] for c in concepts], z_test, [c[1] for c in concepts]).tolist()
     t = timer.summary()
     ratio_trace = [r.tolist() if r is not None else None for r in ratios]  # sync-ok: after training
     coef_trace = [c.tolist() if c is not None else None for c in coefs]    # sync-ok: after training
-    return RunResult(method, seed, fused, probes, t["ms_per_step"], t["balance_share"], steps_seen, ratio_trace, coef_trace)
+    return RunResult(method, seed, fused, probes, t["ms_per_step"], t["balance_share"], steps_seen, ratio_trace,
+                     coef_trace, peak_mib=peak, unimodal_acc=uni, competition=strength)
+
+
+def _logits(model, views, chunk=1024):
+    """model(views) in row chunks: [N, K]."""
+    return torch.cat([model([x[i:i + chunk] for x in views]) for i in range(0, views[0].shape[0], chunk)])
+
+
+def _fused_features(model, views, chunk=1024):
+    """z: the concatenated encoder outputs, the input of the last classifier layer, [N, sum_m D_m]."""
+    return torch.cat([torch.cat(model.encode([x[i:i + chunk] for x in views]), 1)
+                      for i in range(0, views[0].shape[0], chunk)])
 
 
 @torch.no_grad()
