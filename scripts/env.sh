@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by scripts/demo.sh and scripts/test.sh: creates .venv if absent, installs what mmkernels needs,
 # and (re)builds the package only when setup.py or csrc/ changed. A second run installs nothing.
+# MMKERNELS_VENV, PYTHON and MMKERNELS_DEPS select another venv, interpreter and package set (scripts/gpu_stack_lane.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MMKERNELS_VENV:-$ROOT/.venv}"
@@ -12,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-DEPS="torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15"
+DEPS="${MMKERNELS_DEPS:-torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15}"
 deps_stamp="$VENV/.mmkernels-deps"
 if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$DEPS" ]; then
   echo "[mmkernels] installing $DEPS"
@@ -20,17 +21,14 @@ if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$DEPS" ]; then
   echo "$DEPS" > "$deps_stamp"
 fi
 
-build_key="$( (cat "$ROOT/setup.py"; find "$ROOT/csrc" -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) -print0 2>/dev/null | sort -z | xargs -0 cat 2>/dev/null; echo "cuda=${MMKERNELS_BUILD_CUDA:-auto} skip=${MMKERNELS_SKIP_EXT:-0} ptxas=${MMKERNELS_PTXAS_VERBOSE:-0}") | sha256sum | cut -d' ' -f1)"
+build_key="$( (cat "$ROOT/setup.py" "$ROOT/pyproject.toml"; find "$ROOT/csrc" -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) -print0 2>/dev/null | sort -z | xargs -0 cat 2>/dev/null; echo "cuda=${MMKERNELS_BUILD_CUDA:-auto} skip=${MMKERNELS_SKIP_EXT:-0} ptxas=${MMKERNELS_PTXAS_VERBOSE:-0}") | sha256sum | cut -d' ' -f1)"
 build_stamp="$VENV/.mmkernels-build"
 if [ ! -f "$build_stamp" ] || [ "$(cat "$build_stamp")" != "$build_key" ]; then
   echo "[mmkernels] building and installing mmkernels (pip install --no-build-isolation -e .)"
   if [ "${MMKERNELS_PTXAS_VERBOSE:-0}" = 1 ]; then  # CI: keep the build log and print ptxas's resource use per kernel
     (cd "$ROOT" && "$PY" -m pip install -v --no-build-isolation --no-deps -e .) > "$VENV/mmkernels-build.log" 2>&1 \
       || { tail -n 60 "$VENV/mmkernels-build.log"; exit 1; }
-    echo "[mmkernels] ptxas resource use of the CUDA kernels (-Xptxas -v):"
-    grep -E "ptxas info +: (Compiling entry|Function properties|Used)|bytes stack frame" "$VENV/mmkernels-build.log" \
-      | sed -E 's/^.*ptxas info +: //; s/^ +//' | awk '!seen[$0]++' | { command -v c++filt >/dev/null && c++filt || cat; } \
-      || echo "  (no CUDA kernels compiled)"
+    "$PY" "$ROOT/scripts/ptxas_report.py" "$VENV/mmkernels-build.log"
   else
     (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
   fi
