@@ -696,3 +696,13 @@ def grad_tap_backward(grad: torch.Tensor, k) -> torch.Tensor:
     """Backward of the feature tap (DESIGN 4.1): grad * k (k a number or 0-d tensor), in grad's dtype."""
     g = _acc(grad)
     return (g * _acc_like(k, g)).to(grad.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- METHODS_NEXT
+# PMR, MMPareto and valuation live in one module each and are part of this oracle.
+from ._ref_pmr import *  # noqa: E402,F401,F403
+from ._ref_mmpareto import *  # noqa: E402,F401,F403
+from ._ref_valuation import *  # noqa: E402,F401,F403
+from . import _ref_mmpareto, _ref_pmr, _ref_valuation  # noqa: E402
+
+__all__ += _ref_pmr.__all__ + _ref_mmpareto.__all__ + _ref_valuation.__all__

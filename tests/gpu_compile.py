@@ -283,9 +283,24 @@ def _uniforms_plan():
             for seed, offset in ((0, 0), (11, 2 ** 33 + 17), (2 ** 31 + 5, 2 ** 31 - 10), (2 ** 40 + 7, 2 ** 32 - 3))]
 
 
+PLAN_MODULES = ("_plan_pmr", "_plan_mmpareto", "_plan_valuation")  # tests/<name>.py: plan() -> [(label, call)]
+
+
+def _method_plans() -> list:
+    """The launch plans of the METHODS_NEXT kernels, one module each beside this file."""
+    import importlib
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    plan = []
+    for name in PLAN_MODULES:
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")):
+            plan += importlib.import_module(name).plan()
+    return plan
+
+
 def launch_plan() -> list:
     """[(label, call)]: each call runs one launcher (a sync=True coefficient call launches twice)."""
-    return _coefficient_plan() + _grad_scale_plan() + _drop_plan() + _uniforms_plan()
+    return _coefficient_plan() + _grad_scale_plan() + _drop_plan() + _uniforms_plan() + _method_plans()
 
 
 # ================================================================================ one target, one process
