@@ -13,7 +13,7 @@ import torch
 
 from mmkernels import _validate
 
-from . import _ops
+from . import _ops, _update
 
 STATE_VERSION = 1
 
@@ -134,6 +134,7 @@ class Balancer:
             "coefficients": torch.full((m,), float(self.neutral)), "flag": torch.zeros(()),
         }
         self._auto_step = optimizer is not None
+        self._optimizer = optimizer
         self.skipped_steps = 0        # steps ended without optimizer.step() (GradScaler skips), optimizer= only
         if optimizer is not None:
             if not isinstance(optimizer, torch.optim.Optimizer):
@@ -449,25 +450,50 @@ class Balancer:
 
 # ----------------------------------------------------------------------------------------------- parameter mode
 class ParameterModeMixin:
-    """Gradient scaling on listed parameter tensors after backward (the authors' placement): params is a list of M
-    iterables of tensors (modality m's tensors, e.g. only its conv weights)."""
+    """Modulation on listed parameter tensors (the authors' placement): params is a list of M iterables of tensors
+    (modality m's tensors, e.g. only its conv weights).
 
-    def _init_params(self, params) -> None:
+    modulate="grad" (the papers'): after backward, modulate_grads() scales their gradients, grad <- k_m grad.
+    modulate="update": the gradients are left as they are (GE noise, where enabled, is still added by
+    modulate_grads()) and the change optimizer.step() makes to each listed tensor is scaled instead,
+    delta_p <- k_m delta_p, with the optimizer's state left as the unmodulated step leaves it (python_api/_update.py).
+    It keeps k's effect under adaptive optimizers (Adam, AdamW, RMSprop), whose step divides the gradient's scale
+    out. Needs params= and optimizer=.
+    """
+
+    _modulate = "grad"
+    _update = None
+
+    def _init_params(self, params, modulate: str = "grad") -> None:
+        _validate.check_choice(modulate, ("grad", "update"), "modulate")
         self._params = None
+        if params is None and modulate == "update":
+            raise ValueError(f"{type(self).__name__}(modulate='update') needs params= (a list of num_modalities="
+                             f"{self.num_modalities} iterables of tensors: the tensors whose update is scaled)")
         if params is None:
             return
         if not isinstance(params, (list, tuple)) or len(params) != self.num_modalities:
             got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
             raise ValueError(f"params must be a list of num_modalities={self.num_modalities} iterables of tensors "
                              f"(one per modality), got {got}")
-        groups = []
+        groups, seen = [], {}
         for m, group in enumerate(params):
             ts = [group] if isinstance(group, torch.Tensor) else list(group)
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{m}][{i}] must be a tensor, got {type(t).__name__}")
+                if id(t) in seen:
+                    raise ValueError(f"params[{m}][{i}] is also listed as params{list(seen[id(t)])}: a tensor belongs "
+                                     f"to one modality")
+                seen[id(t)] = (m, i)
             groups.append(ts)
+        if modulate == "update":
+            _update.check_optimizer(self._optimizer, groups, type(self).__name__)
+            self._update = _update.UpdateScaler(groups)
+            self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
+            self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
         self._params = groups
+        self._modulate = modulate
 
     def _uses_taps(self) -> bool:
         return self._params is None
@@ -483,7 +509,8 @@ class ParameterModeMixin:
 
     def modulate_grads(self) -> None:
         """Parameter mode, after backward and before optimizer.step(): apply this step's coefficients to the listed
-        tensors' gradients (plus noise if configured). Outside the window: nothing."""
+        tensors' gradients (plus noise if configured); with modulate="update" only the noise (the coefficients act
+        on the update, in optimizer.step()). Outside the window: nothing."""
         if self._params is None:
             raise RuntimeError(f"{type(self).__name__} is in feature-tap mode; pass params= to use modulate_grads()")
         self._backward_step = self._step
@@ -491,7 +518,27 @@ class ParameterModeMixin:
             return
         if self._observed_step != self._step:
             raise RuntimeError(f"{type(self).__name__}.modulate_grads(): observe() was not called in step {self._step}")
-        self._apply_param_mode(self._stats["coefficients"])
+        coef = self._stats["coefficients"]
+        self._apply_param_mode(torch.ones_like(coef) if self._modulate == "update" else coef)
 
     def _apply_param_mode(self, coef: torch.Tensor) -> None:
-        self._scale_grads_(coef)
+        if self._modulate != "update":
+            self._scale_grads_(coef)
+
+    def _before_optimizer_step(self) -> None:
+        """modulate="update": snapshot the listed tensors when this step modulates (a host decision)."""
+        if not self.active or self._observed_step != self._step:
+            return
+        if self._backward_step != self._step:
+            raise RuntimeError(f"{type(self).__name__}(modulate='update'): optimizer.step() came before "
+                               f"modulate_grads() in step {self._step}; call bal.modulate_grads() after backward")
+        self._update.before_step(self._stats["coefficients"])
+
+    @property
+    def modulate(self) -> str:
+        """"grad" (the coefficients scale the gradients) or "update" (they scale optimizer.step()'s change)."""
+        return self._modulate
+
+    def update_snapshot_bytes(self) -> int:
+        """modulate="update": bytes of the parameter snapshot it keeps (0 otherwise)."""
+        return self._update.extra_bytes() if self._update is not None else 0

@@ -23,24 +23,28 @@ class MLB(ParameterModeMixin, Balancer):
         feats = bal.tap([enc_a(xa), enc_v(xv)])              # encoder m's gradient scaled by k_m
         loss = bal.loss(fusion(feats), [head_a(feats[0]), head_v(feats[1])], y)   # observes, returns the multi-loss
     Arguments: alpha >= 0 (default 0.8, the authors' CREMA-D value), beta_max >= 1 (default 2.0); params= (M iterables
-    of tensors, e.g. encoder m + its unimodal head) for the authors' placement after backward (modulate_grads()).
+    of tensors, e.g. encoder m + its unimodal head) for the authors' placement after backward (modulate_grads());
+    modulate="update" (needs params= and optimizer=) scales the change optimizer.step() makes to those tensors
+    instead of their gradients, so k keeps its effect under Adam (the authors train MLB with Adam).
     """
 
     method = "mlb"
     coefficient_method = "mlb"
 
-    def __init__(self, num_modalities: int, *, alpha: float = 0.8, beta_max: float = 2.0, params=None, **kwargs):
+    def __init__(self, num_modalities: int, *, alpha: float = 0.8, beta_max: float = 2.0, params=None,
+                 modulate: str = "grad", **kwargs):
         super().__init__(num_modalities, **kwargs)
         check_hyperparameter(alpha, "alpha")
         check_hyperparameter(beta_max, "beta_max")
         self.alpha, self.beta_max = float(alpha), float(beta_max)
-        self._init_params(params)
+        self._init_params(params, modulate)
 
     def _hyperparameters(self) -> dict:
         return {"alpha": self.alpha, "beta_max": self.beta_max}
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "mode": "tap" if self._params is None else "parameter"}
+        return {**super()._hparams_state(), "mode": "tap" if self._params is None else "parameter",
+                "modulate": self._modulate}
 
     def loss(self, fused_logits: torch.Tensor, unimodal_logits, labels: torch.Tensor) -> torch.Tensor:
         """The multi-loss CE(fused) + sum_m CE(u_m) (Eq. 3, equal weights; mean over valid rows) and observe(u, y)."""

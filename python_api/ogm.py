@@ -25,7 +25,10 @@ class OGMGE(ParameterModeMixin, Balancer):
     Arguments: num_modalities; alpha >= 0 (default 0.8, the authors' CREMA-D value); noise "covariance" (taps),
     "isotropic" (parameter mode) or None (default: "isotropic" if official else "covariance"); sigma: scale of the
     covariance noise; params: list of M iterables of tensors -> parameter mode; z, ratio: TPAMI Tab. 15 variants
-    (paper mode only); plus the Balancer window/seed/sync arguments.
+    (paper mode only); modulate: "grad" (default, the papers': k scales the gradient) or "update" (k scales the change
+    optimizer.step() makes to params; needs params= and optimizer=; the noise is still added to the gradient; use it
+    with Adam/AdamW, which cancel a gradient scale, see ParameterModeMixin); plus the Balancer window/seed/sync
+    arguments.
     """
 
     method = "ogm_ge"
@@ -33,7 +36,7 @@ class OGMGE(ParameterModeMixin, Balancer):
     official_tie = 0  # modality an exact M = 2 tie suppresses with official=True (CVPR 2022 code: 0)
 
     def __init__(self, num_modalities: int, *, alpha: float = 0.8, noise=_AUTO, sigma: float = 1.0, params=None,
-                 official: bool = False, z: str = "tanh", ratio: str = "ratio", **kwargs):
+                 official: bool = False, z: str = "tanh", ratio: str = "ratio", modulate: str = "grad", **kwargs):
         super().__init__(num_modalities, official=official, **kwargs)
         check_hyperparameter(alpha, "alpha")
         check_real(sigma, "sigma", low=0.0)
@@ -42,13 +45,13 @@ class OGMGE(ParameterModeMixin, Balancer):
         if noise == _AUTO:
             noise = "isotropic" if official else self.default_noise
         _validate.check_choice(noise, (None, "covariance", "isotropic"), "noise")
-        self._init_params(params)
         if noise == "isotropic" and params is None:
             raise ValueError("noise='isotropic' is the authors' parameter-mode rule: pass params= (a list of M "
                              "iterables of tensors) and call modulate_grads() after backward")
         if noise == "covariance" and params is not None:
             raise ValueError("noise='covariance' works through feature taps (per-row factors); with params= use "
                              "noise='isotropic' or noise=None")
+        self._init_params(params, modulate)
         self.alpha, self.sigma, self.noise, self.z, self.ratio = float(alpha), float(sigma), noise, z, ratio
         self.coefficient_method = "ogm_ge" if official else "ogm"
 
@@ -59,7 +62,7 @@ class OGMGE(ParameterModeMixin, Balancer):
 
     def _hparams_state(self) -> dict:
         return {**super()._hparams_state(), "noise": self.noise, "sigma": self.sigma,
-                "mode": "tap" if self._params is None else "parameter"}
+                "mode": "tap" if self._params is None else "parameter", "modulate": self._modulate}
 
     def _tap_op(self, x, coef, modality, step):
         if self.noise == "covariance":
@@ -69,7 +72,7 @@ class OGMGE(ParameterModeMixin, Balancer):
 
     def _apply_param_mode(self, coef: torch.Tensor) -> None:
         if self.noise != "isotropic":
-            self._scale_grads_(coef)
+            super()._apply_param_mode(coef)
             return
         groups = self._grads()
         grads = [g for group in groups for g in group]

@@ -19,7 +19,7 @@ import mmkernels.api as api  # noqa: E402
 
 from _api_models import TinyModel, batch  # noqa: E402
 
-KINDS = ("ogmge_cov", "ogmge_iso", "opm", "agm")
+KINDS = ("ogmge_cov", "ogmge_iso", "opm", "agm", "ogmge_update")
 STEPS = 5
 
 
@@ -37,6 +37,7 @@ class Wrapped(nn.Module):
                                            params=[enc[0].parameters(), enc[1].parameters()]),
             "opm": lambda: api.OPM(2, seed=4, q_base=0.6),
             "agm": lambda: api.AGM(2, alpha=2.0),
+            "ogmge_update": lambda: None,   # made in _worker: modulate="update" needs the optimizer
         }[kind]()
 
     def forward(self, xa, xv, y):
@@ -50,7 +51,7 @@ class Wrapped(nn.Module):
             bal.observe(u, y)
             return net.fuse(dropped)
         bal.observe(u, y)
-        return net.fuse(feats if self.kind == "ogmge_iso" else bal.tap(feats))
+        return net.fuse(feats if self.kind in ("ogmge_iso", "ogmge_update") else bal.tap(feats))
 
 
 def _worker(rank: int, world: int, init: str, outdir: str) -> None:
@@ -62,15 +63,21 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
             model = Wrapped(kind)
             ddp = nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
+            if kind == "ogmge_update":   # Adam, the update scaled by k (issue 13), GE noise on the gradient
+                opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
+                enc = model.net.encoders
+                model.bal = api.OGMGE(2, alpha=2.0, official=True, seed=4, modulate="update", optimizer=opt,
+                                      params=[list(enc[0].parameters()), list(enc[1].parameters())])
             coefs = []
             for step in range(STEPS):
                 xs, y = batch(2, b=8, seed=1000 * rank + step)               # different data on each rank
                 opt.zero_grad()
                 F.cross_entropy(ddp(xs[0], xs[1], y), y).backward()
-                if kind == "ogmge_iso":
+                if kind in ("ogmge_iso", "ogmge_update"):
                     model.bal.modulate_grads()                               # after backward: grads are synced
                 opt.step()
-                model.bal.step()
+                if kind != "ogmge_update":                                   # optimizer= steps it
+                    model.bal.step()
                 coefs.append(model.bal.coefficients.clone())
             result[kind] = {"coefs": torch.stack(coefs), "params": [p.detach().clone() for p in model.parameters()]}
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
