@@ -114,3 +114,20 @@ def test_training_and_report_with_eight_views(one_thread):
     for text in (format_table(rows, splits.names), format_diagnostics(rows, splits.names)):
         assert all(f"v{m}" in text.splitlines()[0] for m in range(8))
     assert rows[0]["verdict"] == "" and "pts fused" in rows[1]["verdict"]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_update_mode_rows_measure_the_update_ratio_achieved(one_thread, optimizer):
+    """--optimizer adam: the parameter-mode rows report the update-norm ratio achieved per view (a counterfactual
+    unmodulated step on the probe steps). modulate="update" achieves k (MLB has no noise); "grad" under Adam does not."""
+    from mmkernels.demo.report import format_update_ratios
+
+    splits = _random_splits(2)
+    cfg = DemoConfig(steps=21, batch_size=16, warmup_steps=1, probe_iters=3, optimizer=optimizer, trace_every=5)
+    runs = [train_method(splits, method, 0, cfg) for method in ("mlb_params", "mlb_update", "ogm_ge_update")]
+    grad, update = runs[0], runs[1]
+    torch.testing.assert_close(torch.tensor(update.update_ratio), torch.tensor(update.update_coef), rtol=1e-4, atol=0)
+    ratio, k = torch.tensor(grad.update_ratio), torch.tensor(grad.update_coef)
+    assert ((ratio - 1).abs() < 0.5 * (k - 1).abs()).all(), (ratio, k)   # Adam divides most of k out
+    text = format_update_ratios(summarize(runs, splits.names), splits.names)
+    assert "achieved / k" in text.splitlines()[0] and len(text.splitlines()) == 2 + 3

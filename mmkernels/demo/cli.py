@@ -10,10 +10,10 @@ import time
 import torch
 
 from .data import make_dataset
-from .methods import METHODS
+from .methods import EXTRA_METHODS, METHODS
 from .mfeat import VIEWS, MissingData, mfeat_splits, parse_views
 from .progress import Progress
-from .report import format_diagnostics, format_table, summarize, write_all
+from .report import format_diagnostics, format_table, format_update_ratios, summarize, write_all
 from .train import DemoConfig, train_method, train_unimodal
 
 PRESETS = {  # (--quick, default) per data set
@@ -35,7 +35,11 @@ def build_parser(parser=None):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backbone", default="mlp", choices=["mlp", "resnet18"],
                    help="mlp (default, CPU-sized) or torchvision resnet18 encoders, no pretrained weights (the papers' setup; use a GPU)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}, or of the parameter-mode rows "
+                        f"{','.join(EXTRA_METHODS)} (modulate='grad' vs 'update', for --optimizer adam)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                   help="sgd (default: lr 0.05, momentum 0.9) or adam / adamw (lr 1e-3); weight decay 1e-4")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per run (default: synthetic 1000, mfeat 600; 300 with --quick)")
@@ -70,9 +74,9 @@ def run(args) -> int:
     steps = args.steps or preset["steps"]
     n_seeds = args.seeds or preset["seeds"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if bad:
-        print(f"unknown method(s) {bad}; choose from {METHODS}", file=sys.stderr)
+        print(f"unknown method(s) {bad}; choose from {METHODS + EXTRA_METHODS}", file=sys.stderr)
         return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda asked for, but no CUDA device is visible", file=sys.stderr)
@@ -87,11 +91,12 @@ def run(args) -> int:
     elif args.device == "cpu" and args.backbone == "mlp":
         torch.set_num_threads(1)  # tiny MLP steps: one thread is faster and steadier than two
     cfg = DemoConfig(steps=steps, batch_size=args.batch_size, backbone=args.backbone, device=args.device,
-                     probe_iters=preset["probe_iters"])
+                     probe_iters=preset["probe_iters"], optimizer=args.optimizer)
     import mmkernels
 
     print(f"mmkernels {mmkernels.__version__} demo: {description}; {len(methods)} method(s) x {n_seeds} seed(s), "
-          f"{steps} steps of batch {cfg.batch_size}, backbone {cfg.backbone}, device {cfg.device}", flush=True)
+          f"{steps} steps of batch {cfg.batch_size}, optimizer {cfg.optimizer}, backbone {cfg.backbone}, device {cfg.device}",
+          flush=True)
     per_seed = ([] if args.no_alone else [f"{v} alone" for v in names]) + methods
     bar = Progress(len(per_seed) * n_seeds * steps)
     results = []
@@ -123,6 +128,14 @@ def run(args) -> int:
     print()
     print(format_diagnostics(rows, names))
     print()
+    updates = format_update_ratios(rows, names)
+    if updates:
+        print(updates)
+        print()
+        print("update ratio achieved (parameter-mode rows): per view, mean over the probe steps (every "
+              f"{cfg.trace_every}th, not timed) of ||change of its listed tensors|| / ||change the same optimizer makes "
+              "from the unmodulated gradient||, next to the mean coefficient k over those steps; 1.00 = no effect")
+        print()
     print("diagnostics (mmkernels.metrics, means over seeds): acc = accuracy of the view's unimodal logits u_m on the "
           "test split (concat head f_m W_m^T + b/M; MLB: its own heads); d = AGM competition strength d^m (Eq. 11-13: "
           "ridge probe from the fused features to the view's alone-trained logits, fitted on dev, measured on test; "

@@ -6,12 +6,16 @@ that only the balancing adds in `timer.balancing()` so the demo can report their
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
 
 METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm"]
+# not in the default list: "grad" vs "update" modulation under an adaptive optimizer (--optimizer adam, issue 13)
+EXTRA_METHODS = ["ogm_ge_update", "mlb_params", "mlb_update"]
 LABELS = {
     "joint": "joint (no balancing)",
     "ogm_ge": "OGM-GE (isotropic GE)",
@@ -21,6 +25,9 @@ LABELS = {
     "agm": "AGM",
     "mlb": "MLB",
     "olm": "OLM",
+    "ogm_ge_update": "OGM-GE (isotropic GE), modulate=update",
+    "mlb_params": "MLB (parameter mode), modulate=grad",
+    "mlb_update": "MLB (parameter mode), modulate=update",
     "audio alone": "audio encoder alone",
     "visual alone": "visual encoder alone",
 }
@@ -53,6 +60,9 @@ class JointRunner:
 
     def parameters(self):
         return list(self.model.parameters())
+
+    def bind(self, opt):
+        """Called once with the optimizer, before the first step."""
 
     def forward_loss(self, inputs, y):
         return F.cross_entropy(self.model(inputs), y)
@@ -115,15 +125,83 @@ def _weight_tensors(module):
     return ps or [p for p in module.parameters() if p.dim() >= 2]
 
 
-class OGMGERunner(_BalancerRunner):
+class _ParamModeRunner(_BalancerRunner):
+    """Runners whose balancer acts on listed parameter tensors after backward (modulate_grads()), with
+    modulate="grad" or "update". On probe steps they also measure the update-norm ratio achieved per modality:
+    ||delta of modality m's listed tensors|| / ||delta the same optimizer would make from the unmodulated gradient||
+    (a copy of the optimizer and the tensors stepped on the raw gradient; outside the timed steps)."""
+
+    modulate = "grad"
+
+    def __init__(self, model, **kw):
+        self.achieved = []   # [(ratio [M], k [M])] device tensors, read after training
+        self._probe = False
+        super().__init__(model, **kw)
+
+    def make_balancer(self):
+        return None if self.modulate == "update" else self.build_balancer(None)
+
+    def bind(self, opt):
+        if self.bal is None:   # modulate="update" needs the optimizer
+            self.bal = self.build_balancer(opt)
+
+    def listed(self):
+        raise NotImplementedError
+
+    def probe_next_step(self):
+        self._probe = True
+
+    def modulate_and_step(self, opt, timer):
+        """modulate_grads() then opt.step() (probe steps: plus the counterfactual unmodulated step)."""
+        probe, self._probe = self._probe, False
+        if probe:
+            listed = self.listed()
+            flat = [p for g in listed for p in g]
+            raw = [p.grad.detach().clone() for p in flat]
+            before = [p.detach().clone() for p in flat]
+            counter = copy.deepcopy(opt)   # same state and hyperparameters, its own tensors
+        with timer.balancing():
+            self.bal.modulate_grads()
+        if probe:
+            k = self.bal.coefficients.clone()
+        opt.step()
+        if not probe:
+            return
+        index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
+        mirror = [q for g in counter.param_groups for q in g["params"]]
+        for p, g, b in zip(flat, raw, before):
+            q = mirror[index[id(p)]]
+            with torch.no_grad():
+                q.copy_(b)
+            q.grad = g
+        others = set(id(mirror[index[id(p)]]) for p in flat)
+        for q in mirror:
+            if id(q) not in others:
+                q.grad = None   # only the listed tensors are compared
+        counter.step()
+        ratios, i = [], 0
+        for group in listed:
+            got = torch.stack([(p.detach() - b).norm() for p, b in zip(group, before[i:i + len(group)])]).norm()
+            want = torch.stack([(mirror[index[id(p)]].detach() - b).norm()
+                                for p, b in zip(group, before[i:i + len(group)])]).norm()
+            ratios.append(got / want)
+            i += len(group)
+        self.achieved.append((torch.stack(ratios), k))
+
+
+class OGMGERunner(_ParamModeRunner):
     """OGM-GE as the authors run it (official=True): CVPR coefficient, isotropic GE noise N(0, std(grad)^2) added
     after backward to each encoder weight tensor (parameter mode, `modulate_grads()`)."""
 
     name = "ogm_ge"
 
-    def make_balancer(self):
-        params = [_weight_tensors(enc) for enc in self.model.encoders]
-        return api_class("OGMGE")(len(params), alpha=0.8, official=True, params=params, seed=self.seed)
+    def listed(self):
+        return [_weight_tensors(enc) for enc in self.model.encoders]
+
+    def build_balancer(self, opt):
+        params = self.listed()
+        return api_class("OGMGE")(len(params), alpha=0.8, official=True, params=params, seed=self.seed,
+                                  modulate=self.modulate, optimizer=opt)
 
     def step(self, inputs, y, opt, timer):
         opt.zero_grad(set_to_none=True)
@@ -132,11 +210,17 @@ class OGMGERunner(_BalancerRunner):
             self.bal.observe(concat_unimodal(self.model, feats), y)
         loss = F.cross_entropy(self.model.fuse(feats), y)
         loss.backward()
-        with timer.balancing():
-            self.bal.modulate_grads()
-        opt.step()
-        self.bal.step()
+        self.modulate_and_step(opt, timer)
+        if self.modulate != "update":   # optimizer= steps it
+            self.bal.step()
         return loss.detach()
+
+
+class OGMGEUpdateRunner(OGMGERunner):
+    """OGM-GE (official) with modulate="update": k scales the change opt.step() makes to the listed weights."""
+
+    name = "ogm_ge_update"
+    modulate = "update"
 
 
 class TapRunner(_BalancerRunner):
@@ -259,6 +343,48 @@ class MLBRunner(_BalancerRunner):
         return torch.stack([h(f) for h, f in zip(self.uni_heads, self.model.encode(inputs))])
 
 
+class MLBParamsRunner(_ParamModeRunner):
+    """MLB in parameter mode (the authors' placement): k_m scales encoder m's gradients after backward."""
+
+    name = "mlb_params"
+
+    def __init__(self, model, **kw):
+        dev = model.head.weight.device
+        self.uni_heads = torch.nn.ModuleList(
+            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        super().__init__(model, **kw)
+
+    def listed(self):
+        return [list(enc.parameters()) for enc in self.model.encoders]
+
+    def build_balancer(self, opt):
+        return api_class("MLB")(len(self.model.encoders), alpha=0.8, beta_max=2.0, seed=self.seed,
+                                params=self.listed(), modulate=self.modulate, optimizer=opt)
+
+    parameters = MLBRunner.parameters
+    unimodal_logits = MLBRunner.unimodal_logits
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        fused = self.model.fuse(feats)
+        with timer.balancing():
+            uni = [h(f) for h, f in zip(self.uni_heads, feats)]
+            loss = self.bal.loss(fused, uni, y)
+        loss.backward()
+        self.modulate_and_step(opt, timer)
+        if self.modulate != "update":
+            self.bal.step()
+        return loss.detach()
+
+
+class MLBUpdateRunner(MLBParamsRunner):
+    """MLB with modulate="update": k_m scales the change opt.step() makes to encoder m."""
+
+    name = "mlb_update"
+    modulate = "update"
+
+
 class OLMRunner(_BalancerRunner):
     """OLM (Zong et al. Eq. 5-9): the concat head's branches u_m = f_m W_m^T + b/M (their sum is the joint logits)
     fused as sum_m w_m u_m; every `report_every` steps (one "evaluation") the branches' train and dev losses are
@@ -300,7 +426,8 @@ class OLMRunner(_BalancerRunner):
 
 
 RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
-           "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner}
+           "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner,
+           "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
 
 
 def make_method(name, model, *, num_classes, seed, total_steps):

@@ -59,6 +59,7 @@ def summarize(results, names):
                      "peak_mib": _mean_sd([r.peak_mib for r in rs]),
                      "probe": per_view("modality_acc"), "unimodal": per_view("unimodal_acc"),
                      "competition": per_view("competition"),
+                     "update_ratio": per_view("update_ratio"), "update_coef": per_view("update_coef"),
                      "imbalance": _mean_sd([a for a, _ in imb]), "imbalance_rel": _mean_sd([b for _, b in imb])})
     joint = next((r for r in rows if r["method"] == "joint"), None)
     for row in rows:
@@ -134,6 +135,17 @@ def format_diagnostics(rows, names, markdown=False):
     return _render(head, body, markdown)
 
 
+def format_update_ratios(rows, names, markdown=False):
+    """Parameter-mode rows: per view the update-norm ratio achieved and the mean coefficient k ("" if none)."""
+    have = [r for r in rows if any(m == m for m, _ in r["update_ratio"])]
+    if not have:
+        return ""
+    head = ["method", *(f"{n}: achieved / k" for n in names)]
+    body = [[r["label"], *(f"{a:.2f} / {k:.2f}" for (a, _), (k, _) in zip(r["update_ratio"], r["update_coef"]))]
+            for r in have]
+    return _render(head, body, markdown)
+
+
 def write_json(path, config, results, rows):
     payload = {"config": config, "summary": rows, "runs": [r.__dict__ for r in results]}
     with open(path, "w") as f:
@@ -199,4 +211,7 @@ def write_all(out_dir, config, results, rows, names):
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(format_table(rows, names, markdown=True) + "\n\n")
         f.write(format_diagnostics(rows, names, markdown=True) + "\n")
+        updates = format_update_ratios(rows, names, markdown=True)
+        if updates:
+            f.write("\n" + updates + "\n")
     return write_png(os.path.join(out_dir, "demo.png"), results, rows, names)

@@ -20,6 +20,8 @@ class DemoConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"         # sgd (lr, momentum) | adam | adamw (adaptive_lr)
+    adaptive_lr: float = 1e-3
     backbone: str = "mlp"
     device: str = "cpu"
     trace_every: int = 10
@@ -41,6 +43,8 @@ class RunResult:
     peak_mib: float = float("nan")                    # peak CUDA memory of the training loop (nan on CPU)
     unimodal_acc: list = field(default_factory=list)  # [M] accuracy of each view's unimodal logits u_m, test split
     competition: list | None = None                   # [M] AGM competition strength d^m (None: no alone runs)
+    update_ratio: list | None = None   # [M] mean over probe steps of the update-norm ratio achieved (parameter mode)
+    update_coef: list | None = None    # [M] mean coefficient k_m over the same steps
 
 
 def _batches(n, batch_size, steps, seed, device):
@@ -89,6 +93,14 @@ def linear_probe_accuracy(encoder, x_train, y_train, x_test, y_test, num_classes
         return (lin(f_te).argmax(1) == y_test).float().mean().item()  # sync-ok: evaluation, after training
 
 
+def make_optimizer(params, cfg: DemoConfig):
+    """SGD with momentum (the default, the papers'), or Adam / AdamW at cfg.adaptive_lr (same weight decay)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return cls(params, lr=cfg.adaptive_lr, weight_decay=cfg.weight_decay)
+
+
 def _peak_start(dev):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -110,7 +122,7 @@ def train_unimodal(splits: Splits, modality: int, seed: int, cfg: DemoConfig, on
     torch.manual_seed(seed)
     enc = make_encoder(cfg.backbone, splits.dims[modality], modality, seed=seed)
     model = ConcatClassifier([enc], splits.num_classes).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg)
     timer = StepTimer(dev)
     x_tr = tr.views[modality]
     model.train()
@@ -153,14 +165,19 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
     torch.manual_seed(seed)
     model = build_model(cfg.backbone, splits.dims, splits.num_classes, seed=seed).to(dev)
     runner = make_method(method, model, num_classes=splits.num_classes, seed=seed, total_steps=cfg.steps)
-    opt = torch.optim.SGD(runner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(runner.parameters(), cfg)
+    runner.bind(opt)
+    probing = hasattr(runner, "probe_next_step")
     timer = StepTimer(dev)
     steps_seen, ratios, coefs = [], [], []
     model.train()
     _peak_start(dev)
     for step, idx in enumerate(_batches(len(tr), cfg.batch_size, cfg.steps, seed, dev)):
         inputs, y = _inputs(tr, idx)
-        timer.skip(step < min(cfg.warmup_steps, cfg.steps // 4))  # short runs still time 3/4 of their steps
+        probe = probing and step % cfg.trace_every == 0
+        if probe:   # the achieved update ratio needs a counterfactual optimizer step: not timed
+            runner.probe_next_step()
+        timer.skip(probe or step < min(cfg.warmup_steps, cfg.steps // 4))  # short runs time 3/4 of their steps
         with timer.step():
             runner.step(inputs, y, opt, timer)
         if step % cfg.trace_every == 0 or step == cfg.steps - 1:
@@ -185,10 +202,15 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
             z_dev, z_test = _fused_features(model, dv.views), _fused_features(model, inputs)
         strength = competition_strengths(z_dev, [c[0] for c in concepts], z_test, [c[1] for c in concepts]).tolist()
     t = timer.summary()
+    update_ratio = update_coef = None
+    if probing and runner.achieved:
+        update_ratio = torch.stack([r for r, _ in runner.achieved]).mean(0).tolist()  # sync-ok: after training
+        update_coef = torch.stack([k for _, k in runner.achieved]).mean(0).tolist()   # sync-ok: after training
     ratio_trace = [r.tolist() if r is not None else None for r in ratios]  # sync-ok: after training
     coef_trace = [c.tolist() if c is not None else None for c in coefs]    # sync-ok: after training
     return RunResult(method, seed, fused, probes, t["ms_per_step"], t["balance_share"], steps_seen, ratio_trace,
-                     coef_trace, peak_mib=peak, unimodal_acc=uni, competition=strength)
+                     coef_trace, peak_mib=peak, unimodal_acc=uni, competition=strength, update_ratio=update_ratio,
+                     update_coef=update_coef)
 
 
 def _logits(model, views, chunk=1024):
