@@ -82,7 +82,17 @@ class _DeferredTap(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------- base
-class Balancer:
+class _Constructed(type):
+    """Runs _attach_optimizer_hooks() after __init__ returns, so hooks on the user's optimizer exist only for a
+    balancer whose constructor accepted every argument."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        obj._attach_optimizer_hooks()
+        return obj
+
+
+class Balancer(metaclass=_Constructed):
     """Base class of OGMGE, OGM, OPM, AGM, MLB, OLM (the protocol in README "API").
 
     Common keyword arguments:
@@ -136,10 +146,13 @@ class Balancer:
         self._auto_step = optimizer is not None
         self._optimizer = optimizer
         self.skipped_steps = 0        # steps ended without optimizer.step() (GradScaler skips), optimizer= only
-        if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+    def _attach_optimizer_hooks(self) -> None:
+        """Called once the whole constructor has succeeded (_Constructed): a rejected construction hooks nothing."""
+        if self._optimizer is not None:
+            self._hook = self._optimizer.register_step_post_hook(lambda *_: self.step())
 
     # ---------------------------------------------------------------- host-side protocol
     def step(self) -> None:
@@ -490,13 +503,17 @@ class ParameterModeMixin:
         if modulate == "update":
             _update.check_optimizer(self._optimizer, groups, type(self).__name__)
             self._update = _update.UpdateScaler(groups)
-            self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
-            self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
         self._params = groups
         self._modulate = modulate
 
     def _uses_taps(self) -> bool:
         return self._params is None
+
+    def _attach_optimizer_hooks(self) -> None:
+        super()._attach_optimizer_hooks()   # the step counter's post-hook first
+        if self._update is not None:
+            self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
+            self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
 
     def _grads(self) -> list[list[torch.Tensor]]:
         return [[p.grad for p in group if p.grad is not None] for group in self._params]

@@ -254,7 +254,9 @@ def test_update_mode_errors_name_what_is_missing():
         api.OGM(2, modulate="update", params=[enc, enc[:1]], optimizer=opt)
     with pytest.raises(ValueError, match="noise='covariance'"):
         api.OGMGE(2, modulate="update", params=listed(model), optimizer=opt)   # paper OGM-GE: covariance taps
-    assert not opt._optimizer_step_pre_hooks   # the rejected constructions hooked nothing
+    with pytest.raises(ValueError, match="alpha"):
+        api.OGM(2, alpha=-1.0, modulate="update", params=listed(model), optimizer=opt)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks   # rejected: nothing hooked
 
 
 def test_step_before_modulate_grads_raises_and_changes_nothing():
