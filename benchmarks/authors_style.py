@@ -212,3 +212,40 @@ def mlb_step(model, uni_heads, inputs, y, opt, *, alpha=0.8, beta_max=2.0):
         start += d
     opt.step()
     return loss.detach()
+
+
+def pmr_prototypes(model, inputs, y, num_classes):
+    """Class means of each modality's features (no grad, eval mode): the prototypes the step below uses."""
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode(inputs)
+    model.train()
+    return [torch.stack([f[y == k].mean(0) if (y == k).any() else torch.zeros_like(f[0]) for k in range(num_classes)])
+            for f in feats]
+
+
+def pmr_step(model, inputs, y, opt, protos, *, alpha=1.0):
+    """PMR (Fan et al. code), two modalities: distances ||z_i - P_k|| by a Python double loop over rows and classes
+    (B x C tiny ops), p = softmax(-d), scores summed over rows one at a time, the switch `if ratio > 1` on the host
+    (a sync), PCE on the weaker modality added to the fused CE."""
+    opt.zero_grad(set_to_none=True)
+    feats = model.encode(inputs)
+    loss = F.cross_entropy(model.fuse(feats), y)
+    scores, pces = [], []
+    for f, P in zip(feats, protos):
+        d = torch.stack([torch.stack([torch.sqrt(((f[i] - P[k]) ** 2).sum()) for k in range(P.shape[0])])
+                         for i in range(f.shape[0])])
+        logp = F.log_softmax(-d, dim=1)
+        total = 0.0
+        for i in range(y.shape[0]):
+            total = total + logp[i][y[i]].exp()
+        scores.append(total)
+        pces.append(F.nll_loss(logp, y))
+    ratio = (scores[0] / scores[1]).item()
+    if ratio > 1:
+        loss = loss + alpha * pces[1]
+    elif ratio < 1:
+        loss = loss + alpha * pces[0]
+    loss.backward()
+    opt.step()
+    return loss.detach()

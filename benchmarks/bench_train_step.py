@@ -21,8 +21,9 @@ from mmkernels.demo.models import ConcatClassifier, ResNet18Encoder
 
 NUM_CLASSES = 6
 MM_CASES = [("joint", 2), ("ogm_ge", 2), ("ogm_ge_cov", 2), ("ogm", 2), ("opm", 2), ("agm", 2), ("agm_eval", 2),
-            ("mlb", 2), ("olm", 2), ("joint", 3), ("opm", 3), ("agm", 3), ("agm_eval", 3), ("mlb", 3)]
-AUTHOR_CASES = [("ogm_ge", 2), ("opm", 2), ("agm", 2), ("mlb", 2), ("opm", 3), ("agm", 3), ("mlb", 3)]
+            ("mlb", 2), ("olm", 2), ("pmr", 2), ("joint", 3), ("opm", 3), ("agm", 3), ("agm_eval", 3), ("mlb", 3),
+            ("pmr", 3)]
+AUTHOR_CASES = [("ogm_ge", 2), ("opm", 2), ("agm", 2), ("mlb", 2), ("pmr", 2), ("opm", 3), ("agm", 3), ("mlb", 3)]
 
 
 class _NoTimer:
@@ -109,6 +110,15 @@ def _authors_step(method, model, device, M):
         return lambda inputs, y: authors_style.agm_step(model, inputs, y, opt, state, alpha=1.0, clip=10.0)
     if method == "mlb":
         return lambda inputs, y: authors_style.mlb_step(model, heads, inputs, y, opt, alpha=0.8)
+    if method == "pmr":
+        protos = []
+
+        def pmr(inputs, y):
+            if not protos:
+                protos.extend(authors_style.pmr_prototypes(model, inputs, y, NUM_CLASSES))
+            return authors_style.pmr_step(model, inputs, y, opt, protos, alpha=1.0)
+
+        return pmr
     raise ValueError(method)
 
 

@@ -13,6 +13,7 @@ from .coefficients import METHOD_DEFAULTS, balance_coefficients  # noqa: F401
 from .taps import drop_uniforms, grad_tap, modality_drop  # noqa: F401
 from .noise import cov_noise_tap, ge_isotropic_, sample_cov_noise  # noqa: F401
 from .shapley import shapley_masked_batch, shapley_responses  # noqa: F401
+from .pmr import new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_, pmr_update_prototypes_  # noqa: F401
 from . import api  # noqa: F401  (python_api/, installed as mmkernels.api)
 from . import metrics  # noqa: F401  (offline diagnostics: unimodal accuracy, imbalance, AGM competition strength)
 from .api import *  # noqa: F401,F403  (the balancers and unimodal-logit helpers)

@@ -11,9 +11,10 @@ from .mlb import MLB
 from .ogm import OGM, OGMGE
 from .olm import OLM
 from .opm import OPM
+from .pmr import PMR
 from .unimodal import concat_unimodal_logits, summation_unimodal_logits, zero_out_unimodal_logits
 
 __all__ = [
-    "Balancer", "OGMGE", "OGM", "OPM", "AGM", "MLB", "OLM",
+    "Balancer", "OGMGE", "OGM", "OPM", "AGM", "MLB", "OLM", "PMR",
     "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
 ]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 
-METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm"]
+METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm", "pmr"]
 # not in the default list: "grad" vs "update" modulation under an adaptive optimizer (--optimizer adam, issue 13)
 EXTRA_METHODS = ["ogm_ge_update", "mlb_params", "mlb_update"]
 LABELS = {
@@ -25,6 +25,7 @@ LABELS = {
     "agm": "AGM",
     "mlb": "MLB",
     "olm": "OLM",
+    "pmr": "PMR",
     "ogm_ge_update": "OGM-GE (isotropic GE), modulate=update",
     "mlb_params": "MLB (parameter mode), modulate=grad",
     "mlb_update": "MLB (parameter mode), modulate=update",
@@ -60,6 +61,9 @@ class JointRunner:
 
     def parameters(self):
         return list(self.model.parameters())
+
+    train_split = None   # the training Splits member, set by train_method (runners that read the data per epoch)
+    batch_size = 64
 
     def bind(self, opt):
         """Called once with the optimizer, before the first step."""
@@ -385,6 +389,50 @@ class MLBUpdateRunner(MLBParamsRunner):
     modulate = "update"
 
 
+class PMRRunner(_BalancerRunner):
+    """PMR (Fan et al. CVPR 2023; METHODS_NEXT 1): before every epoch the prototypes are refreshed (no grad, eval
+    mode) from 10 % of the training rows drawn at random (the authors: the first tenth of the shuffled batches);
+    the loss adds sum_m c_m PCE_m, alpha 1.0, mu 0.2 (the authors' argparse defaults), window epochs 0..100."""
+
+    name = "pmr"
+
+    def make_balancer(self):
+        return api_class("PMR")(len(self.model.encoders), num_classes=self.num_classes, alpha=1.0, mu=0.2, end=100,
+                                unit="epoch")
+
+    def _refresh(self, epoch):
+        n = len(self.train_split)
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        idx = torch.randperm(n, generator=g)[:max(n // 10, 1)].to(self.train_split.labels.device)
+        self.model.eval()
+        with torch.no_grad():
+            self.bal.update_prototypes(self.model.encode([x[idx] for x in self.train_split.views]),
+                                       self.train_split.labels[idx])
+        self.model.train()
+
+    def step(self, inputs, y, opt, timer):
+        if self.train_split is None:   # no data set bound (benchmarks): prototypes from the first batch, once
+            if self.bal.prototypes is None:
+                self.model.eval()
+                with torch.no_grad():
+                    self.bal.update_prototypes(self.model.encode(inputs), y)
+                self.model.train()
+        elif self.bal.step_count % max(len(self.train_split) // self.batch_size, 1) == 0:
+            epoch = self.bal.step_count // max(len(self.train_split) // self.batch_size, 1)
+            self.bal.set_epoch(epoch)
+            with timer.balancing():
+                self._refresh(epoch)
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        loss = F.cross_entropy(self.model.fuse(feats), y)
+        with timer.balancing():
+            loss = loss + self.bal.loss(feats, y)
+        loss.backward()
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
 class OLMRunner(_BalancerRunner):
     """OLM (Zong et al. Eq. 5-9): the concat head's branches u_m = f_m W_m^T + b/M (their sum is the joint logits)
     fused as sum_m w_m u_m; every `report_every` steps (one "evaluation") the branches' train and dev losses are
@@ -427,7 +475,7 @@ class OLMRunner(_BalancerRunner):
 
 RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
            "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner,
-           "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
+           "pmr": PMRRunner, "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
 
 
 def make_method(name, model, *, num_classes, seed, total_steps):

@@ -166,6 +166,7 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
     model = build_model(cfg.backbone, splits.dims, splits.num_classes, seed=seed).to(dev)
     runner = make_method(method, model, num_classes=splits.num_classes, seed=seed, total_steps=cfg.steps)
     opt = make_optimizer(runner.parameters(), cfg)
+    runner.train_split, runner.batch_size = tr, cfg.batch_size
     runner.bind(opt)
     probing = hasattr(runner, "probe_next_step")
     timer = StepTimer(dev)
