@@ -249,3 +249,49 @@ def pmr_step(model, inputs, y, opt, protos, *, alpha=1.0):
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def mmpareto_step(model, uni_heads, inputs, y, opt, *, gamma=1.5):
+    """MMPareto (Wei & Hu code): backward of the multimodal loss and of each unimodal loss in turn (retain_graph),
+    cloning and clearing the encoder gradients in between; per encoder the three inner products read back on the host
+    (`if cos > 0`, the two-objective solver on CPU), a fourth backward of the summed loss, then per tensor the
+    combination and `if r > 1` (one sync per tensor) before the step."""
+    opt.zero_grad(set_to_none=True)
+    feats = model.encode(inputs)
+    loss_mm = F.cross_entropy(model.fuse(feats), y)
+    losses = [F.cross_entropy(h(f), y) for h, f in zip(uni_heads, feats)]
+    enc = [list(e.parameters()) for e in model.encoders]
+
+    def take(ps):
+        out = [p.grad.clone() for p in ps]
+        for p in ps:
+            p.grad = None
+        return out
+
+    loss_mm.backward(retain_graph=True)
+    g_mm = [take(ps) for ps in enc]
+    g_u = []
+    for k, loss in enumerate(losses):
+        loss.backward(retain_graph=True)
+        g_u.append(take(enc[k]))
+    opt.zero_grad(set_to_none=True)
+    (loss_mm + sum(losses)).backward()
+    for k, ps in enumerate(enc):
+        a = sum((g * g).sum() for g in g_mm[k]).cpu()
+        b = sum((g * u).sum() for g, u in zip(g_mm[k], g_u[k])).cpu()
+        c = sum((u * u).sum() for u in g_u[k]).cpu()
+        cos = b / (a * c).sqrt()
+        if cos > 0:
+            w_m = w_u = 0.5
+        else:
+            w_m = 0.999 if b >= a else (0.001 if b >= c else float((c - b) / (a + c - 2 * b)))
+            w_u = 1 - w_m
+        for p, g, u in zip(ps, g_mm[k], g_u[k]):
+            if cos > 0:
+                p.grad = gamma * (g + u)
+                continue
+            h = 2 * (w_m * g + w_u * u)
+            r = (g + u).norm() / h.norm()
+            p.grad = gamma * (h * r if r.item() > 1 else h)
+    opt.step()
+    return loss_mm.detach()

@@ -13,6 +13,8 @@ from .coefficients import METHOD_DEFAULTS, balance_coefficients  # noqa: F401
 from .taps import drop_uniforms, grad_tap, modality_drop  # noqa: F401
 from .noise import cov_noise_tap, ge_isotropic_, sample_cov_noise  # noqa: F401
 from .shapley import shapley_masked_batch, shapley_responses  # noqa: F401
+from .mmpareto import MMParetoLayout, mmpareto_combine_, mmpareto_combine_flat_  # noqa: F401
+from .valuation import sample_valuation, valuation_subset_logits  # noqa: F401
 from .pmr import new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_, pmr_update_prototypes_  # noqa: F401
 from . import api  # noqa: F401  (python_api/, installed as mmkernels.api)
 from . import metrics  # noqa: F401  (offline diagnostics: unimodal accuracy, imbalance, AGM competition strength)

@@ -8,13 +8,16 @@ Nothing in a training step reads a device value on the host.
 from ._base import Balancer
 from .agm import AGM
 from .mlb import MLB
+from .mmpareto import MMPareto
 from .ogm import OGM, OGMGE
 from .olm import OLM
 from .opm import OPM
 from .pmr import PMR
+from .valuation import ModalityValuation, SampleValuation, ValuationDataset, apply_keep
 from .unimodal import concat_unimodal_logits, summation_unimodal_logits, zero_out_unimodal_logits
 
 __all__ = [
-    "Balancer", "OGMGE", "OGM", "OPM", "AGM", "MLB", "OLM", "PMR",
+    "Balancer", "OGMGE", "OGM", "OPM", "AGM", "MLB", "OLM", "PMR", "MMPareto", "SampleValuation",
+    "ModalityValuation", "ValuationDataset", "apply_keep",
     "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
 ]

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 
-METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm", "pmr"]
+METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm", "pmr", "mmpareto", "valuation",
+           "valuation_modality"]
 # not in the default list: "grad" vs "update" modulation under an adaptive optimizer (--optimizer adam, issue 13)
 EXTRA_METHODS = ["ogm_ge_update", "mlb_params", "mlb_update"]
 LABELS = {
@@ -26,6 +27,9 @@ LABELS = {
     "mlb": "MLB",
     "olm": "OLM",
     "pmr": "PMR",
+    "mmpareto": "MMPareto",
+    "valuation": "sample-level valuation",
+    "valuation_modality": "modality-level valuation",
     "ogm_ge_update": "OGM-GE (isotropic GE), modulate=update",
     "mlb_params": "MLB (parameter mode), modulate=grad",
     "mlb_update": "MLB (parameter mode), modulate=update",
@@ -433,6 +437,122 @@ class PMRRunner(_BalancerRunner):
         return loss.detach()
 
 
+class MMParetoRunner(_BalancerRunner):
+    """MMPareto (Wei & Hu, ICML 2024; METHODS_NEXT 2): per-encoder linear unimodal heads (the authors'), the encoder
+    gradients of CE(fused) and of CE(head_m(f_m)) combined by the Pareto rule, gamma 1.5, rescale per tensor."""
+
+    name = "mmpareto"
+
+    def __init__(self, model, **kw):
+        dev = model.head.weight.device
+        self.uni_heads = torch.nn.ModuleList(
+            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        super().__init__(model, **kw)
+
+    def make_balancer(self):
+        return api_class("MMPareto")(len(self.model.encoders), params=[list(e.parameters()) for e in self.model.encoders])
+
+    parameters = MLBRunner.parameters
+    unimodal_logits = MLBRunner.unimodal_logits
+
+    def step(self, inputs, y, opt, timer):
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        loss = F.cross_entropy(self.model.fuse(feats), y)
+        with timer.balancing():   # the unimodal heads, the second backward and the combination
+            uni = [F.cross_entropy(h(f), y) for h, f in zip(self.uni_heads, feats)]
+            self.bal.backward(loss, uni)
+        opt.step()
+        self.bal.step()
+        return loss.detach()
+
+
+class ValuationRunner(_BalancerRunner):
+    """Sample-level valuation (Wei et al. CVPR 2024; METHODS_NEXT 3): the runner serves its own rows, the originals plus
+    the single-modality copies of the last valuation (features of the other modalities zeroed), reshuffled per epoch;
+    after each epoch e >= 4 (warm-up 5) a no-grad, eval-mode pass values every training sample (v(S) = |S| correct)."""
+
+    name = "valuation"
+    kind = "SampleValuation"
+
+    def make_balancer(self):   # needs N, known at bind()
+        if self.num_samples is None:
+            return None
+        return api_class(self.kind)(len(self.model.encoders), self.num_samples, start=5, seed=self.seed)
+
+    def __init__(self, model, **kw):
+        self._rows = None
+        self.num_samples = None
+        self._bal_kw = kw
+        super().__init__(model, **kw)
+
+    def bind(self, opt):
+        self.num_samples = len(self.train_split) if self.train_split is not None else 1
+        self.bal = self.make_balancer()
+        self._epoch, self._order, self._pos = 0, None, 0
+
+    def _new_epoch(self, index, keep):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self._epoch)
+        order = torch.randperm(index.shape[0], generator=g).to(index.device)
+        self._index, self._keep, self._order, self._pos = index[order], keep[order], order, 0
+
+    def _valuation_rows(self):
+        """The rows valued after this epoch: every original (sample level)."""
+        return torch.arange(len(self.train_split), device=self.train_split.labels.device)
+
+    def _value(self):
+        tr = self.train_split
+        self.model.eval()
+        with torch.no_grad():
+            idx = self._valuation_rows()
+            for i in range(0, idx.shape[0], 1024):
+                rows = idx[i:i + 1024]
+                feats = self.model.encode([x[rows] for x in tr.views])
+                self.bal.value(self.bal.subset_logits(feats, self.model.fuse), tr.labels[rows], rows)
+        self.model.train()
+
+    def _batch(self, inputs, y):
+        if self.train_split is None:   # benchmarks: the given batch, every modality kept
+            return inputs, y, None
+        if self._order is None:
+            n = len(self.train_split)
+            dev = self.train_split.labels.device
+            self._new_epoch(torch.arange(n, device=dev), torch.ones(n, len(inputs), dtype=torch.bool, device=dev))
+        if self._pos + self.batch_size > self._index.shape[0]:   # epoch over: value, rebuild the rows
+            if self.bal.values_after(self._epoch):
+                self._value()
+            self._epoch += 1
+            self.bal.set_epoch(self._epoch)
+            self._new_epoch(*self.bal.rows(self._epoch))
+        rows = slice(self._pos, self._pos + self.batch_size)
+        self._pos += self.batch_size
+        idx, keep = self._index[rows], self._keep[rows]
+        return [x[idx] for x in self.train_split.views], self.train_split.labels[idx], keep
+
+    def step(self, inputs, y, opt, timer):
+        with timer.balancing():
+            inputs, y, keep = self._batch(inputs, y)
+        opt.zero_grad(set_to_none=True)
+        feats = self.model.encode(inputs)
+        if keep is not None:
+            feats = api_class("apply_keep")(feats, keep)
+        loss = F.cross_entropy(self.model.fuse(feats), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+
+class ModalityValuationRunner(ValuationRunner):
+    """Modality-level valuation (METHODS_NEXT 3): phi on floor(0.2 N) samples drawn with replacement; the next epoch
+    gets floor(p N) extra rows keeping only the larger-gap modality (alpha 1, "linear")."""
+
+    name = "valuation_modality"
+    kind = "ModalityValuation"
+
+    def _valuation_rows(self):
+        return self.bal.valuation_indices(self._epoch).unique().to(self.train_split.labels.device)
+
+
 class OLMRunner(_BalancerRunner):
     """OLM (Zong et al. Eq. 5-9): the concat head's branches u_m = f_m W_m^T + b/M (their sum is the joint logits)
     fused as sum_m w_m u_m; every `report_every` steps (one "evaluation") the branches' train and dev losses are
@@ -475,7 +595,8 @@ class OLMRunner(_BalancerRunner):
 
 RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
            "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner,
-           "pmr": PMRRunner, "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
+           "pmr": PMRRunner, "mmpareto": MMParetoRunner, "valuation": ValuationRunner,
+           "valuation_modality": ModalityValuationRunner, "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
 
 
 def make_method(name, model, *, num_classes, seed, total_steps):

@@ -1,0 +1,233 @@
+"""MMPareto balancer (Wei & Hu, ICML 2024; METHODS_NEXT 2): Pareto-combined encoder gradients of the multimodal and
+the unimodal losses, magnitude restored."""
+from __future__ import annotations
+
+import torch
+
+from mmkernels import _validate
+from mmkernels.mmpareto import MMParetoLayout, _check_gamma_rescale, _combine_flat
+from mmkernels.reference import MMPARETO_GAMMA
+
+from ._base import Balancer
+
+
+class MMPareto(Balancer):
+    """Per encoder k, g_m = grad of the multimodal loss and g_u = grad of k's unimodal loss; on conflict (cos <= 0)
+    the encoder's gradient becomes the min-norm combination 2 (w_m g_m + w_u g_u), rescaled per tensor to at least the
+    norm of g_m + g_u, times gamma; without conflict gamma (g_m + g_u). Heads and fusion get the plain gradient of
+    L_mm + sum_k L_k (no gamma).
+
+        bal = MMPareto(2, params=[enc_a.parameters(), enc_v.parameters()])
+        feats = [enc_a(xa), enc_v(xv)]
+        loss_mm = F.cross_entropy(fusion(feats), y)
+        losses = [F.cross_entropy(head_a(feats[0]), y), F.cross_entropy(head_v(feats[1]), y)]
+        opt.zero_grad(); bal.backward(loss_mm, losses); opt.step(); bal.step()
+
+    backward(): L_mm.backward (the encoders' gradients are copied into one stash buffer per dtype), sum_k L_k.backward
+    (each unimodal loss should reach only its own encoder), then one fused op combines the two in place (3 launches
+    on CUDA, no host sync). Outside the window, when disabled, in eval mode: (L_mm + sum_k L_k).backward().
+    After backward() the encoders' .grad are views of a flat buffer the balancer owns (a parameter no loss reaches
+    raises). Arguments: params: M iterables of encoder tensors (no tensor in two encoders; leave heads out);
+    gamma > 0 (1.5, the authors'); rescale "per_tensor" (authors': one r per tensor) or "global" (one per encoder).
+    Statistics: `ratios` = cos per encoder, `coefficients` = w_m per encoder (0.5 without conflict), `weights` [M, 2],
+    `scores` = 1. where the Pareto rule acted (conflict), flag 1 if an encoder's inner products were not finite
+    (its gradient fell back to gamma (g_m + g_u)).
+    DDP (sync, default: when a process group with > 1 rank is up): DistributedDataParallel allows one backward per
+    forward, so there g_m comes from torch.autograd.grad (no DDP hook), is averaged by one all_reduce per dtype
+    buffer, and ONE backward of L_mm + sum_k L_k (averaged by DDP) follows; the kernels take g_u = that - g_m. Every
+    rank combines the same rank-averaged g_m and g_u, so the replicas stay equal. (g_u as a difference carries the
+    rounding of the summed gradient: fine in fp32, coarse for bf16 gradients.)
+    Gradient accumulation over micro-batches is not supported (each backward() starts from the encoders' current
+    gradients: call optimizer.zero_grad() first).
+    """
+
+    method = "mmpareto"
+    neutral = 0.5
+
+    def __init__(self, num_modalities: int, *, params, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor",
+                 **kwargs):
+        super().__init__(num_modalities, **kwargs)
+        _check_gamma_rescale(gamma, rescale)
+        self.gamma, self.rescale = float(gamma), rescale
+        self._params = self._check_params(params)
+        self._layout = MMParetoLayout(self._params)
+        self._flats = self._stash = None
+        self._views = self._stash_views = None
+        m = self.num_modalities
+        self._stats["weights"] = torch.full((m, 2), 0.5)
+        self._stats["scores"] = torch.zeros(m)
+
+    def _check_params(self, params) -> list:
+        m = self.num_modalities
+        if not isinstance(params, (list, tuple)) or len(params) != m:
+            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+            raise ValueError(f"params must be a list of num_modalities={m} iterables of encoder tensors, got {got}")
+        groups, seen, device = [], {}, None
+        for k, group in enumerate(params):
+            ts = [group] if isinstance(group, torch.Tensor) else list(group)
+            if not ts:
+                raise ValueError(f"params[{k}] is empty: list encoder {k}'s parameter tensors")
+            for i, t in enumerate(ts):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"params[{k}][{i}] must be a tensor, got {type(t).__name__}")
+                _validate.check_float(t, f"params[{k}][{i}]")
+                if not t.requires_grad:
+                    raise ValueError(f"params[{k}][{i}] does not require grad: list only trained encoder tensors")
+                if id(t) in seen:
+                    raise ValueError(f"params[{k}][{i}] is also params{list(seen[id(t)])}: a tensor may belong to one "
+                                     f"encoder only")
+                seen[id(t)] = (k, i)
+                device = device or t.device
+                if t.device != device:
+                    raise ValueError(f"params[{k}][{i}] is on {t.device} but params[0][0] is on {device}")
+            groups.append(ts)
+        return groups
+
+    # ---------------------------------------------------------------- statistics
+    @property
+    def cos(self) -> torch.Tensor:
+        """cos(g_m, g_u) per encoder of the last combined step, [M] fp32 (0 when a gradient is zero)."""
+        return self._stats["ratios"]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(w_m, w_u) per encoder of the last combined step, [M, 2] fp32."""
+        return self._stats["weights"]
+
+    def _move(self, device) -> None:
+        super()._move(device)
+        self._flats = self._stash = self._views = self._stash_views = None
+
+    def _hparams_state(self) -> dict:
+        return {**super()._hparams_state(), "gamma": self.gamma, "rescale": self.rescale}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        super().load_state_dict(state, strict)
+        self._stats["weights"] = state["tensors"]["weights"].to(self._device).clone()
+
+    # ---------------------------------------------------------------- the step
+    def _check_losses(self, multimodal_loss, unimodal_losses) -> list:
+        _validate.check_float(multimodal_loss, "multimodal_loss")
+        if multimodal_loss.numel() != 1:
+            raise ValueError(f"multimodal_loss must be a scalar, got shape {tuple(multimodal_loss.shape)}")
+        if isinstance(unimodal_losses, torch.Tensor):
+            raise TypeError(f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, "
+                            f"got one tensor")
+        if not isinstance(unimodal_losses, (list, tuple)) or len(unimodal_losses) != self.num_modalities:
+            got = len(unimodal_losses) if isinstance(unimodal_losses, (list, tuple)) else type(unimodal_losses).__name__
+            raise ValueError(f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, "
+                             f"got {got}")
+        for m, loss in enumerate(unimodal_losses):
+            _validate.check_float(loss, f"unimodal_losses[{m}]")
+            if loss.numel() != 1:
+                raise ValueError(f"unimodal_losses[{m}] must be a scalar, got shape {tuple(loss.shape)}")
+            if loss.device != multimodal_loss.device:
+                raise ValueError(f"unimodal_losses[{m}] is on {loss.device} but multimodal_loss on "
+                                 f"{multimodal_loss.device}")
+        if not multimodal_loss.requires_grad:
+            raise ValueError("multimodal_loss does not require grad (computed under no_grad?)")
+        return list(unimodal_losses)
+
+    def backward(self, multimodal_loss: torch.Tensor, unimodal_losses, *, retain_graph: bool = False) -> None:
+        """Both backwards and the combination (class docstring). Call once per step, after optimizer.zero_grad()."""
+        losses = self._check_losses(multimodal_loss, unimodal_losses)
+        self._roll_over()
+        if self._backward_step == self._step:
+            raise RuntimeError(f"MMPareto.backward() was called twice in step {self._step}; call bal.step() after "
+                               f"optimizer.step() (or pass optimizer= to the constructor)")
+        uni = losses[0]
+        for loss in losses[1:]:
+            uni = uni + loss
+        if not (self.active and torch.is_grad_enabled()):
+            (multimodal_loss + uni).backward(retain_graph=retain_graph)
+            self._backward_step = self._step
+            return
+        device = self._params[0][0].device
+        self._to_device(device)
+        if self._sync():
+            self._backward_summed(multimodal_loss, uni, retain_graph, device)
+            stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale, summed=True)
+        else:
+            multimodal_loss.backward(retain_graph=True)
+            missing = self._stash_grads(device)
+            uni.backward(retain_graph=retain_graph)
+            self._adopt_grads(missing)
+            stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
+        self._backward_step = self._step
+        w = stats["weights"]
+        self._stats = {"scores": stats["conflict"], "ratios": stats["cos"], "coefficients": w[:, 0], "weights": w,
+                       "flag": stats["flag"]}
+
+    def _backward_summed(self, multimodal_loss, uni, retain_graph: bool, device) -> None:
+        """The distributed path (DDP allows one backward per forward): g_m of the encoders by autograd.grad (no DDP
+        hook fires), averaged over ranks by one all_reduce per dtype buffer; then ONE backward of L_mm + sum_k L_k,
+        which DDP averages as usual (the heads' gradient is final); the kernels take g_u = that - g_m."""
+        self._buffers(device)
+        params = [p for group in self._params for p in group]
+        g_mm = torch.autograd.grad(multimodal_loss, params, retain_graph=True, allow_unused=True)
+        reached = [(v, g) for g, v in zip(g_mm, self._stash_views) if g is not None]
+        if reached:
+            torch._foreach_copy_([v for v, _ in reached], [g for _, g in reached])
+        for g, v in zip(g_mm, self._stash_views):
+            if g is None:
+                v.zero_()
+        world = torch.distributed.get_world_size()
+        for s in self._stash:
+            torch.distributed.all_reduce(s)
+            s.div_(world)
+        (multimodal_loss + uni).backward(retain_graph=retain_graph)
+        self._adopt_grads(range(len(params)))
+
+    def _buffers(self, device) -> None:
+        if self._flats is None:
+            self._flats = self._layout.empty_flats(device)
+            self._stash = self._layout.empty_flats(device)
+            self._views = [v for group in self._layout.views(self._flats) for v in group]
+            self._stash_views = [v for group in self._layout.views(self._stash) for v in group]
+
+    def _stash_grads(self, device) -> list:
+        """After the multimodal backward: g_m -> the stash buffer; .grad <- zeroed views of the flat buffer (the
+        unimodal backward accumulates into them). Returns the tensors the multimodal loss did not reach."""
+        self._buffers(device)
+        params = [p for group in self._params for p in group]
+        grads = [p.grad for p in params]
+        if all(g is v for g, v in zip(grads, self._views)):  # the user zeroed in place: one copy per buffer
+            for s, f in zip(self._stash, self._flats):
+                s.copy_(f)
+        else:
+            reached = [(v, g) for g, v in zip(grads, self._stash_views) if g is not None]
+            if reached:
+                torch._foreach_copy_([v for v, _ in reached], [g for _, g in reached])
+            for g, v in zip(grads, self._stash_views):
+                if g is None:
+                    v.zero_()
+        for f in self._flats:
+            f.zero_()
+        missing = []
+        for i, (p, g, v) in enumerate(zip(params, grads, self._views)):
+            if g is None:
+                missing.append(i)     # left None: the unimodal backward tells whether any loss reaches it
+            elif g is not v:
+                p.grad = v
+        return missing
+
+    def _adopt_grads(self, missing) -> None:
+        """Tensors `missing` (indices) had no .grad before the last backward: move what it left into the flat buffer."""
+        params = [p for group in self._params for p in group]
+        for i in missing:
+            p = params[i]
+            if p.grad is self._views[i]:
+                continue
+            if p.grad is None:
+                k, j = self._position(i)
+                raise RuntimeError(f"params[{k}][{j}] received no gradient from the multimodal loss nor from the "
+                                   f"unimodal losses: remove it from params= (or check that its encoder is used)")
+            self._views[i].copy_(p.grad)
+            p.grad = self._views[i]
+
+    def _position(self, i: int) -> tuple:
+        for k, group in enumerate(self._params):
+            if i < len(group):
+                return k, i
+            i -= len(group)
+        raise IndexError(i)
