@@ -67,5 +67,5 @@ def test_bench_valuation(benchmark, impl, case, bench_full, bench_device):
         got = sample_valuation(x, y)["phi"].t().cpu()
         torch.testing.assert_close(got, torch.tensor(_authors(x, y, m), dtype=got.dtype), atol=1e-6, rtol=0)
     benchmark.group = f"valuation M={m} B={b} C={c}"
-    benchmark.extra_info.update({"impl": impl, "M": m, "B": b, "C": c})
+    benchmark.extra_info.update({"implementation": impl, "M": m, "B": b, "C": c})
     timed(benchmark, fn, rounds=20 if impl == "mmkernels" else 5, iterations=3, device=bench_device)

@@ -10,7 +10,7 @@
 #   bench_train    training step, joint vs every method, mmkernels vs authors' style, M = 2 and M = 3
 #   tests_cuda     the cuda test lane (Triton + extension + CUDA-only tests on the GPU)
 #   bench_compiled coefficient op: torch.compile(reference) and the authors' Python loop
-#   bench_rest     the other benchmark files (taps, noise, GE, Shapley)
+#   bench_rest     the other benchmark files (taps, noise, GE, Shapley, MMPareto's combine, valuation)
 # Every test and benchmark appends one JSON line to OUT_DIR/results.jsonl as it ends (benchmarks/_jsonl.py), so a
 # timeout keeps what was measured. OUT_DIR ends with at most 8 files (all that comes back from a lent machine):
 #   summary.txt versions.txt results.jsonl benchmarks.md benchmarks.png logs.tar.gz
@@ -114,7 +114,7 @@ stage bench_train 150 "${BENCH[@]}" benchmarks/bench_train_step.py "${TRAIN_K[@]
 stage tests_cuda 120 "${PYTEST[@]}" "${TESTS[@]}"
 stage bench_compiled 80 "${BENCH[@]}" benchmarks/bench_coefficients.py -k "compiled or authors"
 stage bench_rest 120 "${BENCH[@]}" benchmarks/bench_taps.py benchmarks/bench_noise.py benchmarks/bench_ge_isotropic.py \
-  benchmarks/bench_shapley.py
+  benchmarks/bench_shapley.py benchmarks/bench_mmpareto.py benchmarks/bench_valuation.py
 
 cat "$SUMMARY"
 grep -q -E "rc=[1-9]|skipped \(budget" "$SUMMARY" && exit 1

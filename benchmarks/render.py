@@ -40,7 +40,8 @@ def _num(x, fmt="{:.0f}"):
 
 
 def train_step_table(benches):
-    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")]
+    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
+            and "method" in b["extra_info"] and "M" in b["extra_info"]]
     if not rows:
         return ""
     joint = {}
@@ -105,7 +106,8 @@ def render_png(benches, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib missing: PNG skipped"
-    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")]
+    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
+            and "method" in b["extra_info"] and "M" in b["extra_info"]]
     if not rows:
         return "no training-step results: PNG skipped"
     labels = [f"{b['extra_info']['method']} M={b['extra_info']['M']} ({b['extra_info']['impl'][:4]})" for b in rows]
