@@ -37,6 +37,8 @@ def nbytes(*tensors) -> int:
 
 def record_gbps(benchmark, moved_bytes: int) -> None:
     """extra_info["GB/s"]: bytes moved per call over the mean time (nan when nothing was timed)."""
+    if benchmark.stats is None:   # --benchmark-disable: nothing was timed
+        return
     mean = benchmark.stats.stats.mean
     benchmark.extra_info["GB/s"] = moved_bytes / mean / 1e9 if mean > 0 else float("nan")
 

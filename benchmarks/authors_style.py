@@ -276,22 +276,32 @@ def mmpareto_step(model, uni_heads, inputs, y, opt, *, gamma=1.5):
         g_u.append(take(enc[k]))
     opt.zero_grad(set_to_none=True)
     (loss_mm + sum(losses)).backward()
-    for k, ps in enumerate(enc):
-        a = sum((g * g).sum() for g in g_mm[k]).cpu()
-        b = sum((g * u).sum() for g, u in zip(g_mm[k], g_u[k])).cpu()
-        c = sum((u * u).sum() for u in g_u[k]).cpu()
-        cos = b / (a * c).sqrt()
-        if cos > 0:
-            w_m = w_u = 0.5
-        else:
-            w_m = 0.999 if b >= a else (0.001 if b >= c else float((c - b) / (a + c - 2 * b)))
-            w_u = 1 - w_m
-        for p, g, u in zip(ps, g_mm[k], g_u[k]):
-            if cos > 0:
-                p.grad = gamma * (g + u)
-                continue
-            h = 2 * (w_m * g + w_u * u)
-            r = (g + u).norm() / h.norm()
-            p.grad = gamma * (h * r if r.item() > 1 else h)
+    for ps, new in zip(enc, mmpareto_combine_loop(g_mm, g_u, gamma=gamma)):
+        for p, g in zip(ps, new):
+            p.grad = g
     opt.step()
     return loss_mm.detach()
+
+
+def mmpareto_combine_loop(g_mm, g_u, *, gamma=1.5):
+    """The authors' combination, encoder by encoder: the three inner products read back on the host (`if cos > 0`,
+    the solver on the CPU), then per tensor h, the norm ratio and `if r > 1` (one sync per tensor). Returns the new
+    gradients, one list per encoder."""
+    out = []
+    for gm, gu in zip(g_mm, g_u):
+        a = sum((g * g).sum() for g in gm).cpu()
+        b = sum((g * u).sum() for g, u in zip(gm, gu)).cpu()
+        c = sum((u * u).sum() for u in gu).cpu()
+        cos = b / (a * c).sqrt()
+        if cos > 0:
+            out.append([gamma * (g + u) for g, u in zip(gm, gu)])
+            continue
+        w_m = 0.999 if b >= a else (0.001 if b >= c else float((c - b) / (a + c - 2 * b)))
+        w_u = 1 - w_m
+        new = []
+        for g, u in zip(gm, gu):
+            h = 2 * (w_m * g + w_u * u)
+            r = (g + u).norm() / h.norm()
+            new.append(gamma * (h * r if r.item() > 1 else h))
+        out.append(new)
+    return out

@@ -12,6 +12,8 @@ Gradients: two torchvision ResNet-18 encoders (audio 1-channel stem, visual 3-ch
 import pytest
 import torch
 
+import authors_style
+
 from _common import bench_copy, nbytes, timed_gbps
 from mmkernels.mmpareto import MMParetoLayout, mmpareto_combine_flat_
 
@@ -64,21 +66,9 @@ def test_bench_mmpareto_authors(benchmark, grads, bench_device):
     mm, uni = grads
     out = [[t.clone() for t in enc] for enc in uni]
 
-    def loop(gamma=1.5):
-        for k in range(len(mm)):
-            a = sum((g * g).sum() for g in mm[k]).cpu()    # sync-ok: the authors' loop, benchmarked
-            b = sum((g * u).sum() for g, u in zip(mm[k], uni[k])).cpu()   # sync-ok: same
-            c = sum((u * u).sum() for u in uni[k]).cpu()   # sync-ok: same
-            cos = b / (a * c).sqrt()
-            if cos > 0:
-                w_m = w_u = 0.5
-            else:
-                w_m = 0.999 if b >= a else (0.001 if b >= c else float((c - b) / (a + c - 2 * b)))
-                w_u = 1 - w_m
-            for o, g, u in zip(out[k], mm[k], uni[k]):
-                h = 2 * (w_m * g + w_u * u)
-                r = (g + u).norm() / h.norm()
-                o.copy_(gamma * (h * r if r.item() > 1 else h))   # sync-ok: same
+    def loop():
+        for dst, new in zip(out, authors_style.mmpareto_combine_loop(mm, uni, gamma=1.5)):
+            torch._foreach_copy_(dst, new)
 
     benchmark.group = "mmpareto combine"
     timed_gbps(benchmark, loop, 5 * nbytes(*uni), rounds=10, iterations=2, device=bench_device)

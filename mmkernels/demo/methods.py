@@ -105,6 +105,12 @@ class JointRunner:
         return torch.stack([F.cross_entropy(u_m, y) for u_m in self.unimodal_logits(inputs)])
 
 
+def unimodal_heads(model):
+    """One linear head per encoder, [D_m] -> [C] (MLB's and MMPareto's unimodal heads), on the model's device."""
+    return torch.nn.ModuleList([torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(
+        model.head.weight.device)
+
+
 def api_class(name):
     """A balancer class of the public API, `mmkernels.api.<name>`."""
     import mmkernels.api as api
@@ -158,6 +164,15 @@ class _ParamModeRunner(_BalancerRunner):
 
     def probe_next_step(self):
         self._probe = True
+
+    def finish_step(self, loss, opt, timer):
+        """backward, modulate_grads(), opt.step() (probe steps: plus the counterfactual unmodulated step), and the
+        balancer's step (with modulate="update" optimizer= ends it)."""
+        loss.backward()
+        self.modulate_and_step(opt, timer)
+        if self.modulate != "update":
+            self.bal.step()
+        return loss.detach()
 
     def modulate_and_step(self, opt, timer):
         """modulate_grads() then opt.step() (probe steps: plus the counterfactual unmodulated step)."""
@@ -216,12 +231,7 @@ class OGMGERunner(_ParamModeRunner):
         feats = self.model.encode(inputs)
         with timer.balancing():
             self.bal.observe(concat_unimodal(self.model, feats), y)
-        loss = F.cross_entropy(self.model.fuse(feats), y)
-        loss.backward()
-        self.modulate_and_step(opt, timer)
-        if self.modulate != "update":   # optimizer= steps it
-            self.bal.step()
-        return loss.detach()
+        return self.finish_step(F.cross_entropy(self.model.fuse(feats), y), opt, timer)
 
 
 class OGMGEUpdateRunner(OGMGERunner):
@@ -320,9 +330,7 @@ class MLBRunner(_BalancerRunner):
     name = "mlb"
 
     def __init__(self, model, **kw):
-        dev = model.head.weight.device
-        self.uni_heads = torch.nn.ModuleList(
-            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        self.uni_heads = unimodal_heads(model)
         super().__init__(model, **kw)
 
     def make_balancer(self):
@@ -357,9 +365,7 @@ class MLBParamsRunner(_ParamModeRunner):
     name = "mlb_params"
 
     def __init__(self, model, **kw):
-        dev = model.head.weight.device
-        self.uni_heads = torch.nn.ModuleList(
-            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        self.uni_heads = unimodal_heads(model)
         super().__init__(model, **kw)
 
     def listed(self):
@@ -379,11 +385,7 @@ class MLBParamsRunner(_ParamModeRunner):
         with timer.balancing():
             uni = [h(f) for h, f in zip(self.uni_heads, feats)]
             loss = self.bal.loss(fused, uni, y)
-        loss.backward()
-        self.modulate_and_step(opt, timer)
-        if self.modulate != "update":
-            self.bal.step()
-        return loss.detach()
+        return self.finish_step(loss, opt, timer)
 
 
 class MLBUpdateRunner(MLBParamsRunner):
@@ -444,9 +446,7 @@ class MMParetoRunner(_BalancerRunner):
     name = "mmpareto"
 
     def __init__(self, model, **kw):
-        dev = model.head.weight.device
-        self.uni_heads = torch.nn.ModuleList(
-            [torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(dev)
+        self.uni_heads = unimodal_heads(model)
         super().__init__(model, **kw)
 
     def make_balancer(self):
