@@ -104,3 +104,38 @@ def test_host_balancer_call(benchmark, method, call, bench_device):
             bal.drop(feats)
 
     _host(benchmark, one, f"host {method}.{call}() M={M} B={B} {bench_device}")
+
+
+@pytest.mark.parametrize("impl", ["mmkernels", "plain_torch"])
+def test_host_cov_noise_tap_fwd_bwd(benchmark, impl, bench_device):
+    """The covariance tap's forward + backward (B = 64, D = 512) beside the same math in plain torch."""
+    _, _, feats = _inputs(bench_device)
+    k = torch.tensor(0.5, device=bench_device)
+    grad = torch.ones_like(feats[0])
+
+    def ours():
+        mmkernels.cov_noise_tap(feats[0], k, sigma=1.0, seed=0, offset=0).backward(grad)
+
+    def plain():
+        z = torch.randn(B, 1, device=bench_device)
+        (feats[0] * (k + (z - z.mean()))).backward(grad)
+
+    _host(benchmark, {"mmkernels": ours, "plain_torch": plain}[impl], f"host cov_noise_tap fwd+bwd B={B} D={D} {bench_device}")
+
+
+@pytest.mark.parametrize("impl", ["mmkernels", "authors_loop"])
+def test_host_ge_isotropic(benchmark, impl, bench_device):
+    """ge_isotropic_ over 6 small gradient tensors (host-bound) beside the authors' per-tensor loop."""
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(s, generator=g).to(bench_device) * 1e-3 for s in [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (D,), (4, D)]]
+    k = torch.zeros(len(grads), device=bench_device)  # k = 0: g <- (std + 1e-8) n keeps the scale over 1000+ calls
+
+    def ours():
+        mmkernels.ge_isotropic_(grads, k, seed=0, offset=0)
+
+    def authors():
+        for t in grads:
+            std = t.std().item() + 1e-8  # sync-ok: the authors' loop, benchmarked
+            t.mul_(0.0).add_(torch.zeros_like(t).normal_(0, std))
+
+    _host(benchmark, {"mmkernels": ours, "authors_loop": authors}[impl], f"host ge_isotropic_ 6 tensors {bench_device}")

@@ -8,7 +8,7 @@
 #include "philox.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mmkernels C++/CUDA ops: covariance noise, OGM-GE isotropic noise, AGM Shapley forwards";
+  m.doc() = "mmkernels C++/CUDA ops: covariance noise, OGM-GE isotropic noise, AGM Shapley forwards, coefficients (CPU)";
   m.def("with_cuda", &mmk::with_cuda, "True if the CUDA kernels were compiled into this module");
 
   m.def("cov_noise_tap_backward", &mmk::cov_noise_tap_backward, py::arg("grad"), py::arg("k"), py::arg("sigma"),
@@ -32,6 +32,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset"), "in place: grad_t = k[group(t)] * grad_t + N(0, (std_t + 1e-8)^2)");
   m.def("ge_tensor_std", &mmk::ge_tensor_std, py::arg("grads"),
         "float32 [T]: the unbiased std of each tensor as the statistics pass of ge_isotropic_ computes it");
+
+  m.def("balance_coefficients", &mmk::balance_coefficients_cpu, py::arg("logits"), py::arg("labels"), py::arg("s_hat"),
+        py::arg("steps"), py::arg("method"), py::arg("ignore_index"), py::arg("alpha"), py::arg("q_base"), py::arg("lam"),
+        py::arg("beta_max"), py::arg("clip"), py::arg("z_sigmoid"), py::arg("ratio_difference"), py::arg("tie"),
+        "CPU: fp32 [3M + 1] scores | ratios | coefficients | flag of [M, B, C] logits (or M [B, C]); method 0 ogm_ge, "
+        "1 ogm, 2 opm, 3 agm (s_hat, steps updated in place), 4 mlb");
 
   m.def("shapley_weights", &mmk::shapley_weights, py::arg("num_modalities"),
         "float32 [2^M - 1, M]: w_m(S) at row S - 1 (header math)");

@@ -7,11 +7,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "noise_math.h"
 #include "ops.h"
+#include "parallel_cpu.h"
 #include "philox.h"
+#include "philox_vec_cpu.h"
 
 namespace mmk {
 namespace {
@@ -22,12 +25,21 @@ constexpr const char* kSample = "sample_cov_noise";
 // z_i for i < B and their mean, exactly as the CUDA kernel computes them (double sum, one rounding to float).
 float normals_and_mean(uint64_t seed, uint64_t offset, int64_t B, std::vector<float>& z) {
   z.resize(B);
+  cpu::philox_normal0_block(seed, offset, B, z.data());
   double sum = 0.0;
-  for (int64_t i = 0; i < B; ++i) {
-    z[i] = philox_normal(seed, offset + static_cast<uint64_t>(i));
-    sum += static_cast<double>(z[i]);
-  }
+  for (int64_t i = 0; i < B; ++i) sum += static_cast<double>(z[i]);
   return static_cast<float>(sum / static_cast<double>(B));
+}
+
+// o[j] = g[j] * f, each product rounded once in opmath (the CUDA kernel's mul_rn).
+template <typename scalar_t>
+void scale_row(const scalar_t* g, at::opmath_type<scalar_t> f, scalar_t* o, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cpu::scale_f32(g, f, o, n);
+  } else {
+    using opmath_t = at::opmath_type<scalar_t>;
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(mul_rn(static_cast<opmath_t>(g[j]), f));
+  }
 }
 
 void check_k(const at::Tensor& k, const at::Tensor& ref, const char* op) {
@@ -65,10 +77,12 @@ at::Tensor cov_noise_tap_backward(const at::Tensor& grad, const at::Tensor& k, d
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(R, 1)), [&](int64_t r0, int64_t r1) {
+    cpu::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(R, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const opmath_t f = static_cast<opmath_t>(factor[i]);
-        for (int64_t j = i * R; j < (i + 1) * R; ++j) o[j] = static_cast<scalar_t>(mul_rn(static_cast<opmath_t>(g[j]), f));
+        const scalar_t* gi = g + i * R;
+        scalar_t* oi = o + i * R;
+        scale_row(gi, f, oi, R);
       }
     });
   });
@@ -99,7 +113,7 @@ at::Tensor sample_cov_noise(const at::Tensor& per_sample_grads, int64_t seed, in
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     opmath_t* o = out.mutable_data_ptr<opmath_t>();
     // Per column: acc = sum_i zc_i * G[i, p] in row order, then / B (the CUDA kernel's order and rounding).
-    at::parallel_for(0, P, 2048, [&](int64_t p0, int64_t p1) {
+    cpu::parallel_for(0, P, 2048, [&](int64_t p0, int64_t p1) {
       std::vector<opmath_t> acc(p1 - p0, opmath_t(0));
       for (int64_t i = 0; i < B; ++i) {
         const opmath_t zi = static_cast<opmath_t>(zc[i]);
@@ -134,11 +148,9 @@ at::Tensor philox_normals(int64_t seed, int64_t offset, int64_t n, at::Device de
   }
   at::Tensor out = at::empty({n, 4}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
-  at::parallel_for(0, n, 4096, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const Normals4 v = philox_normal4(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + i);
-      for (int j = 0; j < 4; ++j) o[4 * i + j] = v.n[j];
-    }
+  cpu::parallel_for(0, n, 4096, [&](int64_t a, int64_t b) {
+    cpu::philox_normal4_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + static_cast<uint64_t>(a),
+                              b - a, o + 4 * a);
   });
   return out;
 }

@@ -7,11 +7,14 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "noise_math.h"
 #include "ops.h"
+#include "parallel_cpu.h"
 #include "philox.h"
+#include "philox_vec_cpu.h"
 
 namespace mmk {
 namespace {
@@ -28,27 +31,74 @@ void check_grads(const std::vector<at::Tensor>& grads, const char* op) {
   }
 }
 
+// One unit of work of the two CPU passes: elements [a, b) of tensor t (a a multiple of kGeChunk, so of 4).
+struct Chunk {
+  int64_t t, a, b;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& grads) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < grads.size(); ++t)
+    for (int64_t a = 0, n = grads[t].numel(); a < n; a += kGeChunk)
+      chunks.push_back(Chunk{static_cast<int64_t>(t), a, std::min(n, a + kGeChunk)});
+  return chunks;
+}
+
+// (n, mean, M2) of one chunk from its double-precision sums.
 template <typename scalar_t>
-Moments tensor_moments_cpu(const at::Tensor& g) {
-  const int64_t n = g.numel();
-  const int64_t nchunks = (n + kGeChunk - 1) / kGeChunk;
-  std::vector<Moments> parts(nchunks);
-  const scalar_t* p = g.const_data_ptr<scalar_t>();
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+Moments chunk_moments(const scalar_t* p, int64_t n) {
+  double s = 0.0, ss = 0.0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cpu::sum_sumsq_f32(p, n, &s, &ss);
+  } else {
+    for (int64_t e = 0; e < n; ++e) {
+      const double x = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(p[e]));
+      s += x;
+      ss += x * x;
+    }
+  }
+  return moments_from_sums(static_cast<double>(n), s, ss);
+}
+
+// Statistics pass over every chunk of every tensor (one parallel_for), merged per tensor in chunk order (Chan), so
+// the result does not depend on the thread count.
+std::vector<Moments> tensor_moments_cpu(const std::vector<at::Tensor>& grads) {
+  const std::vector<Chunk> chunks = make_chunks(grads);
+  std::vector<Moments> parts(chunks.size());
+  cpu::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t a = c * kGeChunk, b = std::min(n, a + kGeChunk);
-      double s = 0.0, ss = 0.0;
-      for (int64_t e = a; e < b; ++e) {
-        const double x = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(p[e]));
-        s += x;
-        ss += x * x;
-      }
-      parts[c] = moments_from_sums(static_cast<double>(b - a), s, ss);
+      const Chunk& ch = chunks[c];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[ch.t].scalar_type(), "ge_moments", [&] {
+        parts[c] = chunk_moments(grads[ch.t].const_data_ptr<scalar_t>() + ch.a, ch.b - ch.a);
+      });
     }
   });
-  Moments m{0.0, 0.0, 0.0};
-  for (const Moments& part : parts) m = merge_moments(m, part);
-  return m;
+  std::vector<Moments> out(grads.size(), Moments{0.0, 0.0, 0.0});
+  for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].t] = merge_moments(out[chunks[c].t], parts[c]);
+  return out;
+}
+
+constexpr int64_t kGeBlock = 2048;  // elements whose normals are drawn into one stack buffer (a multiple of 64)
+
+// Update pass of one chunk: x = k x + scale n for elements [a, b) of p, normals from counter ctr0 + a / 4 on.
+template <typename scalar_t>
+void update_chunk(scalar_t* p, int64_t a, int64_t b, double k, const Moments& m, uint64_t seed, uint64_t ctr0) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t scale = ge_noise_scale<opmath_t>(m);
+  const opmath_t kk = static_cast<opmath_t>(k);
+  alignas(64) float z[kGeBlock];
+  for (int64_t e0 = a; e0 < b; e0 += kGeBlock) {
+    const int64_t e1 = std::min(b, e0 + kGeBlock);
+    cpu::philox_normal4_block(seed, ctr0 + static_cast<uint64_t>(e0 / 4), (e1 - e0 + 3) / 4, z);
+    scalar_t* x = p + e0;
+    const int64_t len = e1 - e0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      cpu::ge_update_f32(x, z, kk, scale, len);
+    } else {
+      for (int64_t e = 0; e < len; ++e)
+        x[e] = static_cast<scalar_t>(ge_update<opmath_t>(static_cast<opmath_t>(x[e]), kk, scale, static_cast<opmath_t>(z[e])));
+    }
+  }
 }
 
 }  // namespace
@@ -80,30 +130,21 @@ void ge_isotropic_(const std::vector<at::Tensor>& grads, const at::Tensor& k, co
   }
   const at::Tensor kf = k.to(at::kDouble).contiguous();
   const double* kv = kf.const_data_ptr<double>();
-  int64_t base = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const at::Tensor& g = grads[t];
-    const int64_t n = g.numel();
-    const int64_t group = group_index.empty() ? t : group_index[t];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), kGe, [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const opmath_t scale = ge_noise_scale<opmath_t>(tensor_moments_cpu<scalar_t>(g));
-      const opmath_t kk = static_cast<opmath_t>(kv[group]);
-      scalar_t* p = g.mutable_data_ptr<scalar_t>();
-      const int64_t ngroups = (n + 3) / 4;
-      const uint64_t ctr0 = static_cast<uint64_t>(offset) + static_cast<uint64_t>(base / 4);
-      at::parallel_for(0, ngroups, 1024, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          const Normals4 z = philox_normal4(static_cast<uint64_t>(seed), ctr0 + static_cast<uint64_t>(q));
-          for (int j = 0; j < 4 && 4 * q + j < n; ++j) {
-            scalar_t& x = p[4 * q + j];
-            x = static_cast<scalar_t>(ge_update<opmath_t>(static_cast<opmath_t>(x), kk, scale, static_cast<opmath_t>(z.n[j])));
-          }
-        }
+  const std::vector<Moments> moments = tensor_moments_cpu(grads);
+  std::vector<uint64_t> ctr0(T);  // first counter of tensor t: offset + base_t / 4
+  for (int64_t t = 0, base = 0; t < T; base += pad4(grads[t].numel()), ++t)
+    ctr0[t] = static_cast<uint64_t>(offset) + static_cast<uint64_t>(base / 4);
+  const std::vector<Chunk> chunks = make_chunks(grads);
+  cpu::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      const double kk = kv[group_index.empty() ? ch.t : group_index[ch.t]];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[ch.t].scalar_type(), kGe, [&] {
+        update_chunk(grads[ch.t].mutable_data_ptr<scalar_t>(), ch.a, ch.b, kk, moments[ch.t],
+                     static_cast<uint64_t>(seed), ctr0[ch.t]);
       });
-    });
-    base += pad4(n);
-  }
+    }
+  });
 }
 
 at::Tensor ge_tensor_std(const std::vector<at::Tensor>& grads) {
@@ -119,10 +160,8 @@ at::Tensor ge_tensor_std(const std::vector<at::Tensor>& grads) {
   }
   at::Tensor out = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
-  for (size_t t = 0; t < grads.size(); ++t) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[t].scalar_type(), "mmk_dispatch",
-                                    [&] { o[t] = unbiased_std(tensor_moments_cpu<scalar_t>(grads[t])); });
-  }
+  const std::vector<Moments> moments = tensor_moments_cpu(grads);
+  for (size_t t = 0; t < grads.size(); ++t) o[t] = unbiased_std(moments[t]);
   return out;
 }
 

@@ -29,6 +29,15 @@ at::Tensor shapley_responses(const at::Tensor& subset_outputs);
 at::Tensor shapley_responses_backward(const at::Tensor& grad_phi, const c10::optional<at::Tensor>& kappa,
                                       at::ScalarType out_dtype);
 
+// ---- fused coefficient op, CPU twin (coefficients.cpp; the CUDA path is the Triton kernel) ----
+// logits: one tensor [M, B, C] or M tensors [B, C] (any strides); method: 0 ogm_ge, 1 ogm, 2 opm, 3 agm, 4 mlb.
+// Returns fp32 [3M + 1] = scores | ratios | coefficients | flag; AGM's s_hat [M] / steps [] updated in place.
+at::Tensor balance_coefficients_cpu(const std::vector<at::Tensor>& logits, const at::Tensor& labels,
+                                    const c10::optional<at::Tensor>& s_hat, const c10::optional<at::Tensor>& steps,
+                                    int64_t method, int64_t ignore_index, double alpha, double q_base, double lam,
+                                    double beta_max, c10::optional<double> clip, bool z_sigmoid, bool ratio_difference,
+                                    int64_t tie);
+
 bool with_cuda();
 
 #ifdef MMKERNELS_WITH_CUDA

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "parallel_cpu.h"
 #include "shapley_math.h"
 
 namespace mmk {
@@ -106,7 +107,7 @@ std::vector<at::Tensor> shapley_masked_batch(const std::vector<at::Tensor>& inpu
     const char* src = static_cast<const char*>(x.const_data_ptr());
     const char* fill_row = has_fill ? static_cast<const char*>((*fill)[m].const_data_ptr()) : nullptr;
     char* dst = static_cast<char*>(out.mutable_data_ptr());
-    at::parallel_for(0, num_blocks, 1, [&](int64_t s0, int64_t s1) {
+    cpu::parallel_for(0, num_blocks, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {  // block s holds subset S = s + 1; zero bits are 0.0 in every float format
         char* blk = dst + s * bytes;
         if (((s + 1) >> m) & 1) std::memcpy(blk, src, bytes);
@@ -145,7 +146,7 @@ at::Tensor shapley_responses(const at::Tensor& subset_outputs) {
     const std::vector<opmath_t> w = weight_table<opmath_t>(M);
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     scalar_t* out = phi.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
+    cpu::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         opmath_t acc[kMaxModalities] = {};
         for (int s = 0; s < S; ++s) {  // subsets in bitmask order, as the CUDA kernel
@@ -206,7 +207,7 @@ at::Tensor shapley_responses_backward(const at::Tensor& grad_phi, const c10::opt
     const gphi_t* gp = gphi.const_data_ptr<gphi_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "mmk_dispatch_out", [&] {
       scalar_t* out = gv.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
+      cpu::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
           opmath_t g[kMaxModalities];
           for (int m = 0; m < M; ++m) g[m] = static_cast<opmath_t>(gp[m * E + e]);

@@ -1,9 +1,11 @@
 """balance_coefficients: per-modality scores -> discrepancy ratios -> coefficients (DESIGN.md section 3).
 
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
-zero host syncs; mmkernels/triton_ops/coefficients.py) or the pure-PyTorch reference elsewhere
-(mmkernels/reference.py), which computes the same numbers. Under torch.compile the one-launch Triton path is the
-custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the launcher's
+zero host syncs; mmkernels/triton_ops/coefficients.py), the extension's C++ twin on CPU tensors (ONE call: scores,
+ratios, coefficients, flag and AGM state; csrc/coefficients.cpp, math in csrc/coefficients_math.h; a list input is
+read in place, not stacked), or the pure-PyTorch reference elsewhere (mmkernels/reference.py, also the CPU path
+under torch.compile and with sync), which computes the same numbers. Under torch.compile the one-launch Triton
+path is the custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the launcher's
 workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is called
 directly, skipping the op's dispatch (host time that would exceed the kernel's own).
 """
@@ -16,7 +18,7 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import as_stacked, check_choice, check_hyperparameter, check_ignore_index, check_labels
+from ._validate import check_choice, check_hyperparameter, check_ignore_index, check_labels, check_modalities
 
 METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
 METHOD_DEFAULTS = reference.METHOD_DEFAULTS  # hyperparameters each method accepts, with their defaults
@@ -127,18 +129,25 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     balancers check label values on CPU tensors first and raise a ValueError naming `labels`); a 'prob' score sum of
     exactly 0 (softmax[y] underflows on every row) gives an inf or NaN ratio (flag 1).
     """
-    logits = as_stacked(unimodal_logits, "unimodal_logits", ndim=2)
-    m, b, c = logits.shape
+    stacked = check_modalities(unimodal_logits, "unimodal_logits", ndim=2)
+    first = unimodal_logits if stacked else unimodal_logits[0]
+    m = first.shape[0] if stacked else len(unimodal_logits)
+    b, c = first.shape[-2], first.shape[-1]
     if c < 1:
         raise ValueError(f"unimodal_logits must have at least one class, got shape [M, B, C] = {[m, b, c]}")
-    check_labels(labels, b, logits.device)
+    check_labels(labels, b, first.device)
     check_choice(method, METHODS, "method")
     check_ignore_index(ignore_index)
     p = _check_hyperparameters(method, hyperparameters)
     if method == "agm":
-        _check_state(state, m, logits.device)
+        _check_state(state, m, first.device)
     distributed = bool(sync) and torch.distributed.is_available() and torch.distributed.is_initialized()
 
+    if first.device.type == "cpu" and not distributed and not torch.compiler.is_compiling():
+        if backend_for(first, op="balance_coefficients", available=_CPU_BACKENDS) == "ext" and _ext_twin() is not None:
+            return _ext_cpu(unimodal_logits if stacked else list(unimodal_logits), stacked, labels, method, state,
+                            ignore_index, p, m)
+    logits = unimodal_logits if stacked else torch.stack(list(unimodal_logits))
     backend = backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton"))
     if backend == "triton":
         x = logits.detach()  # a view, no copy: the outputs are statistics, never differentiated through the op
@@ -158,6 +167,31 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     if not distributed:
         return reference.balance_coefficients_ref(logits, labels, method, state=state, ignore_index=ignore_index, **hp)
     return _reference_synced(logits, labels, method, state, ignore_index, group, hp)
+
+
+_CPU_BACKENDS = ("reference", "triton", "ext")  # on CPU tensors the extension's twin exists (csrc/coefficients.cpp)
+
+
+@functools.lru_cache(maxsize=None)
+def _ext_twin():
+    """mmkernels._C.balance_coefficients, or None (no extension, or one built before the twin existed)."""
+    from ._backend import load_ext
+
+    return getattr(load_ext(), "balance_coefficients", None)
+
+
+def _ext_cpu(logits, stacked, labels, method, state, ignore_index, p, m) -> dict:
+    """The C++ CPU twin: one call computes scores, ratios, coefficients, flag and the AGM state update."""
+    s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
+    xs = [logits.detach()] if stacked else [u.detach() for u in logits]
+    out = _ext_twin()(xs, labels, s_hat, steps, _METHOD_ID[method], int(ignore_index), float(p["alpha"]),
+                      float(p["q_base"]), float(p["lam"]), float(p["beta_max"]),
+                      None if p["clip"] is None else float(p["clip"]), p["z"] == "sigmoid", p["ratio"] == "difference",
+                      int(p["tie"]))
+    return _split(out, m)
+
+
+_METHOD_ID = {name: i for i, name in enumerate(METHODS)}  # csrc/coefficients_math.h CoeffMethod
 
 
 def _reference_synced(logits, labels, method, state, ignore_index, group, hp) -> dict:

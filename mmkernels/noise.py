@@ -22,9 +22,10 @@ sum_t ceil(numel_t / 4) (ge_isotropic_): advance `offset` by at least that betwe
 seeds the tap per rank (seed, step, rank) and ge_isotropic_ identically on every rank (seed, step).
 The reference backend (extension missing, or MMKERNELS_BACKEND=reference) draws the same normals from a PyTorch
 transcription of the same stream (mmkernels.reference.philox_normals / philox_ge_normals): the same z on every
-backend and device for the same (seed, offset) (bit-identical in the tests; at most 1 fp32 ulp apart where torch's
-and the C library's double log/cos/sin round differently). Only the arithmetic after the draw may differ in the last
-bits (the reference's fp32 mean and std against the extension's double accumulation).
+backend and device for the same (seed, offset) (bit-identical in the tests; at most 1 fp32 ulp apart where the
+double log/cos/sin of torch, the C library, SLEEF (the CPU twins' vector paths) or CUDA round differently). Only the
+arithmetic after the draw may differ in the last bits (the reference's fp32 mean and std against the extension's
+double accumulation).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def _as_k_tensor(k, feature: torch.Tensor) -> torch.Tensor:
     """k (checked) as a 0-dim float tensor on feature's device (a number becomes one; a tensor is only detached/reshaped)."""
     check_coefficient(k, feature)
     if isinstance(k, torch.Tensor):
+        if k.dim() == 0 and not k.requires_grad:  # already what the op takes: no view ops (host time per call)
+            return k
         return k.detach().reshape(())
     return torch.full((), float(k), dtype=torch.float32, device=feature.device)
 
@@ -77,7 +80,11 @@ class _CovNoiseTap(torch.autograd.Function):
     def backward(ctx, grad):
         (k,) = ctx.saved_tensors
         sigma, seed, offset, backend = ctx.cfg
-        if backend == "ext":
+        if backend == "ext" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # eager, no double backward: the extension directly (the custom op's dispatch costs more host time
+            # than the whole kernel at small shapes); same function, same bits
+            g = _cov_ops.ext().cov_noise_tap_backward(grad.contiguous(), k, sigma, seed, offset)
+        elif backend == "ext":  # create_graph=True or traced: the differentiable, traceable custom op
             g = torch.ops.mmkernels.cov_noise_tap_backward(grad, k, sigma, seed, offset)
         else:
             z = _reference_normals(grad.shape[0], seed, offset, grad.device)

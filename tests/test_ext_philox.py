@@ -137,3 +137,123 @@ def test_reference_backend_gives_the_extension_noise(monkeypatch, device, dtype)
     torch.testing.assert_close(h_ref, h_ext, rtol=tol, atol=tol)
     for a, b in zip(ge_ref, ge_ext):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ the vectorised CPU path (csrc/philox_vec_cpu.h)
+# 16 counters per vector step, the rest (tails, thread-chunk edges) on the scalar header code: the normals must be
+# the reference's (bit-equal here, documented bound 1 fp32 ulp) at every block edge and across the 2^32 counter carry
+# inside one vector block.
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 33, 4095, 4097, 8193])
+@pytest.mark.parametrize("offset", [0, 2 ** 32 - 5, 2 ** 33 - 17, 2 ** 63 - 9000])
+def test_vector_normals_match_reference_at_block_edges(C, n, offset):
+    ext = C.philox_normals(12345, offset, n, torch.device("cpu"))
+    ref = R.philox_normals(12345, offset, n, "cpu")
+    ulps = ulp_distance(ref, ext)
+    assert int(ulps.max()) <= 1 and int((ulps > 0).sum()) <= max(1, ref.numel() // 100_000)
+    assert torch.equal(ref, ext)  # measured bit-equal on CPU (SLEEF's 1-ulp double log/sincos, as torch's own)
+
+
+def _ge_expected(orig, k, std, normals):
+    """k g + (std + 1e-8) n with the extension's std and the reference's normals, rounded as ge_update (fp32)."""
+    out = []
+    for o, s, n in zip(orig, std.tolist(), normals):
+        scale = torch.tensor(s + 1e-8, dtype=torch.float32)
+        out.append(o * torch.tensor(k, dtype=torch.float32) + scale * n.view_as(o))
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ge_vector_path_uses_the_reference_normals(C, threads):
+    """ge_isotropic_ on CPU: sizes around the vector width (64 elements = 16 counters), the normal buffer (2048) and
+    the chunk (65536), tensor bases that are not multiples of the vector width, a 1-element tensor; same bits for
+    1 or 2 threads."""
+    sizes = [1, 3, 4, 5, 63, 64, 65, 2047, 2049, 65535, 65537, 70001]
+    gen = torch.Generator().manual_seed(3)
+    orig = [torch.randn(s, generator=gen) * 0.01 for s in sizes]
+    grads = [g.clone() for g in orig]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        C.ge_isotropic_(grads, torch.full((len(sizes),), 0.75), [], 2 ** 40 + 1, 2 ** 32 - 300)  # the twin itself
+    finally:
+        torch.set_num_threads(prev)
+    normals = R.philox_ge_normals(sizes, 2 ** 40 + 1, 2 ** 32 - 300, "cpu")
+    for g, want in zip(grads, _ge_expected(orig, 0.75, C.ge_tensor_std(orig), normals)):
+        ulps = ulp_distance(g.abs(), want.abs())
+        assert int(ulps.max()) <= 2 and int((ulps > 0).sum()) <= max(1, g.numel() // 100_000)
+        assert torch.equal(g, want)
+
+
+def test_ge_result_does_not_depend_on_the_thread_count(C):
+    gen = torch.Generator().manual_seed(4)
+    orig = [torch.randn(s, generator=gen) for s in (200_003, 65536 * 3 + 1, 7)]
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads = [g.clone() for g in orig]
+            C.ge_isotropic_(grads, torch.tensor([0.5, 1.5, 1.0]), [], 1, 0)
+            outs.append(grads + [C.ge_tensor_std(orig)])
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B", [1, 15, 16, 17, 33, 257])
+def test_tap_normals_vector_path_match_reference(C, B):
+    """The covariance tap draws only n0 (a cos-only vector path, csrc/philox_vec_cpu.h philox_normal0_block): with
+    grad = 1, k = 0, sigma = 1 its backward returns z_i - mean(z), against the reference's normals."""
+    offset = 2 ** 32 - 7  # the counter carry lands inside the first vector block
+    out = C.cov_noise_tap_backward(torch.ones(B, 1), torch.tensor(0.0), 1.0, 5, offset)[:, 0]
+    z = R.philox_normals(5, offset, B, "cpu")[:, 0]
+    mean = z.double().mean().float()  # the twin's mean: a double sum, rounded once
+    want = torch.tensor(0.0) + 1.0 * (z - mean)
+    ulps = ulp_distance(out.abs(), want.abs())
+    assert int(ulps.max()) <= 1
+    assert torch.equal(out, want)
+
+
+_ISA_SCRIPT = r"""
+import torch
+from mmkernels import reference as R
+from mmkernels._backend import load_ext
+from mmkernels.coefficients import balance_coefficients
+C = load_ext()
+for n, off in [(1, 0), (17, 2 ** 32 - 5), (4097, 2 ** 33 - 17)]:
+    assert torch.equal(C.philox_normals(9, off, n, torch.device("cpu")), R.philox_normals(9, off, n, "cpu")), n
+B = 37
+tap = C.cov_noise_tap_backward(torch.ones(B, 1), torch.tensor(0.0), 1.0, 5, 2 ** 32 - 7)[:, 0]
+z = R.philox_normals(5, 2 ** 32 - 7, B, "cpu")[:, 0]
+assert torch.equal(tap, torch.tensor(0.0) + 1.0 * (z - z.double().mean().float()))
+sizes = [1, 5, 63, 70001]
+orig = [torch.randn(s, generator=torch.Generator().manual_seed(s)) for s in sizes]
+grads = [g.clone() for g in orig]
+C.ge_isotropic_(grads, torch.full((4,), 0.75), [], 3, 11)
+std = C.ge_tensor_std(orig)
+for g, o, s, n in zip(grads, orig, std.tolist(), R.philox_ge_normals(sizes, 3, 11, "cpu")):
+    assert torch.equal(g, o * torch.tensor(0.75) + torch.tensor(s + 1e-8, dtype=torch.float32) * n)
+x = torch.randn(3, 50, 1000, generator=torch.Generator().manual_seed(1))
+y = torch.randint(0, 1000, (50,), generator=torch.Generator().manual_seed(2))
+x[1, 4, 7] = float("nan")
+y[4] = -100
+for method in ("ogm", "agm", "mlb"):
+    got, want = balance_coefficients(x, y, method), R.balance_coefficients_ref(x, y, method)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_every_cpu_path_gives_the_reference_numbers(isa):
+    """The AVX-512, AVX2 and scalar CPU paths (pinned with MMKERNELS_CPU_ISA in a fresh process; a CPU without an
+    ISA runs the next lower one): the reference's normals bit for bit, and the coefficients."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MMKERNELS_CPU_ISA": isa, "MMKERNELS_BACKEND": "ext"}
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
