@@ -26,7 +26,7 @@ __all__ = [
     "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
     "cov_noise_row_factor", "cov_noise_tap_backward", "cov_noise_from_per_sample", "ge_isotropic",
     "modality_drop_ref", "grad_tap_backward", "balance_from_sums_ref", "METHOD_DEFAULTS",
-    "philox4x32_10", "philox_words", "philox_normals", "philox_ge_normals", "philox_uniforms_triton",
+    "philox4x32_10", "philox_words", "philox_normals", "philox_ge_normals", "philox_uniforms_triton", "uniforms_from_words",
 ]
 
 PROB_FLOOR = 1e-8          # AGM / DESIGN sec. 3: p < 1e-8 is treated as 1e-8 in the 'ce' score
@@ -596,7 +596,11 @@ def philox_ge_normals(numels: Sequence[int], seed: int, offset: int, device=None
 def philox_uniforms_triton(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
     """fp32 [n]: Triton's tl.rand(seed, offset + i), i < n (triton/language/random.py): word 0 of the position,
     read as int32 x, x' = x if x >= 0 else ~x (in [0, 2^31)), u = fp32(x') * fp32(4.6566127342e-10), in [0, 1)."""
-    x = philox_words(seed, offset, n, device)[:, 0]
+    return uniforms_from_words(philox_words(seed, offset, n, device)[:, 0])
+
+
+def uniforms_from_words(x: torch.Tensor) -> torch.Tensor:
+    """tl.rand's fp32 uniforms from Philox word 0 (int64 [n] holding uint32 values): see philox_uniforms_triton."""
     x = torch.where(x >= 2 ** 31, _MASK32 - x, x)                        # ~x of the int32 reading, for x < 0
     scale = torch.tensor(_TRITON_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
     return x.to(torch.float32) * scale

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from . import reference
-from ._backend import backend_for
+from ._backend import backend_for, forced_backend, load_ext
 from ._validate import as_modality_list, check_choice, check_coefficient, check_counter, check_float
 
 RESCALE_MODES = ("official", "per_modality", "none")
@@ -106,8 +106,15 @@ modality_drop_apply.register_autograd(_drop_backward, setup_context=_drop_setup)
 
 def _reference_uniforms(seed: int, offset: int, num_modalities: int, batch: int, device) -> tuple:
     """Uniforms of the reference backend: Triton's tl.rand stream transcribed in PyTorch
-    (mmkernels.reference.philox_uniforms_triton), so the same numbers as the Triton backend, bit for bit."""
-    u = reference.philox_uniforms_triton(seed, offset, num_modalities * batch + 1, device)
+    (mmkernels.reference.philox_uniforms_triton), so the same numbers as the Triton backend, bit for bit. On CPU with
+    the extension built, the Philox words come from its C++ twin (mmkernels._C.philox_words: the same words, tested
+    equal; about 30x faster than the transcription's ~100 small tensor ops)."""
+    n = num_modalities * batch + 1
+    ext = load_ext() if torch.device(device).type == "cpu" and forced_backend() != "reference" else None
+    if ext is not None:
+        u = reference.uniforms_from_words(ext.philox_words(int(seed), int(offset), n)[:, 0])
+    else:
+        u = reference.philox_uniforms_triton(seed, offset, n, device)
     return u[:-1].view(num_modalities, batch), u[-1]
 
 

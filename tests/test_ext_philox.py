@@ -257,3 +257,16 @@ def test_every_cpu_path_gives_the_reference_numbers(isa):
     env = {**os.environ, "MMKERNELS_CPU_ISA": isa, "MMKERNELS_BACKEND": "ext"}
     run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("seed, offset", [(0, 0), (11, 2 ** 33 + 17), (2 ** 40 + 7, 2 ** 32 - 3)])
+def test_drop_uniforms_on_cpu_from_the_twin_equal_the_reference(seed, offset, monkeypatch):
+    """The CPU drop takes its Philox words from the C++ twin: the same uniforms as the transcription, bit for bit."""
+    from mmkernels import reference
+    from mmkernels.taps import drop_uniforms
+
+    monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
+    u, gate = drop_uniforms(seed, offset, 3, 700)
+    want = reference.philox_uniforms_triton(seed, offset, 3 * 700 + 1)
+    assert torch.equal(u.flatten(), want[:-1]) and torch.equal(gate, want[-1])
