@@ -539,6 +539,7 @@ class ValuationRunner(_BalancerRunner):
         loss = F.cross_entropy(self.model.fuse(feats), y)
         loss.backward()
         opt.step()
+        self.bal.step()   # the step counter (the rows change per epoch: set_epoch in _batch)
         return loss.detach()
 
 
