@@ -31,7 +31,7 @@ def build_parser(parser=None):
     p.add_argument("--views", default=None,
                    help=f"mfeat only: comma list of 2 to 6 views from {','.join(VIEWS)} (default all six)")
     p.add_argument("--quick", action="store_true",
-                   help="short run: 300 steps, 1 seed (synthetic: about 10 s; mfeat: under a minute on 2 CPU cores)")
+                   help="short run: 300 steps, 1 seed (synthetic: about 15 s; mfeat: under a minute on 2 CPU cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backbone", default="mlp", choices=["mlp", "resnet18"],
                    help="mlp (default, CPU-sized) or torchvision resnet18 encoders, no pretrained weights (the papers' setup; use a GPU)")
