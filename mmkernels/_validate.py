@@ -39,6 +39,15 @@ def check_num_modalities(m: int, name: str = "num_modalities") -> None:
         raise ValueError(f"{name} must be between {MIN_MODALITIES} and {MAX_MODALITIES}, got {m}")
 
 
+def modalities_of_subsets(n: int, name: str) -> int:
+    """M from the leading dimension n = 2^M - 1 of a tensor of subset outputs (M in 2..8), or a ValueError naming it."""
+    m = (n + 1).bit_length() - 1
+    if 2 ** m - 1 != n or not MIN_MODALITIES <= m <= MAX_MODALITIES:
+        raise ValueError(f"{name}.shape[0] must be 2^M - 1 for M in {MIN_MODALITIES}..{MAX_MODALITIES} modalities "
+                         f"(3, 7, 15, ..., 255), got {n}")
+    return m
+
+
 def check_modalities(x, name: str, *, ndim: int | None = None, same_shape: bool = True, same_dtype: bool = True) -> bool:
     """A list of M (2..8) tensors [B, ...] (checked with `check_same`) or one float tensor [M, B, ...].
 

@@ -25,7 +25,7 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import as_modality_list, check_float, check_num_modalities
+from ._validate import as_modality_list, check_float, check_num_modalities, modalities_of_subsets
 from .ext_ops import shapley as _ops  # registers mmkernels::shapley_masked_batch, ::shapley_responses(_backward)
 
 _OPS = ("reference", "ext")
@@ -125,10 +125,7 @@ def shapley_responses(subset_outputs, kappa: Optional[torch.Tensor] = None) -> t
     v = subset_outputs
     if v.dim() < 2:
         raise ValueError(f"subset_outputs must have shape [2^M - 1, B, ...], got shape {tuple(v.shape)}")
-    n = v.shape[0]
-    M = (n + 1).bit_length() - 1
-    if 2 ** M - 1 != n or not 2 <= M <= 8:
-        raise ValueError(f"subset_outputs.shape[0] must be 2^M - 1 for M in 2..8 modalities (3, 7, 15, ..., 255), got {n}")
+    M = modalities_of_subsets(v.shape[0], "subset_outputs")
     if v.shape[1] == 0:
         raise ValueError(f"subset_outputs must have a non-empty batch (B > 0), got shape {tuple(v.shape)}")
     if kappa is not None:

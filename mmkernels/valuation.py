@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from ._backend import backend_for
-from ._validate import check_choice, check_float, check_labels
+from ._validate import check_choice, check_float, check_labels, modalities_of_subsets
 from .shapley import shapley_masked_batch
 
 VALUES = ("authors", "toolkit")
@@ -28,10 +28,7 @@ def check_subset_logits(subset_logits, labels) -> int:
     check_float(subset_logits, "subset_logits")
     if subset_logits.dim() != 3:
         raise ValueError(f"subset_logits must have shape [2^M - 1, B, C], got {tuple(subset_logits.shape)}")
-    n = subset_logits.shape[0]
-    m = (n + 1).bit_length() - 1
-    if 2 ** m - 1 != n or not 2 <= m <= 8:
-        raise ValueError(f"subset_logits.shape[0] must be 2^M - 1 for M in 2..8 (3, 7, ..., 255), got {n}")
+    m = modalities_of_subsets(subset_logits.shape[0], "subset_logits")
     if subset_logits.shape[2] == 0:
         raise ValueError("subset_logits must have at least one class (C > 0)")
     check_labels(labels, subset_logits.shape[1], subset_logits.device, "labels")

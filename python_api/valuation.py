@@ -37,7 +37,7 @@ class ValuationDataset(torch.utils.data.Dataset):
         if index.dim() != 1 or keep.shape != (index.shape[0], self.num_modalities):
             raise ValueError(f"index [R] and keep [R, {self.num_modalities}] expected, got {tuple(index.shape)} and "
                              f"{tuple(keep.shape)}")
-        self.index, self.keep = index.cpu(), keep.cpu().bool()  # once per epoch, between epochs (not a step)
+        self.index, self.keep = index.cpu(), keep.cpu().bool()  # sync-ok: once per epoch, between epochs (not a step)
 
     def __len__(self) -> int:
         return self.index.shape[0]

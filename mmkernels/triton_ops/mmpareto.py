@@ -29,6 +29,16 @@ BLOCK_K = 8       # encoders (M <= 8)
 
 
 @triton.jit
+def _load_pair(gm_ptr, gu_ptr, offs, mask, SUMMED: tl.constexpr):
+    """(g_m, g_u) in fp32 at offs; SUMMED: the second buffer holds g_m + g_u, so g_u is the difference."""
+    gm = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gu = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SUMMED:
+        gu = gu - gm
+    return gm, gu
+
+
+@triton.jit
 def mmpareto_reduce_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, part_ptr, blk_base,
                            SUMMED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """part[blk_base + j] = (sum g_m^2, sum g_m g_u, sum g_u^2) over block j's element range (fp32).
@@ -42,10 +52,7 @@ def mmpareto_reduce_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, part_ptr,
     for i in range(0, ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
-        gm = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gu = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SUMMED:
-            gu = gu - gm
+        gm, gu = _load_pair(gm_ptr, gu_ptr, offs, mask, SUMMED)
         acc_a += gm * gm
         acc_b += gm * gu
         acc_c += gu * gu
@@ -158,10 +165,7 @@ def mmpareto_write_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, blk_tensor
     for i in range(0, ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
-        gm = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gu = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SUMMED:
-            gu = gu - gm
+        gm, gu = _load_pair(gm_ptr, gu_ptr, offs, mask, SUMMED)
         tl.store(gu_ptr + offs, (sm * gm + su * gu).to(gu_ptr.dtype.element_ty), mask=mask)
 
 

@@ -37,6 +37,16 @@ MAX_M = 8
 
 # --------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _load_tiles(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, dd, d_ok):
+    """fp32 tiles z[rows, dd] [BLOCK_B, BLOCK_D] and P[cols, dd] [BLOCK_C, BLOCK_D] (masked entries 0)."""
+    zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=rows_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    pt = tl.load(p_base + cols.to(tl.int64)[:, None] * spc + dd.to(tl.int64)[None, :] * spd,
+                 mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    return zt, pt
+
+
+@triton.jit
 def _sq_dist(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, D,
              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """sum_d (z[i, d] - P[k, d])^2 for a [BLOCK_B, BLOCK_C] tile, fp32, from the differences."""
@@ -44,10 +54,7 @@ def _sq_dist(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, D,
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=rows_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
-        pt = tl.load(p_base + cols.to(tl.int64)[:, None] * spc + dd.to(tl.int64)[None, :] * spd,
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        zt, pt = _load_tiles(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, dd, d_ok)
         diff = zt[:, None, :] - pt[None, :, :]
         sq += tl.sum(diff * diff, axis=2)
     return sq
@@ -167,10 +174,7 @@ def pmr_backward_kernel(z_ptr, szm, szb, szd, p_ptr, spm, spc, spd, y_ptr, sy, l
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
-            zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=live[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
-            pt = tl.load(p_base + cols.to(tl.int64)[:, None] * spc + dd.to(tl.int64)[None, :] * spd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            zt, pt = _load_tiles(z_base, p_base, szd, spc, spd, live, cols, col_ok, dd, d_ok)
             term = tl.where(w[:, :, None] != 0.0, w[:, :, None] * (pt[None, :, :] - zt[:, None, :]), 0.0)
             part = tl.sum(term, axis=1)
             o_ptrs = dz_base[:, None] + dd.to(tl.int64)[None, :]
