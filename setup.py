@@ -147,7 +147,7 @@ setup(
     python_requires=">=3.10",
     packages=["mmkernels", "mmkernels.triton_ops", "mmkernels.ext_ops", "mmkernels.demo", "mmkernels.api"],
     package_dir={"mmkernels.api": "python_api"},
-    install_requires=["torch>=2.11,<2.15", "numpy", "triton; platform_system == 'Linux'"],  # the range CI tests
+    install_requires=["torch>=2.11,<2.15", "numpy", "tqdm", "triton; platform_system == 'Linux'"],  # the range CI tests
     extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

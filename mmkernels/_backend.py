@@ -1,6 +1,6 @@
 """Which implementation runs an op: the reference, a Triton kernel, or the C++/CUDA extension.
 
-DESIGN.md section 6. Nothing here touches the GPU at import time; availability is probed lazily,
+docs/architecture.md. Nothing here touches the GPU at import time; availability is probed lazily,
 once, and the reason for a missing piece is kept for `env_report()`.
 """
 from __future__ import annotations

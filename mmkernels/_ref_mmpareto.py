@@ -1,5 +1,5 @@
-"""Reference math of MMPareto (Wei & Hu, ICML 2024; ../shared/METHODS_NEXT.md section 2, authors' code/MMPareto.py),
-re-exported by mmkernels.reference.
+"""Reference math of MMPareto (Wei & Hu, ICML 2024; the authors' code/MMPareto.py), re-exported by
+mmkernels.reference.
 
 Per encoder k (its parameter tensors T), with g_m = grad of the multimodal loss and g_u = grad of k's unimodal loss:
   a = <g_m, g_m>, b = <g_m, g_u>, c = <g_u, g_u> summed over the encoder's tensors, cos = b / sqrt(a c)
@@ -8,11 +8,22 @@ Per encoder k (its parameter tensors T), with g_m = grad of the multimodal loss 
   h_T = 2 (w_m g_m,T + w_u g_u,T); r_T = ||g_m,T + g_u,T|| / ||h_T||; grad_T = gamma max(1, r_T) h_T on conflict,
   gamma (g_m,T + g_u,T) otherwise. rescale="global": one r per encoder from the encoder-wide norms.
 Norms follow from the three inner products: ||g_m + g_u||^2 = a + 2b + c, ||h||^2 = 4 (w_m^2 a + 2 w_m w_u b + w_u^2 c).
+The inner products, the weights and the scales are float64 whatever the gradients' dtype: the product of two fp32
+(fp16, bf16) values is exact in float64, so ||h||^2 keeps its digits when the Pareto point nearly cancels (in fp32
+the quadratic form lost 1e-3 relative at cos = -0.99993); the combination is formed in float64 and rounded once.
 
-Degenerate cases (ours; the authors' code divides by zero): cos := 0 when a = 0 or c = 0 (then b = 0 exactly, the
-pair counts as a conflict and w_m = 0.999 if a = 0, 0.001 if c = 0 and a > 0; either way grad = gamma (g_m + g_u));
-r := 1 where ||h|| = 0 (then h = 0 and the gradient is 0, never 0 * inf). A non-finite a, b or c (a NaN/Inf gradient
-or an fp32 overflow) sets the flag and that encoder falls back to gamma (g_m + g_u), the no-conflict rule.
+Degenerate cases (ours; defined, documented in README "What differs"):
+- a = 0 or c = 0: cos := 0, b = 0 exactly, the pair counts as a conflict, w_m = 0.999 if a = 0, 0.001 if c = 0 and
+  a > 0; either way grad = gamma (g_m + g_u) (the authors' code gives the same: NaN > 0 is false, their solver
+  returns the same clamped weight, and the restore brings h back to the sum).
+- Vanishing Pareto point: ||h_T|| <= tau (2 w_m ||g_m,T|| + 2 w_u ||g_u,T||) with ||h_T|| > 0 possible only through
+  rounding (g_u = -lambda g_m exactly: h = 0; e.g. B = 1, C = 2). The restore would scale rounding noise up to
+  gamma ||g_m + g_u|| in a meaningless direction (the authors' code does; once NaN). We fall back to
+  gamma (g_m,T + g_u,T), the no-conflict rule: the same magnitude the restore aims at, and the only defined
+  direction; zero would freeze the encoder on every such step. flag = 2. tau = max(4 eps(dtype), 1e-6) of the
+  gradient's dtype (rescale="global": per encoder, from the encoder-wide norms). Both zero: gradient 0, no flag.
+- A non-finite a, b or c (a NaN/Inf gradient): that encoder's gradient is 0 (no NaN/Inf reaches a parameter),
+  weights (1/2, 1/2), flag = 1 (takes precedence over 2).
 """
 from __future__ import annotations
 
@@ -20,30 +31,31 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["MMPARETO_GAMMA", "MMPARETO_RESCALE", "mmpareto_inner_products", "mmpareto_weights",
-           "mmpareto_scales", "mmpareto_combine"]
+__all__ = ["MMPARETO_GAMMA", "MMPARETO_RESCALE", "MMPARETO_VANISH_MIN", "mmpareto_vanish_tol",
+           "mmpareto_inner_products", "mmpareto_weights", "mmpareto_scales", "mmpareto_combine"]
 
 MMPARETO_GAMMA = 1.5                      # authors hard-code 1.5 (toolkit: `alpha`)
 MMPARETO_RESCALE = ("per_tensor", "global")  # per_tensor: the authors' (one r per parameter tensor)
+MMPARETO_VANISH_MIN = 1e-6                # floor of the vanishing tolerance (float64 inner products resolve ~1e-8)
 W_HIGH, W_LOW = 0.999, 0.001              # the authors' clamped solutions when one gradient dominates
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def mmpareto_vanish_tol(dtype: torch.dtype) -> float:
+    """tau of a gradient dtype: ||h_T|| at or below tau times its bound counts as a vanished Pareto point."""
+    return max(4.0 * torch.finfo(dtype).eps, MMPARETO_VANISH_MIN)
 
 
 def mmpareto_inner_products(grads_mm: Sequence[torch.Tensor], grads_uni: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[T, 3] per tensor (a_T, b_T, c_T) = (<g_m,g_m>, <g_m,g_u>, <g_u,g_u>), accumulated in fp32 (fp64 for fp64)."""
+    """[T, 3] float64 per tensor (a_T, b_T, c_T) = (<g_m,g_m>, <g_m,g_u>, <g_u,g_u>), accumulated in float64."""
     rows = []
     for gm, gu in zip(grads_mm, grads_uni):
-        acc = _acc_dtype(gm.dtype)
-        x, y = gm.to(acc).reshape(-1), gu.to(acc).reshape(-1)
+        x, y = gm.double().reshape(-1), gu.double().reshape(-1)
         rows.append(torch.stack([x.dot(x), x.dot(y), y.dot(y)]))
     return torch.stack(rows)
 
 
 def mmpareto_weights(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
-    """Per encoder [K]: (cos, w_m, conflict, finite). METHODS_NEXT 2, the weight rule; degenerate cases above."""
+    """Per encoder [K]: (cos, w_m, conflict, finite). The weight rule above; degenerate cases above."""
     finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
     denom = a.clamp(min=0).sqrt() * c.clamp(min=0).sqrt()
     cos = torch.where(denom > 0, b / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(b))
@@ -54,57 +66,73 @@ def mmpareto_weights(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return cos, w_m, conflict, finite
 
 
-def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: int, *, gamma: float = MMPARETO_GAMMA,
-                    rescale: str = "per_tensor") -> dict:
-    """Per-tensor factors from the per-tensor inner products abc [T, 3] and encoder_of [T] (int64, 0..K-1).
+def _per_encoder(x: torch.Tensor, encoder_of: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums over each encoder's tensors: x [T, ...] -> [K, ...]."""
+    return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, encoder_of, x)
 
-    Returns {"scale": [T, 2] (s_m, s_u) with grad_T = s_m g_m,T + s_u g_u,T = gamma max(1, r_T) h_T on conflict,
-    "cos": [K], "weights": [K, 2] (w_m, w_u), "conflict": [K] bool, "flag": [] (1. if some a, b, c non-finite)}.
+
+def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: int, *, gamma: float = MMPARETO_GAMMA,
+                    rescale: str = "per_tensor", tau=MMPARETO_VANISH_MIN) -> dict:
+    """Per-tensor factors from the per-tensor inner products abc [T, 3] (float64) and encoder_of [T] (int64).
+
+    tau: the vanishing tolerance, a float or [T] (mmpareto_vanish_tol of each tensor's dtype).
+    Returns {"scale": [T, 2] (s_m, s_u) with grad_T = s_m g_m,T + s_u g_u,T (= gamma max(1, r_T) h_T on conflict),
+    "keep": [T] bool (False: the encoder is not finite, grad_T = 0), "cos": [K], "weights": [K, 2] (w_m, w_u),
+    "conflict": [K] bool, "flag": [] (1. some a, b, c non-finite; else 2. a Pareto point vanished; else 0.)}.
     """
-    acc = abc.dtype
-    k = num_encoders
-    sums = torch.zeros(k, 3, dtype=acc, device=abc.device).index_add_(0, encoder_of, abc)
-    a, b, c = sums.unbind(1)
+    if rescale not in MMPARETO_RESCALE:
+        raise ValueError(f"rescale must be one of {MMPARETO_RESCALE}, got {rescale!r}")
+    acc, k = abc.dtype, num_encoders
+    a, b, c = _per_encoder(abc, encoder_of, k).unbind(1)
     cos, w_m, conflict, finite = mmpareto_weights(a, b, c)
     w_u = 1 - w_m
     wm_t, wu_t = w_m[encoder_of], w_u[encoder_of]
     at, bt, ct = abc.unbind(1)
     sum_sq = (at + 2 * bt + ct).clamp(min=0)                                         # ||g_m + g_u||^2
     h_sq = (4 * (wm_t * wm_t * at + 2 * wm_t * wu_t * bt + wu_t * wu_t * ct)).clamp(min=0)  # ||h||^2
+    tau_t = torch.as_tensor(tau, dtype=acc, device=abc.device).expand(at.shape)
     if rescale == "global":
-        sum_sq = torch.zeros(k, dtype=acc, device=abc.device).index_add_(0, encoder_of, sum_sq)[encoder_of]
-        h_sq = torch.zeros(k, dtype=acc, device=abc.device).index_add_(0, encoder_of, h_sq)[encoder_of]
-    elif rescale != "per_tensor":
-        raise ValueError(f"rescale must be one of {MMPARETO_RESCALE}, got {rescale!r}")
+        sum_sq = _per_encoder(sum_sq, encoder_of, k)[encoder_of]
+        h_sq = _per_encoder(h_sq, encoder_of, k)[encoder_of]
+        bound = (2 * (w_m * a.clamp(min=0).sqrt() + w_u * c.clamp(min=0).sqrt()))[encoder_of]
+        tau_t = torch.zeros(k, dtype=acc, device=abc.device).scatter_reduce_(0, encoder_of, tau_t, "amax")[encoder_of]
+    else:
+        bound = 2 * (wm_t * at.clamp(min=0).sqrt() + wu_t * ct.clamp(min=0).sqrt())   # >= ||h_T||
+    conflict_t = conflict[encoder_of]
+    vanished = conflict_t & (bound > 0) & (h_sq.sqrt() <= tau_t * bound)
     r = torch.where(h_sq > 0, (sum_sq / torch.where(h_sq > 0, h_sq, torch.ones_like(h_sq))).sqrt(),
                     torch.ones_like(h_sq))
-    f = torch.where(conflict[encoder_of], r.clamp(min=1), torch.ones_like(r))
-    scale = torch.stack([2 * gamma * f * wm_t, 2 * gamma * f * wu_t], 1)
-    flag = (~finite).any().to(torch.float32)
-    return {"scale": scale, "cos": cos.to(torch.float32),
+    pareto = conflict_t & ~vanished
+    f = torch.where(pareto, r.clamp(min=1), torch.ones_like(r))
+    s_m = torch.where(pareto, 2 * gamma * f * wm_t, torch.full_like(f, gamma))
+    s_u = torch.where(pareto, 2 * gamma * f * wu_t, torch.full_like(f, gamma))
+    flag = torch.where((~finite).any(), 1.0, torch.where(vanished.any(), 2.0, 0.0)).to(torch.float32)
+    return {"scale": torch.stack([s_m, s_u], 1), "keep": finite[encoder_of], "cos": cos.to(torch.float32),
             "weights": torch.stack([w_m, w_u], 1).to(torch.float32), "conflict": conflict, "flag": flag}
 
 
 def mmpareto_combine(grads_mm, grads_uni, *, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor"):
-    """MMPareto's encoder gradients (METHODS_NEXT 2).
+    """MMPareto's encoder gradients (module docstring).
 
     grads_mm, grads_uni: K lists (one per encoder) of tensors, g_m,T and g_u,T (same shapes). Returns (out, stats):
-    out the K lists of combined gradients in the inputs' dtypes, stats as mmpareto_scales (without "scale").
+    out the K lists of combined gradients in the inputs' dtypes (formed in float64, rounded once), stats as
+    mmpareto_scales (without "scale" and "keep").
     """
     flat_m = [g for group in grads_mm for g in group]
     flat_u = [g for group in grads_uni for g in group]
     device = flat_m[0].device
     encoder_of = torch.tensor([k for k, group in enumerate(grads_mm) for _ in group], dtype=torch.int64,
                               device=device)
-    acc = torch.float64 if any(g.dtype == torch.float64 for g in flat_m + flat_u) else torch.float32
-    abc = mmpareto_inner_products(flat_m, flat_u).to(acc)
-    res = mmpareto_scales(abc, encoder_of, len(grads_mm), gamma=gamma, rescale=rescale)
-    scale = res.pop("scale").to(acc)
+    tau = torch.tensor([mmpareto_vanish_tol(g.dtype) for g in flat_u], dtype=torch.float64, device=device)
+    abc = mmpareto_inner_products(flat_m, flat_u)
+    res = mmpareto_scales(abc, encoder_of, len(grads_mm), gamma=gamma, rescale=rescale, tau=tau)
+    scale, keep = res.pop("scale"), res.pop("keep")
     out, t = [], 0
     for group_m, group_u in zip(grads_mm, grads_uni):
         outs = []
         for gm, gu in zip(group_m, group_u):
-            outs.append((scale[t, 0] * gm.to(acc) + scale[t, 1] * gu.to(acc)).to(gu.dtype))
+            v = scale[t, 0] * gm.double() + scale[t, 1] * gu.double()
+            outs.append(torch.where(keep[t], v, torch.zeros_like(v)).to(gu.dtype))
             t += 1
         out.append(outs)
     return out, res

@@ -1,4 +1,4 @@
-"""Argument checks done once at the public boundary (DESIGN.md section 9).
+"""Argument checks done once at the public boundary (docs/architecture.md).
 
 Each raises ValueError or TypeError naming the argument, what was expected and what was received.
 Nothing here reads a device value (no host sync).
@@ -11,19 +11,15 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from . import _methods
+
 MIN_MODALITIES, MAX_MODALITIES = 2, 8
 MAX_COUNTER = 2 ** 63 - 1  # Philox seeds and counter offsets are int64 on the device side
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
-# The ranges of the coefficient hyperparameters: ONE table, used by mmkernels.balance_coefficients and by the balancers'
-# constructors. name: (low, high, low_open, high_open, None allowed).
-HYPERPARAMETER_RANGES = {
-    "alpha": (0.0, None, False, False, False),    # alpha < 0 would turn suppression into amplification (k > 1)
-    "q_base": (0.0, 1.0, True, True, False),      # TPAMI Eq. 8: a drop probability
-    "lam": (0.0, None, False, False, False),      # TPAMI Eq. 8: q grows with the discrepancy
-    "beta_max": (1.0, None, False, False, False),  # MLB Eq. 6: beta >= 1 keeps k >= 1 for the lagging modality
-    "clip": (0.0, None, True, False, True),       # AGM: an upper clamp on the exponent, > 0 (None: no clamp)
-}
+# The ranges of the coefficient hyperparameters: ONE table (mmkernels/_methods.py), used by
+# mmkernels.balance_coefficients and by the balancers' constructors. name: (low, high, low_open, high_open, None allowed).
+HYPERPARAMETER_RANGES = _methods.HYPERPARAMETER_RANGES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -16,14 +16,13 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import _methods, reference
 from ._backend import backend_for
 from ._validate import check_choice, check_hyperparameter, check_ignore_index, check_labels, check_modalities
 
-METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
-METHOD_DEFAULTS = reference.METHOD_DEFAULTS  # hyperparameters each method accepts, with their defaults
-_ALL_HP = {"alpha": 1.0, "q_base": 0.5, "lam": 0.5, "beta_max": 2.0, "clip": None, "z": "tanh", "ratio": "ratio",
-           "tie": 0}
+METHODS = _methods.METHODS  # the one table: mmkernels/_methods.py
+METHOD_DEFAULTS = _methods.METHOD_DEFAULTS  # hyperparameters each method accepts, with their defaults
+_ALL_HP = dict(_methods.UNUSED_DEFAULTS)
 
 
 def _check_hyperparameters(method: str, hp: dict) -> dict:
@@ -191,7 +190,7 @@ def _ext_cpu(logits, stacked, labels, method, state, ignore_index, p, m) -> dict
     return _split(out, m)
 
 
-_METHOD_ID = {name: i for i, name in enumerate(METHODS)}  # csrc/coefficients_math.h CoeffMethod
+_METHOD_ID = _methods.KERNEL_IDS  # = csrc/coefficients_math.h CoeffMethod (tests/test_methods_table.py)
 
 
 def _reference_synced(logits, labels, method, state, ignore_index, group, hp) -> dict:

@@ -1,4 +1,4 @@
-"""MMPareto's gradient combination (Wei & Hu, ICML 2024; METHODS_NEXT 2): per encoder, the min-norm (Pareto) weights
+"""MMPareto's gradient combination (Wei & Hu, ICML 2024): per encoder, the min-norm (Pareto) weights
 of the multimodal and the unimodal gradient on conflict, magnitude restored, gamma (default 1.5) on top.
 
 mmpareto_combine_(grads_mm, grads, *, gamma=1.5, rescale="per_tensor") -> stats
@@ -11,10 +11,13 @@ MMParetoLayout(params) / mmpareto_combine_flat_(layout, flats_mm, flats, ...)
     once and uploaded once per device.
 
 Backends: Triton on CUDA tensors (3 launches: reduce, finalize, write; mmkernels/triton_ops/mmpareto.py), the
-reference math (mmkernels.reference.mmpareto_*) elsewhere: on flat CPU buffers per-tensor BLAS dots and an in-place
-write (tensor by tensor, no host read), on lists the reference itself. Statistics: cos [K], weights [K, 2] (w_m, w_u),
-conflict [K] (1. where the Pareto rule acted), flag [] (1. if an encoder's inner products were not finite: it fell
-back to gamma (g_m + g_u)), fp32 on the grads' device.
+reference math (mmkernels.reference.mmpareto_*) elsewhere: on flat CPU buffers per-tensor float64 dots and a write
+(tensor by tensor, no host read), on lists the reference itself. Every backend takes the inner products, weights and
+scales in float64 and forms the combination in float64 (rounded once), so ||h_T|| keeps its digits when the Pareto
+point nearly cancels. Statistics: cos [K], weights [K, 2] (w_m, w_u), conflict [K] (1. where the Pareto rule acted),
+flag [] (1.: an encoder's inner products were not finite, its gradient is 0; else 2.: a Pareto point vanished
+(exactly opposite gradients), that tensor fell back to gamma (g_m + g_u); see mmkernels._ref_mmpareto), fp32 on the
+grads' device.
 No host sync on any path.
 """
 from __future__ import annotations
@@ -75,6 +78,14 @@ class MMParetoLayout:
     def empty_flats(self, device) -> list:
         return [torch.zeros(n, dtype=dt, device=device) for dt, n in zip(self.dtypes, self.numel)]
 
+    def scratch(self, device) -> tuple:
+        """Two float64 vectors of the largest tensor's size on `device` (the CPU path's work space; made once)."""
+        key = ("scratch", str(device))
+        if key not in self._tables:
+            n = max((slot[2] for slot in self.slots), default=0)
+            self._tables[key] = tuple(torch.empty(n, dtype=torch.float64, device=device) for _ in range(2))
+        return self._tables[key]
+
     def tables(self, device, chunk: int) -> dict:
         """Block tables of the Triton kernels on `device` (built and uploaded once per device)."""
         key = (str(device), chunk)
@@ -120,30 +131,40 @@ class MMParetoLayout:
                             for g in range(len(self.dtypes))],
                 "order": [torch.tensor([t for t, s in enumerate(self.slots) if s[0] == g], dtype=torch.int64).to(device)
                           for g in range(len(self.dtypes))],
-                "encoder_of": torch.tensor(self.encoder_of, dtype=torch.int64).to(device)}
+                "encoder_of": torch.tensor(self.encoder_of, dtype=torch.int64).to(device),
+                "tau": torch.tensor([reference.mmpareto_vanish_tol(self.dtypes[g]) for g, *_ in self.slots],
+                                    dtype=torch.float64).to(device)}
 
 
 def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: float, rescale: str,
                 summed: bool = False) -> dict:
-    """The reference math on flat buffers, tensor by tensor (CPU: three BLAS dots per tensor, then y <- s_u y + s_m x in
-    place; every value stays a tensor, no host read). summed: flats hold g_m + g_u; g_u is their difference."""
-    acc = torch.float64 if any(f.dtype == torch.float64 for f in flats) else torch.float32
-    pairs = []
+    """The reference math on flat buffers, tensor by tensor: each tensor's g_m and g_u copied into two float64 scratch
+    vectors (reused: one tensor's size), three float64 dots; then again, y <- s_m x + s_u y formed in float64 and
+    stored (every value stays a tensor, no host read). summed: flats hold g_m + g_u; g_u is their difference (taken
+    in float64, exact for fp32/fp16/bf16)."""
+    device = flats[0].device
+    sx, sy = layout.scratch(device)
+
+    def pair(g, off, n):
+        xa, ya = sx[:n], sy[:n]
+        xa.copy_(flats_mm[g][off:off + n])
+        ya.copy_(flats[g][off:off + n])
+        if summed:
+            ya.sub_(xa)
+        return xa, ya
+
+    rows = []
     for g, off, n, _ in layout.slots:
-        x, y = flats_mm[g][off:off + n], flats[g][off:off + n]
-        xa = x.to(acc)
-        ya = y.to(acc) - xa if summed else y.to(acc)
-        pairs.append((xa, ya, y))
-    zero = torch.zeros((), dtype=acc, device=flats[0].device)
-    abc = torch.stack([torch.stack([x.dot(x), x.dot(y), y.dot(y)]) if x.numel() else torch.stack([zero] * 3)
-                       for x, y, _ in pairs]) if pairs else torch.zeros((0, 3), dtype=acc)
-    res = reference.mmpareto_scales(abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale)
+        xa, ya = pair(g, off, n)
+        rows.append(torch.stack([xa.dot(xa), xa.dot(ya), ya.dot(ya)]))
+    abc = torch.stack(rows) if rows else torch.zeros((0, 3), dtype=torch.float64, device=device)
+    res = reference.mmpareto_scales(abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale,
+                                    tau=tables["tau"])
     s_m, s_u = res.pop("scale").unbind(1)
-    for (x, y, out), sm, su in zip(pairs, s_m.unbind(), s_u.unbind()):
-        if out.dtype == acc and not summed:
-            out.mul_(su).addcmul_(x, sm)        # in place, one pass each, no temporary
-        else:
-            out.copy_(y * su + x * sm)
+    for (g, off, n, _), sm, su, keep in zip(layout.slots, s_m.unbind(), s_u.unbind(), res.pop("keep").unbind()):
+        xa, ya = pair(g, off, n)
+        ya.mul_(su).addcmul_(xa, sm).masked_fill_(~keep, 0.0)    # 0 for a non-finite encoder (no 0 * NaN)
+        flats[g][off:off + n].copy_(ya)
     return {"cos": res["cos"], "weights": res["weights"], "conflict": res["conflict"].to(torch.float32),
             "flag": res["flag"]}
 
@@ -234,7 +255,7 @@ def mmpareto_combine_(grads_mm, grads, *, gamma: float = reference.MMPARETO_GAMM
         stats = _combine_flat(layout, fm, fu, gamma, rescale)
         torch._foreach_copy_(flat_u, [v for group in layout.views(fu) for v in group])
         return stats
-    out, stats = reference.mmpareto_combine(grads_mm, grads, gamma=gamma, rescale=rescale)
+    out, stats = reference.mmpareto_combine(grads_mm, grads, gamma=gamma, rescale=rescale)  # float64 inside
     torch._foreach_copy_(flat_u, [g for group in out for g in group])
     return {"cos": stats["cos"], "weights": stats["weights"], "conflict": stats["conflict"].to(torch.float32),
             "flag": stats["flag"]}

@@ -1,20 +1,20 @@
 """Gradient noise of OGM-GE: batch-covariance noise (TPAMI Eq. 13-17) and the authors' isotropic rule.
 
-cov_noise_tap(feature, k, *, sigma=1.0, seed, offset)   DESIGN 4.1
+cov_noise_tap(feature, k, *, sigma=1.0, seed, offset)   docs/methods/ogm_ge.md
     Identity forward (a view, nothing allocated). Backward: row i of the incoming gradient times
     k + sigma * (z_i - mean(z)), z_i ~ N(0, 1). With a batch-mean loss this adds h = sigma/B sum_i (z_i - z_bar) g_i
     to every parameter gradient upstream of `feature`, and Cov(h) = sigma^2 U_hat / B, U_hat the mini-batch
     covariance of the per-sample gradients g_i (TPAMI Eq. 16), without computing them. BatchNorm (or anything
     that mixes rows) upstream of the tap makes the identity approximate.
-sample_cov_noise(per_sample_grads, *, seed, offset)      DESIGN 4.3
+sample_cov_noise(per_sample_grads, *, seed, offset)      docs/methods/ogm_ge.md
     h = (z - mean z)^T G / B from explicit per-sample gradients G [B, P]; the same z as cov_noise_tap with the same
     (seed, offset), so the two agree exactly when G holds the per-sample gradients behind the tap.
-ge_isotropic_(grads, k, *, seed, offset, group_index=None) DESIGN 4.2 (authors' OGM-GE code)
+ge_isotropic_(grads, k, *, seed, offset, group_index=None) docs/methods/ogm_ge.md (authors' OGM-GE code)
     In place for every tensor t: grad_t = k_t * grad_t + N(0, (std_t + 1e-8)^2), std_t the unbiased std of the
     unmodulated grad_t (0 for a tensor with fewer than 2 elements), k read on the device. Two multi-tensor passes
     over all tensors, no host sync.
 
-Randomness (DESIGN 9): (seed, offset) address a counter-based Philox4x32-10 stream (csrc/philox.h). The
+Randomness (docs/architecture.md): (seed, offset) address a counter-based Philox4x32-10 stream (csrc/philox.h). The
 extension backend (C++ CPU twins and CUDA kernels) gives the same z on CPU and CUDA: z_i is normal n0 of counter
 offset + i; ge_isotropic_ takes normal (base_t + j) % 4 of counter offset + (base_t + j) // 4 for element j of
 tensor t, base_t = sum_{s<t} 4 ceil(numel_s / 4). A call consumes B counters (tap, sample_cov_noise) or
@@ -113,7 +113,7 @@ def cov_noise_tap(feature: torch.Tensor, k, *, sigma: float = 1.0, seed: int, of
 
 
 def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
-    """h = (z - mean z)^T G / B (DESIGN 4.3) from per-sample gradients G [B, P] (e.g. torch.func.vmap(grad)).
+    """h = (z - mean z)^T G / B (docs/methods/ogm_ge.md) from per-sample gradients G [B, P] (e.g. torch.func.vmap(grad)).
 
     Returns [P] fp32 (fp64 for fp64 G); z as in cov_noise_tap for the same (seed, offset). Not differentiable.
     """

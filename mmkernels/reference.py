@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every mmkernels op: the oracle the Triton kernels and the C++/CUDA extension are tested against.
 
-Conventions (DESIGN.md sections 2, 3 and 9):
+Conventions (docs/architecture.md, docs/methods/):
 - M modalities (2..8), B rows, C classes. Per-modality inputs are a list of M tensors or one stacked tensor [M, ...].
 - Any float dtype in, fp32 accumulation (fp64 inputs are accumulated in fp64). Statistics (scores, ratios,
   coefficients, flags, running state) come back as fp32 tensors on the input's device.
@@ -8,8 +8,8 @@ Conventions (DESIGN.md sections 2, 3 and 9):
   no `.item()`, no Python branch on a tensor value; data-dependent choices use `torch.where`.
 - No argument validation beyond what is needed to compute: the public ops validate at their boundary.
 
-Papers (see /work/shared/papers/README.md): TPAMI = Wei et al. 2024 (OPM/OGM), AGM = Li et al. ICCV 2023,
-MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code (DESIGN.md sec. 3).
+Papers (one page per method under docs/methods/): TPAMI = Wei et al. 2024 (OPM/OGM), AGM = Li et al. ICCV 2023,
+MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code (docs/methods/ogm_ge.md).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import math
 from typing import Callable, Sequence
 
 import torch
+
+from . import _methods
 
 __all__ = [
     "score_sums", "scores", "ratio_tpami", "ratio_mlb", "ogm_ge_coefficients", "ogm_coefficients",
@@ -29,7 +31,7 @@ __all__ = [
     "philox4x32_10", "philox_words", "philox_normals", "philox_ge_normals", "philox_uniforms_triton", "uniforms_from_words",
 ]
 
-PROB_FLOOR = 1e-8          # AGM / DESIGN sec. 3: p < 1e-8 is treated as 1e-8 in the 'ce' score
+PROB_FLOOR = 1e-8          # AGM Eq. 4: p < 1e-8 is treated as 1e-8 in the 'ce' score
 LOG_PROB_FLOOR = math.log(PROB_FLOOR)
 OLM_EPS = 1e-8             # guard for C_m = 0 in OLM Eq. 8 (G/C with C clamped below at this value)
 GE_STD_EPS = 1e-8          # authors' OGM-GE: noise std = unbiased std of the grad + 1e-8
@@ -106,7 +108,7 @@ def score_sums(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index
 
 
 def scores(logits, labels: torch.Tensor, *, kind: str = "prob", ignore_index: int = -100) -> torch.Tensor:
-    """Per-modality scores [M] fp32 (DESIGN sec. 3).
+    """Per-modality scores [M] fp32 (docs/methods/).
 
     'prob': the SUM over valid rows of softmax(u_m)[y] (TPAMI Eq. 7 uses batch sums); 0 when no row is valid.
     'ce'  : the MEAN over valid rows of -log(max(p, 1e-8)) (AGM Eq. 4); NaN when no row is valid.
@@ -147,8 +149,8 @@ def ratio_mlb(s) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- coefficients
-def ogm_ge_coefficients(s, *, alpha: float = 1.0, tie: int = 0):
-    """OGM-GE coefficients as the authors' code computes them (DESIGN sec. 3). s [M] 'prob' sums.
+def ogm_ge_coefficients(s, *, alpha: float = _methods.default("ogm_ge", "alpha"), tie: int = 0):
+    """OGM-GE coefficients as the authors' code computes them (docs/methods/ogm_ge.md). s [M] 'prob' sums.
 
     M = 2: rho_0 = s_0/s_1, rho_1 = s_1/s_0; k = 1 - tanh(alpha * rho) for the suppressed modality, 1 for the other;
            k jumps at rho = 1 (from 1 to 1 - tanh(alpha)).
@@ -172,14 +174,15 @@ def ogm_ge_coefficients(s, *, alpha: float = 1.0, tie: int = 0):
     return rho.to(torch.float32), k.to(torch.float32)
 
 
-def ogm_coefficients(rho, *, alpha: float = 1.0, z: str = "tanh") -> torch.Tensor:
+def ogm_coefficients(rho, *, alpha: float = _methods.default("ogm", "alpha"), z: str = "tanh") -> torch.Tensor:
     """OGM, TPAMI Eq. 11: k_m = max(0, 1 - alpha * z(rho_m)) if rho_m > 1 else 1 (clamped at 0 so k stays in [0, 1])."""
     rho = _acc(rho)
     k = torch.where(rho > 1.0, (1.0 - alpha * _z(rho, z)).clamp(min=0.0), torch.ones_like(rho))
     return k.to(torch.float32)
 
 
-def opm_drop_probability(rho, *, q_base: float = 0.5, lam: float = 0.5, z: str = "tanh") -> torch.Tensor:
+def opm_drop_probability(rho, *, q_base: float = _methods.default("opm", "q_base"),
+                         lam: float = _methods.default("opm", "lam"), z: str = "tanh") -> torch.Tensor:
     """OPM, TPAMI Eq. 8: q_m = min(1, q_base * (1 + lam * z(rho_m))) if rho_m > 1 else 0 (also clamped at 0)."""
     rho = _acc(rho)
     q = torch.where(rho > 1.0, (q_base * (1.0 + lam * _z(rho, z))).clamp(0.0, 1.0), torch.zeros_like(rho))
@@ -192,7 +195,7 @@ def _agm_strength(s: torch.Tensor) -> torch.Tensor:
     return torch.exp(m / (m - 1) * (s.mean() - s))
 
 
-def agm_kappa(s, s_hat, *, alpha: float = 1.0, clip: float | None = None, steps=None):
+def agm_kappa(s, s_hat, *, alpha: float = _methods.default("agm", "alpha"), clip: float | None = None, steps=None):
     """AGM coefficients (AGM Eq. 7-9, Alg. 1) from the 'ce' scores s [M] and the running means s_hat [M].
 
     r_m     = exp(M/(M-1) * (mean_k s_k - s_m))      (Eq. 7, with the sign of the authors' code: s is a cross-entropy,
@@ -228,7 +231,8 @@ def agm_update_running(s_hat, steps, s):
     return new.to(torch.float32), t.to(torch.float32)
 
 
-def mlb_coefficients(r, *, alpha: float = 1.0, beta_max: float = 2.0) -> torch.Tensor:
+def mlb_coefficients(r, *, alpha: float = _methods.default("mlb", "alpha"),
+                     beta_max: float = _methods.default("mlb", "beta_max")) -> torch.Tensor:
     """MLB Eq. 6-7: beta_m = beta_max if r_m > 1 else 2; k_m = 1 + (beta_m - 1) * tanh(alpha * (r_m - 1)).
 
     k > 1 accelerates a lagging modality (r > 1), k < 1 decelerates a leading one, k -> 1 as they converge.
@@ -307,13 +311,7 @@ def olm_update(w, logit_norms, lam, *, lr: float, steps: int, target: str = "bud
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
-METHOD_DEFAULTS = {  # hyperparameters of each method and their defaults (DESIGN sec. 3)
-    "ogm_ge": {"alpha": 1.0, "tie": 0},
-    "ogm": {"alpha": 1.0, "z": "tanh", "ratio": "ratio"},
-    "opm": {"q_base": 0.5, "lam": 0.5, "z": "tanh", "ratio": "ratio"},
-    "agm": {"alpha": 1.0, "clip": None},
-    "mlb": {"alpha": 1.0, "beta_max": 2.0},
-}
+METHOD_DEFAULTS = _methods.METHOD_DEFAULTS  # hyperparameters of each method and their defaults (the one table)
 
 
 def new_agm_state(num_modalities: int, device=None) -> dict:
@@ -324,7 +322,7 @@ def new_agm_state(num_modalities: int, device=None) -> dict:
 
 def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state: dict | None = None,
                              ignore_index: int = -100, **hp) -> dict:
-    """The whole pipeline scores -> ratios -> coefficients for one batch (DESIGN sec. 3), no host sync.
+    """The whole pipeline scores -> ratios -> coefficients for one batch (docs/methods/), no host sync.
 
     logits [M, B, C] or a list of M [B, C]; labels int [B]; method in ogm_ge | ogm | opm | agm | mlb.
       ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=1.0, tie=0)
@@ -494,7 +492,7 @@ def concat_unimodal_logits(feats, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def summation_unimodal_logits(feats, heads: Sequence[Callable]) -> torch.Tensor:
-    """Summation fusion (DESIGN sec. 5): u_m = head_m(feat_m), each head with its own full bias. Returns [M, B, C]."""
+    """Summation fusion (docs/architecture.md): u_m = head_m(feat_m), each head with its own full bias. Returns [M, B, C]."""
     return torch.stack([h(x) for h, x in zip(heads, feats)])
 
 
@@ -516,7 +514,7 @@ def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
     return out.reshape((m, b) + tuple(out.shape[1:]))
 
 
-# ----------------------------------------------------------------------------------------------- Philox (DESIGN sec. 9)
+# ----------------------------------------------------------------------------------------------- Philox (docs/architecture.md)
 # Counter-based Philox4x32-10 (Salmon, Moraes, Dror, Shaw, SC 2011), the one random source of every backend.
 # Stream layout (csrc/philox.h, and Triton's tl.randint with a 64-bit offset):
 #   key = (seed & 0xffffffff, seed >> 32); counter of position ctr = (ctr & 0xffffffff, ctr >> 32, 0, 0), ctr mod 2^64.
@@ -606,9 +604,9 @@ def uniforms_from_words(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * scale
 
 
-# ----------------------------------------------------------------------------------------------- noise (DESIGN sec. 4)
+# ----------------------------------------------------------------------------------------------- noise (docs/methods/ogm_ge.md)
 def cov_noise_row_factor(k, z: torch.Tensor, *, sigma: float = 1.0) -> torch.Tensor:
-    """Row factor of the covariance-noise tap (DESIGN 4.1, TPAMI Eq. 13-17): k + sigma * (z_i - mean(z)), [B] fp32
+    """Row factor of the covariance-noise tap (docs/methods/ogm_ge.md, TPAMI Eq. 13-17): k + sigma * (z_i - mean(z)), [B] fp32
     (fp64 when z is fp64).
 
     Multiplying row i of the feature gradient of a batch-mean loss by this factor adds
@@ -627,7 +625,7 @@ def cov_noise_tap_backward(grad: torch.Tensor, k, z: torch.Tensor, *, sigma: flo
 
 
 def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """DESIGN 4.3: h = (z - z_bar)^T G / B from explicit per-sample gradients G [B, P] and normals z [B] -> [P]
+    """docs/methods/ogm_ge.md: h = (z - z_bar)^T G / B from explicit per-sample gradients G [B, P] and normals z [B] -> [P]
     (G's accumulation dtype: fp32, fp64 for fp64)."""
     g = _acc(per_sample_grads)
     zc = _acc(z).to(g.dtype)
@@ -636,7 +634,7 @@ def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -
 
 
 def ge_isotropic(grads, k, normals) -> list:
-    """Parameter-mode GE as in the authors' OGM-GE code (DESIGN 4.2): g <- k * g + (std(g) + 1e-8) * n per tensor,
+    """Parameter-mode GE as in the authors' OGM-GE code (docs/methods/ogm_ge.md): g <- k * g + (std(g) + 1e-8) * n per tensor,
     std = unbiased std of the unmodulated grad over all its elements, n ~ N(0, 1) given (same shapes as grads).
     A tensor with fewer than 2 elements (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 here
     (noise 1e-8 * n), where torch.std (and the authors' loop) would give NaN and turn the parameter into NaN.
@@ -655,7 +653,7 @@ def ge_isotropic(grads, k, normals) -> list:
 
 # ----------------------------------------------------------------------------------------------- modality drop (OPM)
 def modality_drop_ref(features, q, uniforms: torch.Tensor, *, rescale: str = "official", execute: bool = True) -> list:
-    """OPM modality drop (TPAMI Alg. 1, DESIGN 4.4) on M feature tensors [B, ...] (widths may differ).
+    """OPM modality drop (TPAMI Alg. 1, docs/methods/opm.md) on M feature tensors [B, ...] (widths may differ).
 
     keep[m, i] = uniforms[m, i] >= q[m] (so P(drop) = q_m); a row where no modality is kept keeps all of them.
     Kept entries are scaled, dropped entries are 0:
@@ -697,12 +695,12 @@ def modality_drop_ref(features, q, uniforms: torch.Tensor, *, rescale: str = "of
 
 # ----------------------------------------------------------------------------------------------- grad tap
 def grad_tap_backward(grad: torch.Tensor, k) -> torch.Tensor:
-    """Backward of the feature tap (DESIGN 4.1): grad * k (k a number or 0-d tensor), in grad's dtype."""
+    """Backward of the feature tap (docs/methods/ogm_ge.md): grad * k (k a number or 0-d tensor), in grad's dtype."""
     g = _acc(grad)
     return (g * _acc_like(k, g)).to(grad.dtype)
 
 
-# ----------------------------------------------------------------------------------------------- METHODS_NEXT
+# ----------------------------------------------------------------------------------------------- PMR, MMPareto, valuation
 # PMR, MMPareto and valuation live in one module each and are part of this oracle.
 from ._ref_pmr import *  # noqa: E402,F401,F403
 from ._ref_mmpareto import *  # noqa: E402,F401,F403

@@ -1,4 +1,4 @@
-"""AGM's Shapley forwards (ICCV 2023, Eq. 1-3; DESIGN 4.5), batched.
+"""AGM's Shapley forwards (ICCV 2023, Eq. 1-3; docs/methods/agm.md), batched.
 
 Subsets of modalities are bitmasks S = 1 .. 2^M - 1 (bit m set = modality m present), always in that order,
 subset S at index S - 1; the full set is the last one (index 2^M - 2).

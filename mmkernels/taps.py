@@ -1,4 +1,4 @@
-"""Feature taps: the gradient-scaling tap (DESIGN.md 4.1) and OPM's modality drop (DESIGN.md 4.4).
+"""Feature taps: the gradient-scaling tap (docs/methods/ogm_ge.md) and OPM's modality drop (docs/methods/opm.md).
 
 grad_tap(feature, k): identity forward (a view, nothing allocated); the backward multiplies the gradient by k.
   This is how OGM, MLB and AGM scale an encoder's gradient without knowing its parameters.
@@ -60,7 +60,7 @@ class _GradTap(torch.autograd.Function):
 
 def grad_tap(feature: torch.Tensor, k) -> torch.Tensor:
     """Identity in the forward (returns a view of `feature`, no copy); in the backward the gradient of `feature`
-    is multiplied by k (DESIGN 4.1, feature tap).
+    is multiplied by k (docs/methods/ogm_ge.md, feature tap).
 
     feature: any float tensor [B, ...] (any strides). k: a 1-element float tensor on feature's device (e.g. a
     coefficient from balance_coefficients; read on the device, no host sync, never differentiated) or a number.
@@ -135,7 +135,7 @@ def drop_uniforms(seed: int, offset: int, num_modalities: int, batch: int, devic
 
 def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "official", p_exe: float = 1.0,
                   training: bool = True):
-    """OPM's modality drop (TPAMI Eq. 8 and Alg. 1; DESIGN 4.4) on M per-modality features.
+    """OPM's modality drop (TPAMI Eq. 8 and Alg. 1; docs/methods/opm.md) on M per-modality features.
 
     features: a list of M tensors [B, ...] (widths may differ; returns a list) or one tensor [M, B, ...] (returns
     one tensor). q: drop probabilities [M] (a tensor on the features' device, e.g. balance_coefficients(...,

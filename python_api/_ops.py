@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mmkernels.coefficients import balance_coefficients  # noqa: F401  (DESIGN sec. 3)
-from mmkernels.noise import cov_noise_tap, ge_isotropic_  # noqa: F401  (DESIGN 4.1, 4.2)
+from mmkernels.coefficients import balance_coefficients  # noqa: F401  (docs/methods/)
+from mmkernels.noise import cov_noise_tap, ge_isotropic_  # noqa: F401  (docs/methods/ogm_ge.md)
 from mmkernels.reference import shapley_combine  # noqa: F401  (AGM Eq. 1-3, on detached outputs for the scores)
-from mmkernels.shapley import shapley_masked_batch, shapley_responses  # noqa: F401  (DESIGN 4.5)
-from mmkernels.taps import grad_tap, modality_drop  # noqa: F401  (DESIGN 4.1, 4.4)
+from mmkernels.shapley import shapley_masked_batch, shapley_responses  # noqa: F401  (docs/methods/agm.md)
+from mmkernels.taps import grad_tap, modality_drop  # noqa: F401  (docs/methods/ogm_ge.md, docs/methods/opm.md)
 
 
 def shapley_fused(subset_outputs: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:

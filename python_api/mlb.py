@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels import _validate
+from mmkernels._methods import default
 
 from ._base import Balancer, ParameterModeMixin, check_hyperparameter
 
@@ -31,7 +32,8 @@ class MLB(ParameterModeMixin, Balancer):
     method = "mlb"
     coefficient_method = "mlb"
 
-    def __init__(self, num_modalities: int, *, alpha: float = 0.8, beta_max: float = 2.0, params=None,
+    def __init__(self, num_modalities: int, *, alpha: float = default("mlb", "alpha"),
+                 beta_max: float = default("mlb", "beta_max"), params=None,
                  modulate: str = "grad", **kwargs):
         super().__init__(num_modalities, **kwargs)
         check_hyperparameter(alpha, "alpha")

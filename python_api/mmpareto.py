@@ -1,4 +1,4 @@
-"""MMPareto balancer (Wei & Hu, ICML 2024; METHODS_NEXT 2): Pareto-combined encoder gradients of the multimodal and
+"""MMPareto balancer (Wei & Hu, ICML 2024): Pareto-combined encoder gradients of the multimodal and
 the unimodal losses, magnitude restored."""
 from __future__ import annotations
 
@@ -31,14 +31,22 @@ class MMPareto(Balancer):
     gamma > 0 (1.5, the authors'); rescale "per_tensor" (authors': one r per tensor) or "global" (one per encoder).
     Statistics: `ratios` = cos per encoder, `coefficients` = w_m per encoder (0.5 without conflict), `weights` [M, 2],
     `scores` = 1. where the Pareto rule acted (conflict), flag 1 if an encoder's inner products were not finite
-    (its gradient fell back to gamma (g_m + g_u)).
+    (its gradient is 0: nothing non-finite reaches a parameter), else 2 if a Pareto point vanished (below).
     DDP (sync, default: when a process group with > 1 rank is up): DistributedDataParallel allows one backward per
     forward, so there g_m comes from torch.autograd.grad (no DDP hook), is averaged by one all_reduce per dtype
     buffer, and ONE backward of L_mm + sum_k L_k (averaged by DDP) follows; the kernels take g_u = that - g_m. Every
     rank combines the same rank-averaged g_m and g_u, so the replicas stay equal. (g_u as a difference carries the
     rounding of the summed gradient: fine in fp32, coarse for bf16 gradients.)
-    Gradient accumulation over micro-batches is not supported (each backward() starts from the encoders' current
-    gradients: call optimizer.zero_grad() first).
+    Gradient accumulation: one backward() per micro-batch, each followed by bal.step() (the step counter, and so a
+    unit="step" window, counts micro-batches), optimizer.step() after the last. Each backward() combines its own
+    micro-batch's g_m and g_u and ADDS the result to what .grad already held, so the accumulated .grad is the sum
+    of the per-micro-batch combinations (not the combination of the summed gradients: the Pareto weights are
+    per micro-batch, as with a smaller batch). The held gradient is moved aside (no copy when .grad are the
+    balancer's views) and added back after the combine. Statistics are the last micro-batch's. Under DDP every
+    micro-batch all-reduces its g_m: do not wrap the backward in no_sync().
+    Non-finite g_m or g_u in an encoder: its gradient is 0 for this micro-batch and flag = 1; exactly opposite
+    g_m and g_u (the Pareto point vanishes): gamma (g_m + g_u) for those tensors and flag = 2
+    (mmkernels._ref_mmpareto, "Degenerate cases").
     """
 
     method = "mmpareto"
@@ -51,8 +59,8 @@ class MMPareto(Balancer):
         self.gamma, self.rescale = float(gamma), rescale
         self._params = self._check_params(params)
         self._layout = MMParetoLayout(self._params)
-        self._flats = self._stash = None
-        self._views = self._stash_views = None
+        self._flats = self._stash = self._held = None
+        self._views = self._stash_views = self._held_views = None
         m = self.num_modalities
         self._stats["weights"] = torch.full((m, 2), 0.5)
         self._stats["scores"] = torch.zeros(m)
@@ -97,6 +105,7 @@ class MMPareto(Balancer):
     def _move(self, device) -> None:
         super()._move(device)
         self._flats = self._stash = self._views = self._stash_views = None
+        self._held = self._held_views = None
 
     def _hparams_state(self) -> dict:
         return {**super()._hparams_state(), "gamma": self.gamma, "rescale": self.rescale}
@@ -129,7 +138,8 @@ class MMPareto(Balancer):
         return list(unimodal_losses)
 
     def backward(self, multimodal_loss: torch.Tensor, unimodal_losses, *, retain_graph: bool = False) -> None:
-        """Both backwards and the combination (class docstring). Call once per step, after optimizer.zero_grad()."""
+        """Both backwards and the combination (class docstring). Call once per step (per micro-batch when
+        accumulating: the result is added to what .grad holds)."""
         losses = self._check_losses(multimodal_loss, unimodal_losses)
         self._roll_over()
         if self._backward_step == self._step:
@@ -144,6 +154,7 @@ class MMPareto(Balancer):
             return
         device = self._params[0][0].device
         self._to_device(device)
+        held = self._hold_accumulated(device)
         if self._sync():
             self._backward_summed(multimodal_loss, uni, retain_graph, device)
             stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale, summed=True)
@@ -153,6 +164,8 @@ class MMPareto(Balancer):
             uni.backward(retain_graph=retain_graph)
             self._adopt_grads(missing)
             stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
+        if held is not None:      # gradient accumulation: this micro-batch's combination + what .grad held
+            torch._foreach_add_(self._flats, held)
         self._backward_step = self._step
         w = stats["weights"]
         self._stats = {"scores": stats["conflict"], "ratios": stats["cos"], "coefficients": w[:, 0], "weights": w,
@@ -177,6 +190,32 @@ class MMPareto(Balancer):
             s.div_(world)
         (multimodal_loss + uni).backward(retain_graph=retain_graph)
         self._adopt_grads(range(len(params)))
+
+    def _hold_accumulated(self, device):
+        """Move what the encoders' .grad hold (earlier micro-batches) aside, so that the backwards below see only this
+        micro-batch's g_m and g_u; returns the held buffers (one per dtype) or None when every .grad is None.
+        When every .grad is a view of the flat buffer, the buffers swap roles (no copy); otherwise one copy.
+        Leaves every encoder .grad None."""
+        params = [p for group in self._params for p in group]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return None
+        self._buffers(device)
+        if self._held is None:
+            self._held = self._layout.empty_flats(device)
+            self._held_views = [v for group in self._layout.views(self._held) for v in group]
+        if all(g is v for g, v in zip(grads, self._views)):
+            self._flats, self._held = self._held, self._flats
+            self._views, self._held_views = self._held_views, self._views
+        else:
+            reached = [(v, g) for g, v in zip(grads, self._held_views) if g is not None]
+            torch._foreach_copy_([v for v, _ in reached], [g for _, g in reached])
+            for g, v in zip(grads, self._held_views):
+                if g is None:
+                    v.zero_()
+        for p in params:
+            p.grad = None
+        return self._held
 
     def _buffers(self, device) -> None:
         if self._flats is None:

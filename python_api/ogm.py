@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _validate
+from mmkernels._methods import default
 
 from . import _ops
 from ._base import Balancer, ParameterModeMixin, check_hyperparameter, check_real
@@ -16,7 +17,7 @@ class OGMGE(ParameterModeMixin, Balancer):
 
     Paper mode (default): rho = TPAMI Eq. 7, k_m = max(0, 1 - alpha tanh(rho_m - 1)) if rho_m > 1 else 1 (Eq. 11),
     applied by feature taps with batch-covariance noise: row i of modality m's feature gradient is multiplied by
-    k_m + sigma (z_i - mean z) (Eq. 13-17, DESIGN 4.1).
+    k_m + sigma (z_i - mean z) (Eq. 13-17, docs/methods/ogm_ge.md).
     official=True: the authors' coefficient (M = 2: k = 1 - tanh(alpha rho) for the leading modality; an exact tie
     suppresses modality 0 as in the CVPR 2022 code, modality 1 in OGM(official=True), the TPAMI repository's OGM
     script) and their noise: after backward, for every listed tensor, grad = k_m grad + N(0, std(grad)^2)
@@ -35,7 +36,7 @@ class OGMGE(ParameterModeMixin, Balancer):
     default_noise = "covariance"
     official_tie = 0  # modality an exact M = 2 tie suppresses with official=True (CVPR 2022 code: 0)
 
-    def __init__(self, num_modalities: int, *, alpha: float = 0.8, noise=_AUTO, sigma: float = 1.0, params=None,
+    def __init__(self, num_modalities: int, *, alpha: float = default("ogm_ge", "alpha"), noise=_AUTO, sigma: float = 1.0, params=None,
                  official: bool = False, z: str = "tanh", ratio: str = "ratio", modulate: str = "grad", **kwargs):
         super().__init__(num_modalities, official=official, **kwargs)
         check_hyperparameter(alpha, "alpha")
@@ -79,7 +80,7 @@ class OGMGE(ParameterModeMixin, Balancer):
         if not grads:
             return
         group_index = [m for m, group in enumerate(groups) for _ in group]  # tensor t belongs to modality m
-        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (DESIGN 4.2); each
+        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (docs/methods/ogm_ge.md); each
         # step owns 2^32 Philox counters, so consecutive steps draw disjoint streams
         _ops.ge_isotropic_(grads, coef, seed=self.seed, offset=self._step << 32, group_index=group_index)
 

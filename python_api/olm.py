@@ -124,7 +124,7 @@ class OLM(Balancer):
             return
         m = self.num_modalities
         norm_sum, norm_count = self._norm_sum, self._norm_count
-        if self._sync():  # every rank, every report, the same collective (DESIGN sec. 3, Distributed)
+        if self._sync():  # every rank, every report, the same collective (docs/methods/)
             packed = torch.cat([norm_sum, norm_count.view(1), tr, dv])
             torch.distributed.all_reduce(packed)
             world = torch.distributed.get_world_size()

@@ -1,6 +1,8 @@
 """OPM balancer: on-the-fly prediction modulation by modality drop (TPAMI 2024 Eq. 6-8, Alg. 1)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from mmkernels import _validate
@@ -50,6 +52,7 @@ class OPM(Balancer):
         self.q_base, self.lam, self.z, self.ratio = float(q_base), float(lam), z, ratio
         self.p_exe, self.rescale, self.timing = float(p_exe), rescale, timing
         self._q_prev = torch.zeros(self.num_modalities)   # q in force before this step's observe()
+        self._dropped = (-1, [])   # (step, weak references to the tensors drop() returned in that step)
 
     def _hyperparameters(self) -> dict:
         return {"q_base": self.q_base, "lam": self.lam, "z": self.z, "ratio": self.ratio}
@@ -92,12 +95,14 @@ class OPM(Balancer):
         out = _ops.modality_drop(xs, self.drop_probability, seed=self.seed,
                                  offset=self._noise_offset(self._step, 0), rescale=self.rescale, p_exe=self.p_exe)
         self._mark_on_backward(out)
+        self._dropped = (self._step, [weakref.ref(t) for t, x in zip(out, xs) if t is not x])  # p_exe = 0: inputs
         return out
 
     def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
         """Score the UNDROPPED unimodal logits of this step and set q for the next step (TPAMI Alg. 1), or for this
         step's drop with timing="same"."""
         x = self._check_logits(unimodal_logits, labels)
+        self._check_not_dropped(unimodal_logits)
         if not (self.enabled and self.training):
             return
         self._begin_observe()
@@ -105,6 +110,40 @@ class OPM(Balancer):
         self._q_prev = self._stats["coefficients"]
         res = self._run_coefficients(x, labels)
         self._store(res, modulate=self.enabled and self.in_window(self._time_next()))
+
+    _GRAPH_NODES = 256   # how far observe() looks back through the autograd graph of the logits
+
+    def _check_not_dropped(self, unimodal_logits) -> None:
+        """Raise if unimodal_logits are (views of) this step's drop() outputs or were computed from them with autograd
+        (host-side: tensor identity, storage and the graph's nodes; no device read). Logits computed from dropped
+        features without a graph (torch.no_grad, detach) cannot be recognised here."""
+        step, refs = self._dropped
+        if step != self._step:
+            return
+        dropped = [t for t in (r() for r in refs) if t is not None]
+        if not dropped:
+            return
+        xs = [unimodal_logits] if isinstance(unimodal_logits, torch.Tensor) else list(unimodal_logits)
+        storages = {t.untyped_storage().data_ptr() for t in dropped if t.numel()}
+        nodes = {id(t.grad_fn) for t in dropped if t.grad_fn is not None}
+        for m, x in enumerate(xs):
+            if not isinstance(x, torch.Tensor):
+                continue
+            hit = any(x is t for t in dropped) or (x.numel() and x.untyped_storage().data_ptr() in storages)
+            if not hit and nodes and x.grad_fn is not None:
+                todo, seen = [x.grad_fn], set()
+                while todo and len(seen) < self._GRAPH_NODES and not hit:
+                    node = todo.pop()
+                    if node is None or id(node) in seen:
+                        continue
+                    seen.add(id(node))
+                    hit = id(node) in nodes
+                    todo.extend(n for n, _ in node.next_functions)
+            if hit:
+                where = "unimodal_logits" if isinstance(unimodal_logits, torch.Tensor) else f"unimodal_logits[{m}]"
+                raise ValueError(f"{where} comes from the features bal.drop() returned in step {self._step}: OPM "
+                                 f"scores the UNDROPPED features (TPAMI Alg. 1); compute the unimodal logits from the "
+                                 f"encoders' outputs before drop()")
 
     def _time_next(self) -> int:
         """Time of the drop that uses this observation's q."""

@@ -1,4 +1,4 @@
-"""Unimodal-logit helpers: the per-modality logits every balancer scores (DESIGN.md section 5)."""
+"""Unimodal-logit helpers: the per-modality logits every balancer scores (docs/architecture.md)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """gpu-compile launch plan of MMPareto's kernels (tests/gpu_compile.py loads it): one call of the launcher
-mmpareto_combine_triton per layout of tests/test_triton_mmpareto.py and of the balancer tests on CUDA, with both
+mmpareto_combine_triton per layout of tests/test_triton_mmpareto.py, tests/test_mmpareto_numerics.py and of the
+balancer tests on CUDA, with both
 rescale modes (the finalize's GLOBAL constexpr). Specializations come from the dtype of each group's flat buffers,
 GLOBAL, SUMMED (the DDP path: the buffer holds g_m + g_u), and the integer arguments (blk_base, T, K, max_nblk:
 == 1, % 16 == 0); tensors are CPU torch.empty."""
@@ -33,6 +34,11 @@ LAYOUTS = {  # name: (shapes per encoder, dtype per encoder, cycled)
     "nonfinite": ([[(2,)], [(2,)]], ("float32",)),
     "tiny model M=2": ([[(6, 5), (6,)], [(6, 3), (6,)]], ("float32",)),
     "tiny model M=3": ([[(6, 5), (6,)], [(6, 3), (6,)], [(6, 4), (6,)]], ("float32",)),
+    "numerics near cancellation": ([[(4096,)], [(5,)]], ("float32",)),   # tests/test_mmpareto_numerics.py
+    "numerics 82 small tensors": ([[(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 13, [(5,)] * 13],
+                                  ("float32",)),
+    "numerics opposite": ([[(5,), (3,)], [(2,)]], ("float32",)),
+    "numerics nonfinite": ([[(2,), (3,)], [(2,)], [(2,)]], ("float32",)),
     "bench resnet18-like bf16": ([[(64, 1, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 64, 3, 3), (128,)],
                                   [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 128, 3, 3), (128,)]], ("bfloat16",)),
 }

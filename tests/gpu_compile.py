@@ -287,7 +287,7 @@ PLAN_MODULES = ("_plan_pmr", "_plan_mmpareto", "_plan_valuation")  # tests/<name
 
 
 def _method_plans() -> list:
-    """The launch plans of the METHODS_NEXT kernels, one module each beside this file."""
+    """The launch plans of the PMR, MMPareto and valuation kernels, one module each beside this file."""
     import importlib
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -35,8 +35,8 @@ def listed(model):
     return [list(enc.parameters()) for enc in model.encoders]
 
 
-def setup(method, opt_name, m=2, **kw):
-    model = TinyModel(m).double()
+def setup(method, opt_name, m=2, device="cpu", **kw):
+    model = TinyModel(m).double().to(device)
     opt = OPTIMIZERS[opt_name](model.parameters())
     bal = BALANCERS[method](m, params=listed(model), optimizer=opt, modulate="update", **kw)
     return model, opt, bal
@@ -53,14 +53,14 @@ def forward_observe(bal, model, xs, y):
     return F.cross_entropy(fused, y)
 
 
-def modulated_and_plain_step(method, opt_name, m=2, **kw):
+def modulated_and_plain_step(method, opt_name, m=2, device="cpu", **kw):
     """One step with the balancer in "update" mode, and the unmodulated optimizer step on the SAME gradients (noise
     included) from an identical model and optimizer state. Returns (before, after, plain, optimizers, k)."""
-    model, opt, bal = setup(method, opt_name, m, **kw)
+    model, opt, bal = setup(method, opt_name, m, device=device, **kw)
     twin = copy.deepcopy(model)
     twin_opt = OPTIMIZERS[opt_name](twin.parameters())
     xs, y = batch(m, seed=3)
-    xs = [x.double() for x in xs]
+    xs, y = [x.double().to(device) for x in xs], y.to(device)
     before = copy.deepcopy(model.state_dict())
     loss = forward_observe(bal, model, xs, y)
     loss.backward()
@@ -108,11 +108,11 @@ def test_update_mode_any_number_of_modalities(m):
     pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")]),
     pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend(None)]),
 ])
-def test_update_rule_on_every_backend_lane(lane):
+def test_update_rule_on_every_backend_lane(lane, device):
     """The coefficients come from the lane's backend (the GE noise too on ext; it has no Triton kernel: CPU tensors
     run it on the C++ twin); the update rule holds the same."""
     for method in ("ogm", "mlb") + (("ogm_ge-official",) if lane == "ext" else ()):
-        before, model, twin, opt, twin_opt, k = modulated_and_plain_step(method, "adamw-foreach")
+        before, model, twin, opt, twin_opt, k = modulated_and_plain_step(method, "adamw-foreach", device=device)
         assert (k != 1).any()
         assert_deltas(before, model, twin, k)
         assert_same_optimizer_state(opt, twin_opt)

@@ -1,4 +1,4 @@
-"""Backend selection and the import-never-fails promise (DESIGN.md section 6)."""
+"""Backend selection and the import-never-fails promise (docs/architecture.md)."""
 import os
 import subprocess
 import sys

@@ -118,7 +118,7 @@ def _per_sample_grads(model, x, y):
 
 
 def test_tap_noise_is_batch_covariance_noise(device):
-    """Tap gradient = k * mean gradient + (z - z_bar)^T G / B (DESIGN 4.1), with G the per-sample gradients of the
+    """Tap gradient = k * mean gradient + (z - z_bar)^T G / B (docs/methods/ogm_ge.md), with G the per-sample gradients of the
     encoder (torch.func); and that noise h has mean 0 and covariance U_hat / B (TPAMI Eq. 16)."""
     torch.manual_seed(0)
     B = 16
@@ -169,7 +169,7 @@ def test_cov_noise_normals_are_the_tap_normals(device):
 
 # ------------------------------------------------------------------------------------------------ ge_isotropic_
 def _authors_loop(grads, ks, normals):
-    """The authors' OGM-GE loop (described in REFERENCE_NOTES): per tensor, std read back to the host, then
+    """The authors' OGM-GE loop (docs/methods/ogm_ge.md, "The authors' code"): per tensor, std read back to the host, then
     grad * k + N(0, (std + 1e-8)^2); here with our normals in place of torch's draw."""
     out = []
     for g, k, n in zip(grads, ks, normals):

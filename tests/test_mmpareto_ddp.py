@@ -92,3 +92,46 @@ def test_ddp_two_ranks_combine_the_averaged_gradients(tmp_path):
     assert True in conflicts, "no conflict in any step: the test would not prove the Pareto branch"
     for p0, p1 in zip(r[0]["params"], r[1]["params"]):
         assert torch.equal(p0, p1)
+
+
+def _accumulating_worker(rank: int, world: int, init: str, outdir: str) -> None:
+    """Two micro-batches per optimizer step (backward, bal.step(), backward), no zero_grad between them."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = Wrapped()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        bal = MMPareto(2, params=[e.parameters() for e in model.net.encoders])
+        micro = []
+        for j in range(2):
+            xs, y = data(2, seed=200 * rank + 5 + 7 * j)
+            micro.append(_local_grads(model.net, xs, y))
+            loss_mm, losses = ddp(xs, y)
+            bal.backward(loss_mm, list(losses.unbind()))
+            bal.step()
+        torch.save({"micro": micro, "grads": [p.grad.clone() for p in model.net.parameters()]},
+                   os.path.join(outdir, f"acc{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_ddp_gradient_accumulation_sums_the_per_micro_batch_combinations(tmp_path):
+    """Accumulated .grad = sum over micro-batches of the combination of that micro-batch's rank-averaged g_m, g_u."""
+    from mmkernels import reference as R
+
+    mp.spawn(_accumulating_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
+             join=True)
+    r = [torch.load(tmp_path / f"acc{i}.pt") for i in range(2)]
+    names = [n for n, _ in Net(2).named_parameters()]
+    n_enc = sum(1 for n in names if n.startswith("encoders."))
+    half = n_enc // 2
+    want = None
+    for j in range(2):
+        avg = lambda key: [(a + b) / 2 for a, b in zip(r[0]["micro"][j][key], r[1]["micro"][j][key])]  # noqa: E731
+        g_m, g_u = avg("g_m"), avg("g_u")
+        comb, _ = R.mmpareto_combine([g_m[:half], g_m[half:]], [g_u[:half], g_u[half:]])
+        step = sum(comb, []) + avg("total")[n_enc:]
+        want = step if want is None else [a + b for a, b in zip(want, step)]
+    for name, got0, got1, w in zip(names, r[0]["grads"], r[1]["grads"], want):
+        torch.testing.assert_close(got0, w, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(got0, got1), name

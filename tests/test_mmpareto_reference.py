@@ -1,5 +1,5 @@
-"""MMPareto reference math (METHODS_NEXT 2): the worked example, a literal loop transcription on random inputs,
-the Pareto property, degenerate inputs; and the public op on CPU (reference lane)."""
+"""MMPareto reference math (Wei & Hu, ICML 2024): a hand-derived worked example, a literal loop transcription on
+random inputs, the Pareto property, degenerate inputs; and the public op on CPU (reference lane)."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,7 @@ def _t(*v):
 
 
 def worked_example():
-    """METHODS_NEXT 2 "Test": audio (two tensors) conflicts, visual does not."""
+    """A hand-derived example: audio (two tensors) conflicts, visual does not."""
     gm = [[_t(1, 0), _t(1)], [_t(1, 1), _t(0)]]
     gu = [[_t(-1, 2), _t(0)], [_t(1, 0), _t(1)]]
     return gm, gu
@@ -51,7 +51,8 @@ def test_worked_example_through_the_public_op(rescale):
 
 
 def literal(grads_mm, grads_uni, gamma=1.5, rescale="per_tensor"):
-    """Our own loop transcription of METHODS_NEXT 2 on Python floats (fp64): encoder by encoder, tensor by tensor."""
+    """Our own loop transcription of the weight and restore rules on Python floats (fp64), encoder by encoder and
+    tensor by tensor."""
     out = []
     for gms, gus in zip(grads_mm, grads_uni):
         fm = [[float(v) for v in g.reshape(-1)] for g in gms]
@@ -160,20 +161,22 @@ def test_degenerate_gradients_stay_finite(case):
     gm, gu = {"both zero": (0 * x, 0 * x), "g_m zero": (0 * x, x), "g_u zero": (x, 0 * x),
               "opposite": (x, -x)}[case]
     out, stats = R.mmpareto_combine([[gm], [x]], [[gu], [x]])
-    assert torch.isfinite(out[0][0]).all() and torch.isfinite(stats["cos"]).all() and stats["flag"].item() == 0
-    if case == "opposite":   # w = (1/2, 1/2): h = 0, the gradient is 0 (not 0 * inf)
+    assert torch.isfinite(out[0][0]).all() and torch.isfinite(stats["cos"]).all()
+    assert stats["flag"].item() == (2.0 if case == "opposite" else 0.0)
+    if case == "opposite":   # w = (1/2, 1/2): h = 0, the vanished-point fallback gamma (g_m + g_u) = 0, flag 2
         torch.testing.assert_close(out[0][0], torch.zeros(2))
     else:                    # one gradient zero (or both): gamma (g_m + g_u), as documented
         torch.testing.assert_close(out[0][0], 1.5 * (gm + gu))
     assert stats["cos"][0].item() == (-1.0 if case == "opposite" else 0.0)
 
 
-def test_nonfinite_gradient_sets_the_flag_and_falls_back():
+def test_nonfinite_gradient_sets_the_flag_and_zeroes_the_encoder():
     gm = [[_t(float("inf"), 1.0)], [_t(1.0)]]
     gu = [[_t(-1.0, 1.0)], [_t(-1.0)]]
     out, stats = R.mmpareto_combine(gm, gu)
     assert stats["flag"].item() == 1.0 and stats["conflict"].tolist() == [False, True]
     torch.testing.assert_close(stats["weights"][0], torch.tensor([0.5, 0.5]))
+    assert torch.equal(out[0][0], torch.zeros(2))   # nothing non-finite is written: the encoder's gradient is 0
 
 
 @pytest.mark.parametrize("summed", [False, True])

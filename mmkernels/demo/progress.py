@@ -1,45 +1,34 @@
-"""A dependency-free progress bar (stderr): redraws in place on a terminal, one line per run otherwise."""
+"""The demo's progress bar: tqdm on stderr (in place on a terminal); without a terminal, one line per run."""
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total_steps: int, stream=None, width: int = 30):
-        self.total = max(total_steps, 1)
-        self.done = 0
+    """total_steps training steps over all runs; `start_run(label)`, `advance()` per step, `end_run()`, `close()`."""
+
+    def __init__(self, total_steps: int, stream=None):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.width = width
-        self.t0 = time.perf_counter()
-        self.label = ""
-        self._last_draw = 0.0
+        self.bar = tqdm(total=max(total_steps, 1), file=self.stream, unit="step", dynamic_ncols=True,
+                        disable=not self.tty, mininterval=0.2)
+        self.done, self.total, self.label = 0, max(total_steps, 1), ""
 
     def start_run(self, label: str):
         self.label = label
+        self.bar.set_description(label, refresh=False)
 
     def advance(self, n: int = 1):
         self.done += n
-        now = time.perf_counter()
-        if self.tty and now - self._last_draw > 0.1:
-            self._draw(now, end="\r")
-            self._last_draw = now
+        self.bar.update(n)
 
     def end_run(self):
-        self._draw(time.perf_counter(), end="\r" if self.tty else "\n")
-
-    def _draw(self, now, end):
-        frac = min(self.done / self.total, 1.0)
-        filled = int(self.width * frac)
-        elapsed = now - self.t0
-        eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {100 * frac:5.1f}%  {elapsed:5.0f}s elapsed, "
-                f"eta {eta:4.0f}s  {self.label}")
-        self.stream.write(line.ljust(100) + end)
-        self.stream.flush()
+        if not self.tty:  # a log file: one line per finished run
+            elapsed = self.bar.format_dict["elapsed"]
+            self.stream.write(f"{100 * self.done / self.total:5.1f}%  {elapsed:5.0f}s elapsed  {self.label}\n")
+            self.stream.flush()
 
     def close(self):
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()

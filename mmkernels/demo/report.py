@@ -10,6 +10,9 @@ from ..metrics import imbalance
 from .methods import label
 
 
+MIN_SEEDS_FOR_VERDICT = 3  # "helps"/"hurts" needs a standard deviation over at least this many seeds
+
+
 def _mean_sd(xs):
     xs = [x for x in xs if x is not None and x == x]  # drop None and nan
     if not xs:
@@ -83,10 +86,14 @@ def _verdict(row, joint, rows, names):
         return "reference (one encoder alone)"
     (m, sd), (mj, sdj) = row["fused"], joint["fused"]
     delta = 100 * (m - mj)
-    noise = 100 * max(sd, sdj, 0.005)
-    tag = "helps" if delta > noise else ("hurts" if delta < -noise else "no clear gain")
     lag = lagging_view(joint, rows)
     dv = 100 * (row["probe"][lag][0] - joint["probe"][lag][0])
+    seeds = min(len(row["seeds"]), len(joint["seeds"]))
+    if seeds < MIN_SEEDS_FOR_VERDICT:  # one or two seeds give no spread to compare a difference with
+        plural = "s" if seeds > 1 else ""
+        return f"{delta:+.1f} pts fused, {dv:+.1f} pts {names[lag]} ({seeds} seed{plural}: no verdict)"
+    noise = 100 * max(sd, sdj, 0.005)
+    tag = "helps" if delta > noise else ("hurts" if delta < -noise else "no clear gain")
     return f"{delta:+.1f} pts fused, {dv:+.1f} pts {names[lag]}: {tag}"
 
 

@@ -34,11 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _methods
 from .._backend import device_guard, interpreting
 from ._sizes import cdiv, next_pow2
 
-METHODS = ("ogm_ge", "ogm", "opm", "agm", "mlb")
-_METHOD_ID = {name: i for i, name in enumerate(METHODS)}
+METHODS = _methods.METHODS  # the one table: mmkernels/_methods.py
+_METHOD_ID = _methods.KERNEL_IDS  # the constexpr METHOD the kernel branches on
 LOG_EPS = tl.constexpr(math.log(1e-8))  # AGM's clamp p >= 1e-8 (DESIGN sec. 3, `ce` score); a jit global must be constexpr
 MAX_M = 8
 

@@ -1,4 +1,4 @@
-"""Triton kernel of the gradient-scaling tap's backward: grad_in = k * grad_out (DESIGN.md section 4.1).
+"""Triton kernel of the gradient-scaling tap's backward: grad_in = k * grad_out (docs/methods/ogm_ge.md).
 
 The tap's forward is a view (no kernel, no copy): see mmkernels/taps.py. This file holds the kernel and its
 launcher; the custom op `mmkernels::grad_scale` that calls it is registered in mmkernels/taps.py.

@@ -1,4 +1,4 @@
-"""Triton kernels of OPM's modality drop (TPAMI Alg. 1, DESIGN.md section 4.4).
+"""Triton kernels of OPM's modality drop (TPAMI Alg. 1, docs/methods/opm.md).
 
 Random numbers: counter-based Philox (tl.rand), addressed by (seed, offset):
   uniform of modality m, row i   u[m, i] = rand(seed, offset + m * B + i)      m < M, i < B
@@ -10,7 +10,7 @@ Row scale (kept rows): 'official' 1/(1 - theta), theta = sum_m d_m q_m / sum_m d
 
 Every program recomputes the keep decision of its rows from (seed, offset) (Philox over all M modalities of
 the row, cheap next to the feature tile), so the same kernel applied to the incoming gradient is the exact
-backward and no mask is stored (DESIGN sec. 8, memory).
+backward and no mask is stored (docs/architecture.md, memory).
 """
 from __future__ import annotations
 
