@@ -1,5 +1,5 @@
 """Baselines "in the authors' style": the balancing methods as their public trainers do them (described in
-shared/REFERENCE_NOTES.md; written here from that description, not copied). They are what a researcher who copies a
+the authors' code; written here from that description, not copied). They are what a researcher who copies a
 trainer loop gets today, and what bench_train_step.py compares mmkernels against:
 - scores summed with a Python loop over the batch rows (one tiny op per row),
 - Python branches on device values and one `.item()` per parameter tensor (host syncs),

@@ -1,4 +1,4 @@
-"""Benchmarks of balance_coefficients (DESIGN.md sec. 8): the fused Triton op vs the eager reference vs
+"""Benchmarks of balance_coefficients (docs/architecture.md): the fused Triton op vs the eager reference vs
 torch.compile(reference) vs the authors' style (a Python loop over rows with .item()).
 
 GPU only (skipped, but collectable, on CPU). Run: pytest benchmarks/bench_coefficients.py --benchmark-only

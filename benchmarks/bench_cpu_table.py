@@ -1,4 +1,4 @@
-"""CPU comparison table (DESIGN.md sec. 8, CPU targets): mmkernels against the plain PyTorch a user would write
+"""CPU comparison table (docs/architecture.md, CPU targets): mmkernels against the plain PyTorch a user would write
 instead, measured side by side in one run on this machine, printed as a Markdown table with the machine and command.
 
     .venv/bin/python benchmarks/bench_cpu_table.py [--repeat 15] [--threads N] [--tiny]

@@ -1,4 +1,4 @@
-"""Benchmark of ge_isotropic_ (the authors' OGM-GE noise, DESIGN.md 4.2) over the encoder gradients of two
+"""Benchmark of ge_isotropic_ (the authors' OGM-GE noise, docs/methods/ogm_ge.md) over the encoder gradients of two
 torchvision ResNet-18 encoders (audio 1-channel stem, visual 3-channel; 22.3M gradient values).
 
 - ext: mmkernels.noise.ge_isotropic_ on all tensors at once (two multi-tensor passes, k on the device, no sync);

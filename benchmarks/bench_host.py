@@ -1,4 +1,4 @@
-"""Host time per call (DESIGN.md sec. 8): microseconds until each public op or balancer call returns, and the aten ops
+"""Host time per call (docs/architecture.md): microseconds until each public op or balancer call returns, and the aten ops
 it dispatches, beside the few lines of plain torch a user would write instead. On a GPU a small model's step is often
 host-bound, so this is paid there too; on CPU it is most of the cost at small shapes.
 

@@ -1,4 +1,4 @@
-"""Benchmark of MMPareto's combine op (METHODS_NEXT 2): the encoders' multimodal and unimodal gradients -> the Pareto
+"""Benchmark of MMPareto's combine op (docs/methods/mmpareto.md): the encoders' multimodal and unimodal gradients -> the Pareto
 gradient, in place, as MMPareto.backward() runs it (flat per-dtype buffers, mmkernels.mmpareto_combine_flat_).
 
 - mmkernels: the flat op (3 launches on CUDA: reduce, finalize, write; a torch path on CPU; no host sync);

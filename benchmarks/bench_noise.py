@@ -1,4 +1,4 @@
-"""Benchmarks of the covariance-noise tap's backward and sample_cov_noise (DESIGN.md sec. 8).
+"""Benchmarks of the covariance-noise tap's backward and sample_cov_noise (docs/architecture.md).
 
 cov_noise_tap backward (mmkernels::cov_noise_tap_backward, one launch) against a device copy of the same bytes
 (target >= 80% of copy bandwidth), the eager reference (torch.randn + reference.cov_noise_tap_backward) and

@@ -1,4 +1,4 @@
-"""Benchmark of AGM's Shapley forwards (DESIGN.md 4.5) on a ResNet-18 audio-visual(-third) model, M = 2 and 3.
+"""Benchmark of AGM's Shapley forwards (docs/methods/agm.md) on a ResNet-18 audio-visual(-third) model, M = 2 and 3.
 
 - ext: shapley_masked_batch builds the 2^M - 2 muted copies in one launch, the model runs once on them (eval mode,
   as the authors) and once on the full input (train mode), shapley_responses combines all 2^M - 1 outputs into phi

@@ -1,4 +1,4 @@
-"""Benchmarks of grad_tap's backward and modality_drop (DESIGN.md sec. 8): GB/s against a device copy
+"""Benchmarks of grad_tap's backward and modality_drop (docs/architecture.md): GB/s against a device copy
 (torch.Tensor.copy_ of the same bytes). Target: >= 80% of copy bandwidth for large features.
 
 GPU only (skipped, but collectable, on CPU). Shapes are module-level lists so a reduced set is easy to pass.

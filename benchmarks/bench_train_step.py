@@ -5,7 +5,7 @@ SGD with momentum. Full shapes (GPU, `--bench-full` / MMKERNELS_BENCH_FULL=1): a
 3 x 224 x 224 (and a second visual stream for M = 3). Reduced (CPU default): 24 x 24 inputs, batch 4.
 Per case, besides pytest-benchmark's timing, extra_info records: host syncs per step (CUDA sync-debug warnings),
 GPU kernels per step (profiler), peak memory (CUDA), the joint step's time is its own case (render.py divides).
-Targets (DESIGN.md sec. 8): OGM-GE, OPM, MLB <= 1.02 x joint; AGM <= 1.25 x joint at M = 2, <= 1.5 x at M = 3;
+Targets (docs/architecture.md): OGM-GE, OPM, MLB <= 1.02 x joint; AGM <= 1.25 x joint at M = 2, <= 1.5 x at M = 3;
 PMR, MMPareto <= 1.05 x joint (issue 14; MMPareto's second backward is inherent: the combine op's share is reported by
 bench_mmpareto.py). Valuation adds nothing per step (a per-epoch pass: bench_valuation.py).
 """

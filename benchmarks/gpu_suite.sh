@@ -6,7 +6,7 @@
 # (SUITE_SKIP=a,b skips stages by name):
 #   install        pip install --no-build-isolation --no-deps -e . (fallback: build_ext --inplace); build time reported
 #   env            versions, device, commit, mmkernels.env_report()
-#   bench_coef     coefficient op: fused vs eager reference (DESIGN sec. 8 shapes)
+#   bench_coef     coefficient op: fused vs eager reference (docs/architecture.md shapes)
 #   bench_train    training step, joint vs every method, mmkernels vs authors' style, M = 2 and M = 3
 #   tests_cuda     the cuda test lane (Triton + extension + CUDA-only tests on the GPU)
 #   bench_compiled coefficient op: torch.compile(reference) and the authors' Python loop

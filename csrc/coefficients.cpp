@@ -1,4 +1,4 @@
-// CPU twin of the fused coefficient op (DESIGN.md section 3; the Triton kernel's job on CUDA): per-modality scores,
+// CPU twin of the fused coefficient op (docs/methods/ogm.md and docs/architecture.md; the Triton kernel's job on CUDA): per-modality scores,
 // discrepancy ratios, coefficients, flag and AGM state in one call. Rows (m, i) are scored in parallel
 // (at::parallel_for over rows; 16-lane AVX-512 max / exp over the classes where the CPU has it), summed per modality
 // in row order in double (independent of the thread count), then the tail math of coefficients_math.h runs once.

@@ -1,4 +1,4 @@
-// Batch-covariance Gaussian noise (TPAMI Eq. 13-17, DESIGN.md section 4.1 and 4.3): entry points and CPU twins.
+// Batch-covariance Gaussian noise (TPAMI Eq. 13-17, docs/methods/ogm_ge.md): entry points and CPU twins.
 //
 // cov_noise_tap_backward: grad_in[i, ...] = grad[i, ...] * (k + sigma * (z_i - mean(z))), z_i = philox_normal(seed,
 // offset + i). Because the loss is a batch mean, this adds h = 1/B sum_i (z_i - z_bar) g_i to every encoder parameter's

@@ -1,4 +1,4 @@
-// OGM-GE isotropic noise over many gradient tensors, in place (the authors' rule, DESIGN.md section 4.2):
+// OGM-GE isotropic noise over many gradient tensors, in place (the authors' rule, docs/methods/ogm_ge.md):
 //   grad_t = k_{group(t)} * grad_t + N(0, (std_t + 1e-8)^2),  std_t the unbiased std of the unmodulated grad_t.
 // k is a device tensor [G]; group_index[t] picks tensor t's entry (empty group_index: G == T, group(t) = t).
 // Noise: element j of tensor t is normal slot (base_t + j) % 4 of Philox counter offset + (base_t + j) / 4, with

@@ -1,4 +1,4 @@
-// Math of the noise ops, shared by the CPU twins and the CUDA kernels (DESIGN.md section 4).
+// Math of the noise ops, shared by the CPU twins and the CUDA kernels (docs/methods/ogm_ge.md).
 #pragma once
 
 #include <cmath>
@@ -55,7 +55,7 @@ MMK_HD opmath_t ge_noise_scale(Moments m) {
   return static_cast<opmath_t>(static_cast<double>(static_cast<opmath_t>(sd)) + 1e-8);
 }
 
-// OGM-GE update of one gradient element (authors' rule, DESIGN.md 4.2): k * g + scale * n, each product
+// OGM-GE update of one gradient element (authors' rule, docs/methods/ogm_ge.md): k * g + scale * n, each product
 // rounded, then the sum (as the two-step `grad * k + noise` of the authors' loop).
 template <typename opmath_t>
 MMK_HD opmath_t ge_update(opmath_t g, opmath_t k, opmath_t scale, opmath_t n) {

@@ -1,4 +1,4 @@
-// AGM Shapley forwards (ICCV 2023, Eq. 1-3; DESIGN.md section 4.5): entry points and CPU twins.
+// AGM Shapley forwards (ICCV 2023, Eq. 1-3; docs/methods/agm.md): entry points and CPU twins.
 //
 // Subsets are bitmasks S = 1 .. 2^M - 1 (bit m set = modality m present), row S - 1 of every table.
 // shapley_masked_batch: for M inputs [B, ...] builds M outputs [num_blocks * B, ...]; block S - 1 (S = 1 ..

@@ -1,4 +1,4 @@
-"""Reference math of PMR, Prototypical Modal Rebalance (Fan et al., CVPR 2023; ../shared/METHODS_NEXT.md section 1;
+"""Reference math of PMR, Prototypical Modal Rebalance (Fan et al., CVPR 2023; docs/methods/pmr.md;
 formulas from the authors' code fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py). Re-exported by
 mmkernels.reference.
 
@@ -6,7 +6,7 @@ Layout: features z [M, B, D] and prototypes P [M, C, D], modality first. Modalit
 zero-padded to D = max D_m (`pmr_pad`): a zero column adds nothing to a distance, its gradient is dropped by the
 slicing, and a class mean of zeros is zero, so padding changes no number.
 
-Per batch (METHODS_NEXT 1, "Math"), over the valid rows (label != ignore_index; the others count nowhere):
+Per batch (docs/methods/pmr.md), over the valid rows (label != ignore_index; the others count nowhere):
   d_m[i,k] = ||z_m,i - P_m[k]||_2,   p_m[i,:] = softmax(-d_m[i,:])
   s_m      = sum_i p_m[i, y_i]                         (score: a sum, not a mean)
   PCE_m    = mean_i -log p_m[i, y_i]                   (prototype cross-entropy)
@@ -72,7 +72,7 @@ def pmr_sums(z, protos, labels, *, ignore_index: int = -100):
 
 
 def pmr_coefficients(scores: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
-    """METHODS_NEXT 1: c_m = alpha * 1[s_m < max_j s_j]. For M = 2 this is the authors' switch on rho = s_0 / s_1
+    """docs/methods/pmr.md: c_m = alpha * 1[s_m < max_j s_j]. For M = 2 this is the authors' switch on rho = s_0 / s_1
     (rho < 1: (alpha, 0); rho > 1: (0, alpha); tie: (0, 0)); for M > 2 the natural extension (every modality but the
     strongest gets the PCE term)."""
     return alpha * (scores < scores.max()).to(scores.dtype)
@@ -109,7 +109,7 @@ def pmr_forward_ref(z, protos, labels, *, alpha: float = 1.0, ignore_index: int 
 
 
 def pmr_backward_ref(grad_loss, z, protos, labels, coefficients, count, *, ignore_index: int = -100) -> torch.Tensor:
-    """dL/dz [M, B, D] in z's dtype, L = sum_m c_m PCE_m (METHODS_NEXT 1, "Kernel"):
+    """dL/dz [M, B, D] in z's dtype, L = sum_m c_m PCE_m (docs/methods/pmr.md):
     dL/dz_i = g (c_m / n) sum_k (p_ik - 1[k = y_i]) (P[k] - z_i) / d_ik, with the term 0 where d_ik = 0 (the
     authors' sqrt gives NaN there), n = valid rows, 0 for ignored rows and where c_m = 0."""
     zz, pp = _acc(z), _acc(protos)
@@ -141,7 +141,7 @@ def pmr_class_sums(z, labels, num_classes: int, *, ignore_index: int = -100):
 
 
 def pmr_refresh_ref(sums, counts, old, *, mu: float, first: bool) -> torch.Tensor:
-    """METHODS_NEXT 1, "Refresh": mean_k = sums_k / n_k; first refresh P = mean, later P = (1 - mu) mean + mu P_old;
+    """docs/methods/pmr.md: mean_k = sums_k / n_k; first refresh P = mean, later P = (1 - mu) mean + mu P_old;
     a class with n_k = 0 keeps its old prototype (the authors' 0/0 = NaN). Returns [M, C, D] in old's dtype."""
     mean = sums / counts.clamp(min=1).view(1, -1, 1)
     o = old.to(mean.dtype)
@@ -156,7 +156,7 @@ def pmr_prototypes_ref(z, labels, old, *, mu: float, first: bool, ignore_index: 
 
 
 def pmr_toolkit_factors(scores: torch.Tensor) -> torch.Tensor:
-    """The toolkit's M > 2 rule (METHODS_NEXT 1, "M>2", option m_gt2="toolkit"): r_m = s_m / min_j s_j,
+    """The toolkit's M > 2 rule (docs/methods/pmr.md): r_m = s_m / min_j s_j,
     k_m = 1 - tanh(0.01 r_m) if r_m > 1 else 1 (a gradient factor; the toolkit drops the PCE term for M > 2)."""
     r = scores / scores.min()
     return torch.where(r > 1, 1.0 - torch.tanh(0.01 * r), torch.ones_like(r))
@@ -197,7 +197,7 @@ def pmr_literal(z, protos, labels, *, alpha=1.0, ignore_index=-100):
 
 
 def pmr_literal_grad(z, protos, labels, coef, *, ignore_index=-100):
-    """dL/dz [M][B][D] by the chain rule written out per row and class (METHODS_NEXT 1, "Kernel")."""
+    """dL/dz [M][B][D] by the chain rule written out per row and class (docs/methods/pmr.md)."""
     out = []
     n = sum(1 for y in labels if y != ignore_index)
     for m in range(len(z)):

@@ -1,4 +1,4 @@
-"""Reference math of sample-level and modality-level valuation (Wei, Feng, Wang, Hu, CVPR 2024; METHODS_NEXT 3,
+"""Reference math of sample-level and modality-level valuation (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md,
 authors' code/sample_level.py and modality_level.py), re-exported by mmkernels.reference.
 
 Subsets are bitmasks S = 1 .. 2^M - 1 (bit m = modality m kept), subset S at index S - 1, as in mmkernels.shapley.
@@ -76,7 +76,7 @@ def valuation_copies(phi: torch.Tensor) -> torch.Tensor:
 
 
 def sample_valuation(subset_logits: torch.Tensor, labels: torch.Tensor, *, value: str = "authors") -> dict:
-    """{"values" [2^M - 1, B], "phi" [M, B] fp32, "copies" [M, B] int64} for one batch (METHODS_NEXT 3).
+    """{"values" [2^M - 1, B], "phi" [M, B] fp32, "copies" [M, B] int64} for one batch (docs/methods/sample_valuation.md).
     M! phi is accumulated exactly (integers below 2^24), so phi and the copies do not depend on summation order."""
     v = valuation_values(subset_logits, labels, value=value)
     w, fact = valuation_weight_table(v.shape[0].bit_length(), v.device)

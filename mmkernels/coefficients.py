@@ -1,4 +1,4 @@
-"""balance_coefficients: per-modality scores -> discrepancy ratios -> coefficients (DESIGN.md section 3).
+"""balance_coefficients: per-modality scores -> discrepancy ratios -> coefficients (docs/methods/ogm.md, TPAMI Eq. 6-7 and 11).
 
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
 zero host syncs; mmkernels/triton_ops/coefficients.py), the extension's C++ twin on CPU tensors (ONE call: scores,
@@ -194,7 +194,7 @@ _METHOD_ID = _methods.KERNEL_IDS  # = csrc/coefficients_math.h CoeffMethod (test
 
 
 def _reference_synced(logits, labels, method, state, ignore_index, group, hp) -> dict:
-    """Reference path with the score sums and counts all-reduced across ranks (DESIGN sec. 3, Distributed); the
+    """Reference path with the score sums and counts all-reduced across ranks (docs/architecture.md, Conventions: every rank joins every collective); the
     rest of the pipeline is built from mmkernels/reference.py's own pieces."""
     kind = "ce" if method == "agm" else "prob"
     sums, count = reference.score_sums(logits, labels, kind=kind, ignore_index=ignore_index)

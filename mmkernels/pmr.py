@@ -1,4 +1,4 @@
-"""PMR ops (METHODS_NEXT.md section 1): the prototype loss with its statistics, and the prototype refresh.
+"""PMR ops (docs/methods/pmr.md): the prototype loss with its statistics, and the prototype refresh.
 
 pmr_loss(features, prototypes, labels, alpha=): distances, softmax over classes, scores s_m, PCE_m, coefficients
   c_m and the loss sum_m c_m PCE_m, differentiable in the features (ONE Triton launch forward, one backward).
@@ -139,7 +139,7 @@ def _features(features, prototypes, labels, name: str = "features"):
 
 def pmr_loss(features, prototypes, labels: torch.Tensor, *, alpha: float = 1.0, ignore_index: int = -100,
              sync: bool = False, group=None) -> dict:
-    """PMR's prototype loss of one batch (METHODS_NEXT 1), without a host sync.
+    """PMR's prototype loss of one batch (docs/methods/pmr.md), without a host sync.
 
     features: a list of M (2..8) tensors [B, D_m] (the pooled encoder outputs z_m; widths may differ) or one tensor
       [M, B, D]; float, any strides. prototypes: a list of M tensors [C, D_m] or one [M, C, D] (constants).
@@ -218,7 +218,7 @@ def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: 
 def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *, mu: float,
                  first: bool) -> None:
     """prototypes [M, C, D] <- mean (first) or (1 - mu) mean + mu prototypes, mean = sums / counts per class; a class
-    with count 0 keeps its prototype (METHODS_NEXT 1, "Refresh"). In place, one launch on CUDA, no sync."""
+    with count 0 keeps its prototype (docs/methods/pmr.md). In place, one launch on CUDA, no sync."""
     _check_buffers(prototypes, sums, counts)
     check_real(mu, "mu", low=0.0, high=1.0)
     if backend_for(prototypes, op="pmr_refresh", available=_OPS) == "triton":

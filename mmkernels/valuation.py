@@ -1,4 +1,4 @@
-"""Sample-level modality valuation (Wei, Feng, Wang, Hu, CVPR 2024; METHODS_NEXT 3): per sample, Shapley values of
+"""Sample-level modality valuation (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md): per sample, Shapley values of
 the modalities from the argmax correctness of every subset's output, and the copy counts of the next epoch.
 
 sample_valuation(subset_logits, labels, *, value="authors") -> {"values", "phi" [M, B] fp32, "copies" [M, B] int64}

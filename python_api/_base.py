@@ -331,7 +331,7 @@ class Balancer(metaclass=_Constructed):
 
     # ---------------------------------------------------------------- taps
     def _noise_offset(self, step: int, modality: int) -> int:
-        """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality) (DESIGN 4.1)."""
+        """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality) (docs/methods/ogm_ge.md)."""
         rank, world = self._rank_world()
         return ((step * world + rank) * self.num_modalities + modality) << 32
 
@@ -519,7 +519,7 @@ class ParameterModeMixin:
         return [[p.grad for p in group if p.grad is not None] for group in self._params]
 
     def _scale_grads_(self, coef: torch.Tensor) -> None:
-        """grad <- k_m * grad for modality m's tensors (DESIGN 4.2 without noise): one foreach launch per modality."""
+        """grad <- k_m * grad for modality m's tensors (docs/methods/ogm_ge.md without noise): one foreach launch per modality."""
         for m, grads in enumerate(self._grads()):
             if grads:
                 torch._foreach_mul_(grads, coef[m])

@@ -1,4 +1,4 @@
-"""PMR balancer: Prototypical Modal Rebalance (Fan et al., CVPR 2023; METHODS_NEXT.md section 1, the authors' code)."""
+"""PMR balancer: Prototypical Modal Rebalance (Fan et al., CVPR 2023; docs/methods/pmr.md, the authors' code)."""
 from __future__ import annotations
 
 import torch

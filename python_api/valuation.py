@@ -1,4 +1,4 @@
-"""Sample-level and modality-level valuation balancers (Wei, Feng, Wang, Hu, CVPR 2024; METHODS_NEXT 3) and the dataset
+"""Sample-level and modality-level valuation balancers (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md) and the dataset
 wrapper that serves each epoch's rows (originals plus single-modality copies) with a per-row keep-mask."""
 from __future__ import annotations
 

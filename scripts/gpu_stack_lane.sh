@@ -19,7 +19,7 @@ if [ ! -x "$MMKERNELS_VENV/bin/python" ]; then
   PYTHON="$(find_python312)" || { echo "[gpu-stack] python 3.12 not found (set PYTHON312)"; exit 1; }
   export PYTHON
 fi
-export MMKERNELS_DEPS="torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.3.5 pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15 wheel setuptools"
+export MMKERNELS_DEPS="torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.3.5 pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15 tqdm wheel setuptools"
 export MMKERNELS_BUILD_CUDA=0 MMKERNELS_PTXAS_VERBOSE=0  # the CUDA compile check runs on the main stack
 source "$ROOT/scripts/env.sh"
 "$PY" -c "import sys, torch, triton, numpy; print(f'[gpu-stack] python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}')"

@@ -1,5 +1,5 @@
 """PMR reference (mmkernels/_ref_pmr.py) and the public ops on the reference backend: the hand-computed worked
-example of METHODS_NEXT.md section 1, the literal loop transcription on random inputs, gradcheck of the analytic
+example of docs/methods/pmr.md, the literal loop transcription on random inputs, gradcheck of the analytic
 backward in float64, and properties."""
 import math
 
@@ -12,7 +12,7 @@ from mmkernels.pmr import (new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_r
 
 
 def _example():
-    """METHODS_NEXT 1, "Test": D = 2, C = 3, B = 2, y = (0, 1); modality 0 = a (audio), 1 = v (visual)."""
+    """docs/methods/pmr.md: D = 2, C = 3, B = 2, y = (0, 1); modality 0 = a (audio), 1 = v (visual)."""
     P = torch.tensor([[[0., 0.], [3., 4.], [-3., -4.]], [[0., 0.], [1., 0.], [0., 1.]]], dtype=torch.float64)
     z = torch.tensor([[[0., 0.], [3., 0.]], [[0.5, 0.5], [1., 0.]]], dtype=torch.float64)
     return z, P, torch.tensor([0, 1])

@@ -1,4 +1,4 @@
-"""Sample- and modality-level valuation reference (METHODS_NEXT 3): the worked example (authors and toolkit), a
+"""Sample- and modality-level valuation reference (docs/methods/sample_valuation.md): the worked example (authors and toolkit), a
 literal loop transcription on random logits, Shapley efficiency, thresholds, the M > 2 rate, the public op."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused Triton kernel: per-modality scores -> discrepancy ratios -> coefficients, in ONE launch.
 
-DESIGN.md section 3. Layers: the @triton.jit kernel and its finalize helpers (one per method, each citing
+docs/methods/. Layers: the @triton.jit kernel and its finalize helpers (one per method, each citing
 its equation), then the launcher `balance_coefficients_launch` (workspace, allocations, block sizes, no checks:
 the public function in mmkernels/coefficients.py validates, and wraps the one-launch path as the custom op
 `mmkernels::balance_coefficients`, opaque to torch.compile).
@@ -40,7 +40,7 @@ from ._sizes import cdiv, next_pow2
 
 METHODS = _methods.METHODS  # the one table: mmkernels/_methods.py
 _METHOD_ID = _methods.KERNEL_IDS  # the constexpr METHOD the kernel branches on
-LOG_EPS = tl.constexpr(math.log(1e-8))  # AGM's clamp p >= 1e-8 (DESIGN sec. 3, `ce` score); a jit global must be constexpr
+LOG_EPS = tl.constexpr(math.log(1e-8))  # AGM's clamp p >= 1e-8 (AGM Eq. 4, `ce` score); a jit global must be constexpr
 MAX_M = 8
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of PMR (METHODS_NEXT.md section 1, "Kernel"): the fused forward, its backward, the prototype refresh.
+"""Triton kernels of PMR (docs/methods/pmr.md): the fused forward, its backward, the prototype refresh.
 
 Layers: the @triton.jit kernels, then the launchers (allocations, block sizes, no checks: mmkernels/pmr.py validates).
 Layout: z [M, B, D] (any strides), prototypes P [M, C, D] (any strides), labels [B] int.
@@ -69,7 +69,7 @@ def _pmr_finalize(ws_ptr, cnt_ptr, out_ptr, loss_ptr, M, alpha, BLOCK_M: tl.cons
     pce_sum = tl.load(ws_ptr + M + 1 + mi, mask=mm, other=0.0, volatile=True)
     local = tl.load(ws_ptr + 2 * M + 1, volatile=True)
     pce = tl.where(local > 0.0, pce_sum / tl.maximum(local, 1.0), 0.0)
-    # METHODS_NEXT 1: c_m = alpha * 1[s_m < max_j s_j] (M = 2: the authors' switch, tie -> (0, 0))
+    # docs/methods/pmr.md: c_m = alpha * 1[s_m < max_j s_j] (M = 2: the authors' switch, tie -> (0, 0))
     s_max = tl.max(tl.where(mm, s, float("-inf")), axis=0)
     coef = tl.where(s < s_max, alpha, 0.0)
     # ratio_m = s_m / max_{j != m} s_j

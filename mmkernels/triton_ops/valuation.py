@@ -1,4 +1,4 @@
-"""Triton kernel of sample-level valuation (METHODS_NEXT 3, "Kernel"): one launch per batch, no host sync.
+"""Triton kernel of sample-level valuation (docs/methods/sample_valuation.md): one launch per batch, no host sync.
 
 Grid (cdiv(B, BLOCK_B),): each program takes a block of rows and loops over the subsets S = 1 .. 2^M - 1: argmax of
 f_S over C (tiles of BLOCK_C, the first maximum wins as in torch.argmax), v(S) = |S| 1[argmax = y] (SCALED, the
