@@ -3,6 +3,7 @@ the encoder gradients equal the reference combination of the rank-averaged g_m a
 both ranks, and so are the replicas after 3 SGD steps."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -43,12 +44,20 @@ def _local_grads(net, xs, y):
     return {"g_m": [g.clone() for g in g_m], "g_u": [g.clone() for g in g_u], "total": [g.clone() for g in total]}
 
 
-def _worker(rank: int, world: int, init: str, outdir: str) -> None:
+@contextlib.contextmanager
+def _rank(rank: int, world: int, init: str):
+    """One gloo rank: the DDP-wrapped model and an MMPareto balancer on its encoders; the group is torn down after."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = Wrapped()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        bal = MMPareto(2, params=[e.parameters() for e in model.net.encoders])
+        yield model, nn.parallel.DistributedDataParallel(model), MMPareto(
+            2, params=[e.parameters() for e in model.net.encoders])
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, init: str, outdir: str) -> None:
+    with _rank(rank, world, init) as (model, ddp, bal):
         opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
         steps = []
         for step in range(STEPS):
@@ -63,8 +72,6 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
             bal.step()
         torch.save({"steps": steps, "params": [p.detach().clone() for p in model.net.parameters()]},
                    os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -96,11 +103,7 @@ def test_ddp_two_ranks_combine_the_averaged_gradients(tmp_path):
 
 def _accumulating_worker(rank: int, world: int, init: str, outdir: str) -> None:
     """Two micro-batches per optimizer step (backward, bal.step(), backward), no zero_grad between them."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = Wrapped()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        bal = MMPareto(2, params=[e.parameters() for e in model.net.encoders])
+    with _rank(rank, world, init) as (model, ddp, bal):
         micro = []
         for j in range(2):
             xs, y = data(2, seed=200 * rank + 5 + 7 * j)
@@ -110,8 +113,6 @@ def _accumulating_worker(rank: int, world: int, init: str, outdir: str) -> None:
             bal.step()
         torch.save({"micro": micro, "grads": [p.grad.clone() for p in model.net.parameters()]},
                    os.path.join(outdir, f"acc{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
