@@ -325,14 +325,14 @@ def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state
     """The whole pipeline scores -> ratios -> coefficients for one batch (docs/methods/), no host sync.
 
     logits [M, B, C] or a list of M [B, C]; labels int [B]; method in ogm_ge | ogm | opm | agm | mlb.
-      ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=1.0, tie=0)
-      ogm   : 'prob' sums, ratio_tpami, ogm_coefficients (hp alpha=1.0, z='tanh', ratio='ratio'|'difference')
+      ogm_ge: 'prob' sums, ogm_ge_coefficients (hp alpha=0.8, tie=0)
+      ogm   : 'prob' sums, ratio_tpami, ogm_coefficients (hp alpha=0.8, z='tanh', ratio='ratio'|'difference')
       opm   : same ratio, opm_drop_probability -> q (hp q_base=0.5, lam=0.5, z='tanh', ratio)
       agm   : 'ce' means, r as ratios, kappa as coefficients (hp alpha=1.0, clip=None); state =
               dict(s_hat=[M] fp32, steps=[] fp32) is read (tau from s_hat before the update) and then updated IN
               PLACE with this step's scores (AGM Eq. 10). state None: no history (s_hat = 0, tau = 1, Alg. 1), nothing
               stored.
-      mlb   : 'prob' sums, ratio_mlb, mlb_coefficients (hp alpha=1.0, beta_max=2.0)
+      mlb   : 'prob' sums, ratio_mlb, mlb_coefficients (hp alpha=0.8, beta_max=2.0)
     With ratio='difference' the ratio is formed on batch-mean scores (sums / count), see ratio_tpami.
     Returns dict(scores [M], ratios [M], coefficients [M], flag []) all fp32. flag: 2 no valid rows; else 1 a
     non-finite score, ratio or coefficient; else 0. When flag != 0 the coefficients are neutral (k = 1, q = 0,
