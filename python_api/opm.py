@@ -52,7 +52,7 @@ class OPM(Balancer):
         self.q_base, self.lam, self.z, self.ratio = float(q_base), float(lam), z, ratio
         self.p_exe, self.rescale, self.timing = float(p_exe), rescale, timing
         self._q_prev = torch.zeros(self.num_modalities)   # q in force before this step's observe()
-        self._dropped = (-1, [])   # (step, weak references to the tensors drop() returned in that step)
+        self._dropped = (-1, [], [])  # (step, weak references to the tensors drop() returned, their grad_fn nodes)
 
     def _hyperparameters(self) -> dict:
         return {"q_base": self.q_base, "lam": self.lam, "z": self.z, "ratio": self.ratio}
@@ -95,7 +95,9 @@ class OPM(Balancer):
         out = _ops.modality_drop(xs, self.drop_probability, seed=self.seed,
                                  offset=self._noise_offset(self._step, 0), rescale=self.rescale, p_exe=self.p_exe)
         self._mark_on_backward(out)
-        self._dropped = (self._step, [weakref.ref(t) for t, x in zip(out, xs) if t is not x])  # p_exe = 0: inputs
+        kept = [t for t, x in zip(out, xs) if t is not x]   # p_exe = 0 returns the inputs themselves
+        # the nodes are held (not their ids): a released grad_fn's id can be reused by an unrelated node
+        self._dropped = (self._step, [weakref.ref(t) for t in kept], [t.grad_fn for t in kept if t.grad_fn is not None])
         return out
 
     def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
@@ -111,21 +113,20 @@ class OPM(Balancer):
         res = self._run_coefficients(x, labels)
         self._store(res, modulate=self.enabled and self.in_window(self._time_next()))
 
-    _GRAPH_NODES = 256   # how far observe() looks back through the autograd graph of the logits
+    _GRAPH_NODES = 32    # how far observe() looks back through the autograd graph of the logits (host time per step)
 
     def _check_not_dropped(self, unimodal_logits) -> None:
         """Raise if unimodal_logits are (views of) this step's drop() outputs or were computed from them with autograd
         (host-side: tensor identity, storage and the graph's nodes; no device read). Logits computed from dropped
         features without a graph (torch.no_grad, detach) cannot be recognised here."""
-        step, refs = self._dropped
-        if step != self._step:
+        step, refs, nodes = self._dropped
+        if step != self._step or torch.compiler.is_compiling():
             return
         dropped = [t for t in (r() for r in refs) if t is not None]
         if not dropped:
             return
         xs = [unimodal_logits] if isinstance(unimodal_logits, torch.Tensor) else list(unimodal_logits)
         storages = {t.untyped_storage().data_ptr() for t in dropped if t.numel()}
-        nodes = {id(t.grad_fn) for t in dropped if t.grad_fn is not None}
         for m, x in enumerate(xs):
             if not isinstance(x, torch.Tensor):
                 continue
@@ -137,7 +138,7 @@ class OPM(Balancer):
                     if node is None or id(node) in seen:
                         continue
                     seen.add(id(node))
-                    hit = id(node) in nodes
+                    hit = any(node is n for n in nodes)
                     todo.extend(n for n, _ in node.next_functions)
             if hit:
                 where = "unimodal_logits" if isinstance(unimodal_logits, torch.Tensor) else f"unimodal_logits[{m}]"
