@@ -56,13 +56,12 @@ def mmpareto_inner_products(grads_mm: Sequence[torch.Tensor], grads_uni: Sequenc
 
 def mmpareto_weights(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     """Per encoder [K]: (cos, w_m, conflict, finite). The weight rule above; degenerate cases above."""
-    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+    finite = torch.isfinite(torch.stack([a, b, c])).all(0)
     denom = a.clamp(min=0).sqrt() * c.clamp(min=0).sqrt()
-    cos = torch.where(denom > 0, b / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(b))
+    cos = torch.where(denom > 0, b / denom, 0.0)
     solved = (c - b) / (a + c - 2 * b)  # only read where b < a and b < c, so a + c - 2b > 0
-    w_m = torch.where(b >= a, torch.full_like(a, W_HIGH), torch.where(b >= c, torch.full_like(a, W_LOW), solved))
-    conflict = ~(cos > 0) & finite
-    w_m = torch.where(conflict, w_m, torch.full_like(a, 0.5))
+    conflict = (cos <= 0) & finite
+    w_m = torch.where(conflict, torch.where(b >= a, W_HIGH, torch.where(b >= c, W_LOW, solved)), 0.5)
     return cos, w_m, conflict, finite
 
 
@@ -82,33 +81,33 @@ def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: i
     """
     if rescale not in MMPARETO_RESCALE:
         raise ValueError(f"rescale must be one of {MMPARETO_RESCALE}, got {rescale!r}")
-    acc, k = abc.dtype, num_encoders
+    k = num_encoders
     a, b, c = _per_encoder(abc, encoder_of, k).unbind(1)
     cos, w_m, conflict, finite = mmpareto_weights(a, b, c)
-    w_u = 1 - w_m
-    wm_t, wu_t = w_m[encoder_of], w_u[encoder_of]
+    w = torch.stack([w_m, 1 - w_m], 1)                                               # [K, 2]
+    wt = w[encoder_of]                                                               # [T, 2]
     at, bt, ct = abc.unbind(1)
     sum_sq = (at + 2 * bt + ct).clamp(min=0)                                         # ||g_m + g_u||^2
+    wm_t, wu_t = wt.unbind(1)
     h_sq = (4 * (wm_t * wm_t * at + 2 * wm_t * wu_t * bt + wu_t * wu_t * ct)).clamp(min=0)  # ||h||^2
-    tau_t = torch.as_tensor(tau, dtype=acc, device=abc.device).expand(at.shape)
+    tau_t = torch.as_tensor(tau, dtype=abc.dtype, device=abc.device).expand(at.shape)
     if rescale == "global":
         sum_sq = _per_encoder(sum_sq, encoder_of, k)[encoder_of]
         h_sq = _per_encoder(h_sq, encoder_of, k)[encoder_of]
-        bound = (2 * (w_m * a.clamp(min=0).sqrt() + w_u * c.clamp(min=0).sqrt()))[encoder_of]
-        tau_t = torch.zeros(k, dtype=acc, device=abc.device).scatter_reduce_(0, encoder_of, tau_t, "amax")[encoder_of]
+        bound = (2 * (w * torch.stack([a, c], 1).clamp(min=0).sqrt()).sum(1))[encoder_of]
+        tau_t = torch.zeros(k, dtype=abc.dtype, device=abc.device).scatter_reduce_(0, encoder_of, tau_t,
+                                                                                  "amax")[encoder_of]
     else:
-        bound = 2 * (wm_t * at.clamp(min=0).sqrt() + wu_t * ct.clamp(min=0).sqrt())   # >= ||h_T||
+        bound = 2 * (wt * torch.stack([at, ct], 1).clamp(min=0).sqrt()).sum(1)      # >= ||h_T||
+    h = h_sq.sqrt()
     conflict_t = conflict[encoder_of]
-    vanished = conflict_t & (bound > 0) & (h_sq.sqrt() <= tau_t * bound)
-    r = torch.where(h_sq > 0, (sum_sq / torch.where(h_sq > 0, h_sq, torch.ones_like(h_sq))).sqrt(),
-                    torch.ones_like(h_sq))
+    vanished = conflict_t & (bound > 0) & (h <= tau_t * bound)
     pareto = conflict_t & ~vanished
-    f = torch.where(pareto, r.clamp(min=1), torch.ones_like(r))
-    s_m = torch.where(pareto, 2 * gamma * f * wm_t, torch.full_like(f, gamma))
-    s_u = torch.where(pareto, 2 * gamma * f * wu_t, torch.full_like(f, gamma))
-    flag = torch.where((~finite).any(), 1.0, torch.where(vanished.any(), 2.0, 0.0)).to(torch.float32)
-    return {"scale": torch.stack([s_m, s_u], 1), "keep": finite[encoder_of], "cos": cos.to(torch.float32),
-            "weights": torch.stack([w_m, w_u], 1).to(torch.float32), "conflict": conflict, "flag": flag}
+    r = torch.where(h_sq > 0, (sum_sq / h_sq).sqrt(), 1.0)
+    scale = torch.where(pareto.unsqueeze(1), (2 * gamma) * r.clamp(min=1).unsqueeze(1) * wt, gamma)  # (s_m, s_u)
+    flag = torch.where(finite.all(), torch.where(vanished.any(), 2.0, 0.0), 1.0).to(torch.float32)
+    return {"scale": scale, "keep": finite[encoder_of], "cos": cos.to(torch.float32),
+            "weights": w.to(torch.float32), "conflict": conflict, "flag": flag}
 
 
 def mmpareto_combine(grads_mm, grads_uni, *, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor"):

@@ -11,8 +11,8 @@ MMParetoLayout(params) / mmpareto_combine_flat_(layout, flats_mm, flats, ...)
     once and uploaded once per device.
 
 Backends: Triton on CUDA tensors (3 launches: reduce, finalize, write; mmkernels/triton_ops/mmpareto.py), the
-reference math (mmkernels.reference.mmpareto_*) elsewhere: on flat CPU buffers per-tensor float64 dots and a write
-(tensor by tensor, no host read), on lists the reference itself. Every backend takes the inner products, weights and
+reference math (mmkernels.reference.mmpareto_*) elsewhere: on flat CPU buffers float64 dots and a write per tensor
+(in buckets of up to BUCKET elements, no host read), on lists the reference itself. Every backend takes the inner products, weights and
 scales in float64 and forms the combination in float64 (rounded once), so ||h_T|| keeps its digits when the Pareto
 point nearly cancels. Statistics: cos [K], weights [K, 2] (w_m, w_u), conflict [K] (1. where the Pareto rule acted),
 flag [] (1.: an encoder's inner products were not finite, its gradient is 0; else 2.: a Pareto point vanished
@@ -31,6 +31,7 @@ from ._validate import check_choice, check_float, check_num_modalities, check_re
 
 RESCALE = reference.MMPARETO_RESCALE
 _BACKENDS = ("reference", "triton")
+BUCKET = 1 << 20      # elements per CPU work unit (two float64 scratch vectors of this size: 16 MiB)
 
 
 def _check_gamma_rescale(gamma, rescale) -> None:
@@ -78,11 +79,27 @@ class MMParetoLayout:
     def empty_flats(self, device) -> list:
         return [torch.zeros(n, dtype=dt, device=device) for dt, n in zip(self.dtypes, self.numel)]
 
+    def buckets(self) -> list:
+        """The CPU path's work units: runs of consecutive tensors of one dtype group (end to end in its buffer) of at
+        most BUCKET elements together; a larger tensor is a bucket alone. Each: (group, start, stop, tensor indices,
+        spans [(lo, hi)] in bucket-local offsets)."""
+        if "buckets" not in self._tables:
+            out = []
+            for t, (g, off, n, _) in enumerate(self.slots):
+                if not out or out[-1][0] != g or out[-1][2] != off or out[-1][2] - out[-1][1] + n > BUCKET:
+                    out.append([g, off, off, [], []])
+                cur = out[-1]
+                cur[3].append(t)
+                cur[4].append((off - cur[1], off - cur[1] + n))
+                cur[2] = off + n
+            self._tables["buckets"] = [tuple(b) for b in out]
+        return self._tables["buckets"]
+
     def scratch(self, device) -> tuple:
-        """Two float64 vectors of the largest tensor's size on `device` (the CPU path's work space; made once)."""
+        """Two float64 vectors of the largest bucket's size on `device` (the CPU path's work space; made once)."""
         key = ("scratch", str(device))
         if key not in self._tables:
-            n = max((slot[2] for slot in self.slots), default=0)
+            n = max((b[2] - b[1] for b in self.buckets()), default=0)
             self._tables[key] = tuple(torch.empty(n, dtype=torch.float64, device=device) for _ in range(2))
         return self._tables[key]
 
@@ -138,33 +155,39 @@ class MMParetoLayout:
 
 def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: float, rescale: str,
                 summed: bool = False) -> dict:
-    """The reference math on flat buffers, tensor by tensor: each tensor's g_m and g_u copied into two float64 scratch
-    vectors (reused: one tensor's size), three float64 dots; then again, y <- s_m x + s_u y formed in float64 and
-    stored (every value stays a tensor, no host read). summed: flats hold g_m + g_u; g_u is their difference (taken
-    in float64, exact for fp32/fp16/bf16)."""
+    """The reference math on flat buffers, bucket by bucket (MMParetoLayout.buckets): g_m and g_u copied into two
+    float64 scratch vectors (one copy each per bucket), three float64 dots per tensor; then g_u <- s_m g_m + s_u g_u
+    formed in float64 and stored, rounded once. A non-finite encoder gets scales 0 and its 0 * NaN / 0 * Inf values
+    are set to 0 (finite inner products imply finite values, so nothing else is touched). No host read. summed:
+    flats hold g_m + g_u; g_u is their difference (taken in float64, exact for fp32/fp16/bf16)."""
     device = flats[0].device
     sx, sy = layout.scratch(device)
+    buckets = layout.buckets()
 
-    def pair(g, off, n):
-        xa, ya = sx[:n], sy[:n]
-        xa.copy_(flats_mm[g][off:off + n])
-        ya.copy_(flats[g][off:off + n])
+    def load(bucket):
+        g, start, stop, _, spans = bucket
+        x, y = sx[:stop - start], sy[:stop - start]
+        x.copy_(flats_mm[g][start:stop])
+        y.copy_(flats[g][start:stop])
         if summed:
-            ya.sub_(xa)
-        return xa, ya
+            y.sub_(x)
+        return x, y, [x[lo:hi] for lo, hi in spans], [y[lo:hi] for lo, hi in spans]
 
-    rows = []
-    for g, off, n, _ in layout.slots:
-        xa, ya = pair(g, off, n)
-        rows.append(torch.stack([xa.dot(xa), xa.dot(ya), ya.dot(ya)]))
-    abc = torch.stack(rows) if rows else torch.zeros((0, 3), dtype=torch.float64, device=device)
+    dots, loaded = [], None
+    for bucket in buckets:
+        loaded = load(bucket)
+        dots += [d for xt, yt in zip(loaded[2], loaded[3]) for d in (xt.dot(xt), xt.dot(yt), yt.dot(yt))]
+    abc = torch.stack(dots).view(-1, 3) if dots else torch.zeros((0, 3), dtype=torch.float64, device=device)
     res = reference.mmpareto_scales(abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale,
                                     tau=tables["tau"])
-    s_m, s_u = res.pop("scale").unbind(1)
-    for (g, off, n, _), sm, su, keep in zip(layout.slots, s_m.unbind(), s_u.unbind(), res.pop("keep").unbind()):
-        xa, ya = pair(g, off, n)
-        ya.mul_(su).addcmul_(xa, sm).masked_fill_(~keep, 0.0)    # 0 for a non-finite encoder (no 0 * NaN)
-        flats[g][off:off + n].copy_(ya)
+    keep = res.pop("keep")
+    s_m, s_u = (v.unbind() for v in torch.where(keep.unsqueeze(1), res.pop("scale"), 0.0).unbind(1))
+    for bucket in buckets:
+        g, start, stop, tensors = bucket[:4]
+        _, y, xs, ys = loaded if len(buckets) == 1 else load(bucket)     # one bucket: still in the scratch
+        torch._foreach_mul_(ys, [s_u[t] for t in tensors])
+        torch._foreach_addcmul_(ys, xs, [s_m[t] for t in tensors])
+        flats[g][start:stop].copy_(y.nan_to_num_(nan=0.0))
     return {"cos": res["cos"], "weights": res["weights"], "conflict": res["conflict"].to(torch.float32),
             "flag": res["flag"]}
 

@@ -117,3 +117,42 @@ def test_nonfinite_gradients_never_reach_the_output(backend, path, device):
         assert torch.equal(t, torch.zeros_like(t))
     torch.testing.assert_close(out[1][0], want[0][0])
     assert stats["flag"].item() == 1.0
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_flat_cpu_buckets_do_not_change_the_result(monkeypatch, summed):
+    """The flat CPU path works bucket by bucket (runs of tensors of one dtype, at most BUCKET elements): a layout cut
+    into many buckets (two dtypes, a NaN encoder, tensors larger than a bucket) gives bit for bit what one bucket
+    per dtype gives, and what the list op gives."""
+    import mmkernels.mmpareto as mp
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [[((7, 5), torch.float32), ((300,), torch.float32), ((4,), torch.float64)],
+              [((9,), torch.float32), ((13, 11), torch.float64)], [((6,), torch.float32)]]
+    gm = [[torch.randn(s, generator=g).to(dt) for s, dt in enc] for enc in shapes]
+    gu = [[-0.7 * t + 0.2 * torch.randn(t.shape, generator=g).to(t.dtype) for t in enc] for enc in gm]
+    gm[2][0][3] = float("nan")
+
+    def run():
+        layout = MMParetoLayout(gu)
+        fm, fu = layout.empty_flats("cpu"), layout.empty_flats("cpu")
+        for v, t in zip(sum(layout.views(fm), []), sum(gm, [])):
+            v.copy_(t)
+        for v, a, b in zip(sum(layout.views(fu), []), sum(gm, []), sum(gu, [])):
+            v.copy_(a + b if summed else b)
+        stats = mmpareto_combine_flat_(layout, fm, fu, summed=summed)
+        return fu, stats, len(layout.buckets())
+
+    whole, stats, n_whole = run()
+    monkeypatch.setattr(mp, "BUCKET", 40)
+    cut, cut_stats, n_cut = run()
+    assert (n_whole, n_cut) == (5, 6)           # runs of one dtype in layout order; the 300 tensor alone
+    for a, b in zip(whole, cut):
+        assert torch.equal(a, b)
+    for k in ("cos", "weights", "conflict", "flag"):
+        assert torch.equal(stats[k], cut_stats[k])
+    assert stats["flag"].item() == 1.0
+    listed, _ = combine(gm, [[t.clone() for t in enc] for enc in gu], "list", "cpu")
+    flat = MMParetoLayout(gu).views(whole)
+    for a, b in zip(sum(listed, []), sum(flat, [])):
+        torch.testing.assert_close(a, b)            # float64 tensors: the same terms, summed in another order
