@@ -7,6 +7,7 @@ method's running state. Nothing in a training step reads a device value on the h
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -108,7 +109,8 @@ class Balancer(metaclass=_Constructed):
       optimizer: if given, step() is called automatically after each optimizer.step(). A step whose
         optimizer.step() never comes (torch.amp.GradScaler skips it when the gradients hold inf/NaN) is ended by
         the next step's first call (observe, tap, drop, forward, loss) once its backward has run; `skipped_steps`
-        counts them.
+        counts them, and the first one raises a RuntimeWarning (gradient accumulation, which is not supported yet,
+        would show up here: each micro-batch after the first is taken for a skipped step).
     """
 
     method: str = ""            # name stored in state_dict
@@ -163,6 +165,12 @@ class Balancer(metaclass=_Constructed):
         """optimizer= given, this step's backward has run and a new step's work begins, yet optimizer.step() never
         came (GradScaler skipped it): end the step here, as the hook would have."""
         if self._auto_step and self._backward_step == self._step:
+            if not self.skipped_steps:
+                warnings.warn(f"{type(self).__name__}: step {self._step} ended without optimizer.step() and was "
+                              f"counted in skipped_steps, as after a torch.amp.GradScaler skip. Gradient "
+                              f"accumulation over micro-batches is not supported yet: with optimizer= every "
+                              f"micro-batch after the first is taken for a skipped step.", RuntimeWarning,
+                              stacklevel=3)
             self.skipped_steps += 1
             self.step()
 

@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -498,3 +500,36 @@ def test_item14_ogm_official_tie_suppresses_modality_1():
         bal.observe(x, y)
         k = bal.coefficients
         assert float(k[suppressed]) < 1.0 and float(k[1 - suppressed]) == 1.0, (cls.__name__, k)
+
+
+@pytest.mark.parametrize("kind", ["ogmge", "pmr"])
+def test_item8_a_rolled_over_step_warns_once(kind):
+    """A step ended without optimizer.step() (GradScaler skip, or gradient accumulation, not supported yet) is never
+    counted silently: the first one raises a RuntimeWarning naming accumulation; later ones are only counted."""
+    model = TinyModel(2, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bal = api.OGMGE(2, optimizer=opt) if kind == "ogmge" else api.PMR(2, num_classes=4, optimizer=opt)
+    if kind == "pmr":
+        xs, y = batch(2, b=16, seed=9)
+        with torch.no_grad():
+            bal.update_prototypes(model.feats(xs), y)
+
+    def micro_batch(seed):
+        xs, y = batch(2, b=8, seed=seed)
+        feats = model.feats(xs)
+        if kind == "ogmge":
+            bal.observe(api.concat_unimodal_logits(feats, model.head), y)
+            loss = F.cross_entropy(model.fuse(bal.tap(feats)), y)
+        else:
+            loss = F.cross_entropy(model.fuse(feats), y) + bal.loss(feats, y)
+        loss.backward()
+
+    micro_batch(0)
+    with pytest.warns(RuntimeWarning, match="accumulation"):
+        micro_batch(1)                      # a second micro-batch of the same optimizer step
+    assert bal.skipped_steps == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        micro_batch(2)
+    opt.step()
+    assert bal.skipped_steps == 2 and bal.step_count == 3
