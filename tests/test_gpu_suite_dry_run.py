@@ -22,10 +22,14 @@ def test_gpu_suite_dry_run(tmp_path):
     assert {"summary.txt", "versions.txt", "results.jsonl", "benchmarks.md", "logs.tar.gz"} <= set(files), files
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     stages = {r["stage"] for r in records}
-    assert {"bench_coef", "bench_train", "tests_cuda"} <= stages, stages
+    assert {"tests_new", "bench_coef", "bench_train", "tests_cuda", "bench_compiled", "bench_new",
+            "bench_rest"} <= stages, stages
     benches = [r for r in records if r["kind"] == "benchmark"]
     assert benches and all(r["stats"]["median"] > 0 and r["stats"]["rounds"] >= 1 for r in benches)
-    assert any(r["kind"] == "test" and r["stage"] == "tests_cuda" and r["outcome"] == "passed" for r in records)
+    for stage in ("tests_new", "tests_cuda"):
+        assert any(r["kind"] == "test" and r["stage"] == stage and r["outcome"] == "passed" for r in records), stage
+    new_files = {r["nodeid"].split("::")[0] for r in records if r["kind"] == "test" and r["stage"] == "tests_new"}
+    assert len(new_files) >= 2, new_files            # one pytest process per file, each recorded
     assert "commit: dry-run" in (out / "versions.txt").read_text()
     md = (out / "benchmarks.md").read_text()
     assert "## Training step" in md and "| joint | 2 |" in md
