@@ -66,6 +66,23 @@ def test_host_balance_coefficients(benchmark, impl, bench_device):
     _host(benchmark, fn, f"host balance_coefficients ogm M={M} B={B} C={C} {bench_device}")
 
 
+@pytest.mark.parametrize("impl", ["plan", "plan_triton_launch_stubbed"])
+def test_host_coefficient_plan(benchmark, impl, bench_device, monkeypatch):
+    """The coefficient op as a training loop calls it: mmkernels.CoefficientPlan.raw (the packed [3M + 1] output, no
+    views). plan_triton_launch_stubbed: the
+    Triton path with the kernel launch replaced by a no-op, on any device: the Python host overhead per call that
+    remains (target <= 8 us), whatever the launch itself costs."""
+    x, y, _ = _inputs(bench_device)
+    if impl == "plan_triton_launch_stubbed":
+        import mmkernels.coefficients as coefficients
+        from mmkernels.triton_ops import coefficients as triton_coefficients
+
+        monkeypatch.setattr(coefficients, "backend_for", lambda *a, **k: "triton")
+        monkeypatch.setattr(triton_coefficients, "launch_kernel", lambda grid, args, meta: None)
+    plan = mmkernels.CoefficientPlan("ogm")
+    _host(benchmark, lambda: plan.raw(x, y), f"host balance_coefficients ogm M={M} B={B} C={C} {bench_device}")
+
+
 @pytest.mark.parametrize("impl", ["mmkernels", "plain_torch"])
 def test_host_grad_tap(benchmark, impl, bench_device):
     _, _, feats = _inputs(bench_device)

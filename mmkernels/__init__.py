@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: F401  (the pure-PyTorch oracle)
 from ._backend import backend_for, ext_available, triton_available  # noqa: F401
-from .coefficients import METHOD_DEFAULTS, balance_coefficients  # noqa: F401
+from .coefficients import METHOD_DEFAULTS, CoefficientPlan, balance_coefficients  # noqa: F401
 from .taps import drop_uniforms, grad_tap, modality_drop  # noqa: F401
 from .noise import cov_noise_tap, ge_isotropic_, sample_cov_noise  # noqa: F401
 from .shapley import shapley_masked_batch, shapley_responses  # noqa: F401

@@ -12,6 +12,7 @@ directly, skipping the op's dispatch (host time that would exceed the kernel's o
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -128,18 +129,7 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     balancers check label values on CPU tensors first and raise a ValueError naming `labels`); a 'prob' score sum of
     exactly 0 (softmax[y] underflows on every row) gives an inf or NaN ratio (flag 1).
     """
-    stacked = check_modalities(unimodal_logits, "unimodal_logits", ndim=2)
-    first = unimodal_logits if stacked else unimodal_logits[0]
-    m = first.shape[0] if stacked else len(unimodal_logits)
-    b, c = first.shape[-2], first.shape[-1]
-    if c < 1:
-        raise ValueError(f"unimodal_logits must have at least one class, got shape [M, B, C] = {[m, b, c]}")
-    check_labels(labels, b, first.device)
-    check_choice(method, METHODS, "method")
-    check_ignore_index(ignore_index)
-    p = _check_hyperparameters(method, hyperparameters)
-    if method == "agm":
-        _check_state(state, m, first.device)
+    stacked, m, first, p = _validated(unimodal_logits, labels, method, state, ignore_index, hyperparameters)
     distributed = bool(sync) and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     if first.device.type == "cpu" and not distributed and not torch.compiler.is_compiling():
@@ -166,6 +156,24 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
     if not distributed:
         return reference.balance_coefficients_ref(logits, labels, method, state=state, ignore_index=ignore_index, **hp)
     return _reference_synced(logits, labels, method, state, ignore_index, group, hp)
+
+
+def _validated(unimodal_logits, labels, method, state, ignore_index, hyperparameters):
+    """Every check of balance_coefficients (raises, changing nothing). Returns (stacked, M, first tensor, the
+    hyperparameters with defaults)."""
+    stacked = check_modalities(unimodal_logits, "unimodal_logits", ndim=2)
+    first = unimodal_logits if stacked else unimodal_logits[0]
+    m = first.shape[0] if stacked else len(unimodal_logits)
+    b, c = first.shape[-2], first.shape[-1]
+    if c < 1:
+        raise ValueError(f"unimodal_logits must have at least one class, got shape [M, B, C] = {[m, b, c]}")
+    check_labels(labels, b, first.device)
+    check_choice(method, METHODS, "method")
+    check_ignore_index(ignore_index)
+    p = _check_hyperparameters(method, hyperparameters)
+    if method == "agm":
+        _check_state(state, m, first.device)
+    return stacked, m, first, p
 
 
 _CPU_BACKENDS = ("reference", "triton", "ext")  # on CPU tensors the extension's twin exists (csrc/coefficients.cpp)
@@ -202,3 +210,87 @@ def _reference_synced(logits, labels, method, state, ignore_index, group, hp) ->
     torch.distributed.all_reduce(packed, group=group)
     sums, count = packed[:-1], packed[-1]
     return reference.balance_from_sums_ref(sums, count, method, state=state, **hp)
+
+
+class CoefficientPlan:
+    """balance_coefficients for a training loop: the checks that do not depend on the batch (method,
+    hyperparameters, ignore_index) run once, at construction; the rest (shapes, dtypes, devices, backend) once per
+    distinct input layout, which is then kept with its launch prepared (triton_ops.coefficients.PreparedLaunch: the
+    output buffer, grid, constants) or its C++ / reference call bound. A call looks the layout up and launches.
+
+    plan(logits [M, B, C] tensor, labels [B], state=None) -> dict(scores [M], ratios [M], coefficients [M], flag [])
+    with the same numbers as balance_coefficients(logits, labels, method, ...), in fresh tensors every call. A list of logits, sync=True under torch.distributed, and tracing under torch.compile take balance_coefficients
+    itself. AGM: `state` is checked on every call (it may be replaced between calls).
+    """
+
+    def __init__(self, method: str, *, ignore_index: int = -100, **hyperparameters):
+        check_choice(method, METHODS, "method")
+        check_ignore_index(ignore_index)
+        self.method, self.ignore_index = method, int(ignore_index)
+        self.hyperparameters = dict(hyperparameters)
+        self._p = _check_hyperparameters(method, self.hyperparameters)
+        self._layouts: dict = {}
+
+    def __call__(self, logits, labels: torch.Tensor, state: dict | None = None, *, sync: bool = False,
+                 group=None) -> dict:
+        if not isinstance(logits, torch.Tensor) or torch.compiler.is_compiling() or (
+                sync and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return balance_coefficients(logits, labels, self.method, state=state, ignore_index=self.ignore_index,
+                                        sync=sync, group=group, **self.hyperparameters)
+        out = self._run(logits, labels, state)
+        return out if isinstance(out, dict) else _split(out, logits.shape[0])
+
+    def raw(self, logits: torch.Tensor, labels: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        """The same call (logits one tensor [M, B, C], no sync) returning the packed fp32 [3M + 1] (scores [0:M],
+        ratios [M:2M], coefficients [2M:3M], flag [3M]) without building the four views: the least host time."""
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"CoefficientPlan.raw takes logits as one tensor [M, B, C], got {type(logits).__name__}")
+        out = self._run(logits, labels, state)
+        if isinstance(out, dict):
+            return torch.cat([out["scores"], out["ratios"], out["coefficients"], out["flag"].view(1)])
+        return out
+
+    def _run(self, logits, labels, state):
+        key = (logits.shape, logits.stride(), logits.dtype, logits.device, labels.shape, labels.dtype, labels.device,
+               labels.stride(), os.environ.get("MMKERNELS_BACKEND"))
+        run = self._layouts.get(key)
+        if run is None:
+            run = self._prepare(logits, labels, state)
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            self._layouts[key] = run
+        elif self.method == "agm":
+            _check_state(state, logits.shape[0], logits.device)
+        return run(logits, labels, state)
+
+    def _prepare(self, logits, labels, state):
+        """Full validation of this layout, then the bound call of its backend."""
+        _, _, _, p = _validated(logits, labels, self.method, state, self.ignore_index, self.hyperparameters)
+        method, agm = self.method, self.method == "agm"
+        if logits.device.type == "cpu" and backend_for(logits, op="balance_coefficients",
+                                                       available=_CPU_BACKENDS) == "ext" and _ext_twin() is not None:
+            twin, ii = _ext_twin(), self.ignore_index
+            consts = (float(p["alpha"]), float(p["q_base"]), float(p["lam"]), float(p["beta_max"]),
+                      None if p["clip"] is None else float(p["clip"]), p["z"] == "sigmoid", p["ratio"] == "difference",
+                      int(p["tie"]))
+            mid = _METHOD_ID[method]
+
+            def run_ext(x, y, st):
+                s_hat, steps = (st["s_hat"], st["steps"]) if agm and st is not None else (None, None)
+                return twin([x.detach()], y, s_hat, steps, mid, ii, *consts)
+            return run_ext
+        if backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton")) == "triton":
+            from .triton_ops.coefficients import PreparedLaunch
+
+            launch = PreparedLaunch(logits, labels, method, {**p, "ignore_index": self.ignore_index})
+
+            def run_triton(x, y, st):  # the kernel only reads x: no detach needed
+                if agm and st is not None:
+                    return launch(x, y, st["s_hat"], st["steps"])
+                return launch(x, y, None, None)
+            return run_triton
+        hp, ii = {k: p[k] for k in METHOD_DEFAULTS[method]}, self.ignore_index
+
+        def run_reference(x, y, st):
+            return reference.balance_coefficients_ref(x.detach(), y, method, state=st, ignore_index=ii, **hp)
+        return run_reference

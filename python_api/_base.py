@@ -309,12 +309,16 @@ class Balancer(metaclass=_Constructed):
         return {}
 
     def _run_coefficients(self, x: torch.Tensor, labels: torch.Tensor, *, state=None) -> dict:
-        """The public coefficient op on stacked logits [M, B, C] (detached). Run for an empty batch too (flag 2,
+        """The public coefficient op (through a CoefficientPlan: checks once per layout) on stacked logits [M, B, C]
+        (detached). Run for an empty batch too (flag 2,
         neutral coefficients): under sync every rank must join the all-reduce of every step."""
         self._to_device(x.device)
-        return _ops.balance_coefficients(x.detach(), labels, self.coefficient_method, state=state,
-                                         ignore_index=self.ignore_index, sync=self._sync(),
-                                         **self._hyperparameters())
+        hp = self._hyperparameters()
+        key = (self.coefficient_method, self.ignore_index, tuple(sorted(hp.items())))
+        if getattr(self, "_plan_key", None) != key:  # validated once per set of hyperparameters
+            self._plan = _ops.CoefficientPlan(self.coefficient_method, ignore_index=self.ignore_index, **hp)
+            self._plan_key = key
+        return self._plan(x.detach(), labels, state, sync=self._sync())
 
     def _store(self, res: dict | None, *, modulate: bool) -> None:
         """Keep the op's outputs; coefficients exactly neutral when not modulating (host decision)."""

@@ -362,15 +362,16 @@ assert set(READS) == set(GUARDED)
 @pytest.mark.parametrize("read", list(READS))
 def test_guard_catches_a_read_injected_into_observe(read, monkeypatch):
     """A copy of OGM's coefficient call path with one host read added (the library files are not touched): the
-    read sits in balance_coefficients as _base._run_coefficients calls it, so a library frame is on the stack."""
-    original = api._ops.balance_coefficients
+    read sits in the coefficient plan's call as _base._run_coefficients makes it, so a library frame is on the
+    stack."""
+    original = api._ops.CoefficientPlan.__call__
 
-    def with_read(*args, **kwargs):
-        res = original(*args, **kwargs)
+    def with_read(self, *args, **kwargs):
+        res = original(self, *args, **kwargs)
         READS[read](res["flag"])
         return res
 
-    monkeypatch.setattr(api._ops, "balance_coefficients", with_read)
+    monkeypatch.setattr(api._ops.CoefficientPlan, "__call__", with_read)
     step, _ = make_ogm("cpu")
     step()  # warm-up: reads are allowed outside the guard
     with SyncGuard() as guard:
@@ -400,10 +401,10 @@ def test_guard_catches_a_read_injected_into_the_backward(monkeypatch):
 
 @pytest.mark.parametrize("swallowed", [False, True])
 def test_guard_records_a_read_even_when_swallowed(swallowed, monkeypatch):
-    original = api._ops.balance_coefficients
+    original = api._ops.CoefficientPlan.__call__
 
-    def with_read(*args, **kwargs):
-        res = original(*args, **kwargs)
+    def with_read(self, *args, **kwargs):
+        res = original(self, *args, **kwargs)
         try:
             res["flag"].item()
         except AssertionError:
@@ -411,7 +412,7 @@ def test_guard_records_a_read_even_when_swallowed(swallowed, monkeypatch):
                 raise
         return res
 
-    monkeypatch.setattr(api._ops, "balance_coefficients", with_read)
+    monkeypatch.setattr(api._ops.CoefficientPlan, "__call__", with_read)
     step, _ = make_ogm("cpu")
     with SyncGuard() as guard:
         if swallowed:
