@@ -6,7 +6,6 @@ import torch
 
 from mmkernels.coefficients import CoefficientPlan, balance_coefficients  # noqa: F401  (docs/methods/)
 from mmkernels.noise import cov_noise_tap, ge_isotropic_  # noqa: F401  (docs/methods/ogm_ge.md)
-from mmkernels.reference import shapley_combine  # noqa: F401  (AGM Eq. 1-3, on detached outputs for the scores)
 from mmkernels.shapley import shapley_masked_batch, shapley_responses  # noqa: F401  (docs/methods/agm.md)
 from mmkernels.taps import grad_tap, modality_drop  # noqa: F401  (docs/methods/ogm_ge.md, docs/methods/opm.md)
 

@@ -146,7 +146,7 @@ class AGM(Balancer):
         subsets = self._subset_outputs(inputs, model, encoders, head)       # [2^M - 1, B, ...]
         self._to_device(subsets.device)
         if observe:
-            phi = _ops.shapley_combine(subsets.detach())                     # [M, B, C], scores only
+            phi = _ops.shapley_responses(subsets.detach())      # [M, B, C], scores only (the extension where built)
             check_label_values(labels, phi.shape[-1], self.ignore_index)   # a rejected call changes no state
             self._observed_step = self._step
             self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)

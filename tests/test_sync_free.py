@@ -341,7 +341,7 @@ def test_agm_shapley_scores_upload_no_host_data(monkeypatch):
     monkeypatch.setattr(torch, "tensor", spy(torch.tensor, "tensor"))
     monkeypatch.setattr(torch, "as_tensor", spy(torch.as_tensor, "as_tensor"))
     subsets = torch.randn(2 ** M - 1, B, C)
-    api._ops.shapley_combine(subsets)
+    api._ops.shapley_responses(subsets)
     assert not uploads, "\n".join(uploads)
 
 
