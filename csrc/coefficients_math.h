@@ -1,6 +1,6 @@
 // Math of the fused coefficient op (docs/methods/, one page per method): the score of one row and the tail scores -> ratios ->
 // coefficients -> flag -> AGM state, as plain inline functions (host/device style of noise_math.h). The CPU twin
-// (coefficients.cpp) calls them; they follow mmkernels/reference.py operation by operation in fp32, so the twin
+// (coefficients.cpp) calls them; they follow mmkernels/reference/coefficients.py operation by operation in fp32, so the twin
 // matches the reference up to the order of the score sums.
 #pragma once
 

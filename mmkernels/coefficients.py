@@ -3,7 +3,7 @@
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
 zero host syncs; mmkernels/triton_ops/coefficients.py), the extension's C++ twin on CPU tensors (ONE call: scores,
 ratios, coefficients, flag and AGM state; csrc/coefficients.cpp, math in csrc/coefficients_math.h; a list input is
-read in place, not stacked), or the pure-PyTorch reference elsewhere (mmkernels/reference.py, also the CPU path
+read in place, not stacked), or the pure-PyTorch reference elsewhere (mmkernels/reference/, also the CPU path
 under torch.compile and with sync), which computes the same numbers. Under torch.compile the one-launch Triton
 path is the custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the launcher's
 workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is called
@@ -203,7 +203,7 @@ _METHOD_ID = _methods.KERNEL_IDS  # = csrc/coefficients_math.h CoeffMethod (test
 
 def _reference_synced(logits, labels, method, state, ignore_index, group, hp) -> dict:
     """Reference path with the score sums and counts all-reduced across ranks (docs/architecture.md, Conventions: every rank joins every collective); the
-    rest of the pipeline is built from mmkernels/reference.py's own pieces."""
+    rest of the pipeline is built from mmkernels/reference/coefficients.py's own pieces."""
     kind = "ce" if method == "agm" else "prob"
     sums, count = reference.score_sums(logits, labels, kind=kind, ignore_index=ignore_index)
     packed = torch.cat([sums, count.view(1)])

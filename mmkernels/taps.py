@@ -7,7 +7,7 @@ modality_drop(features, q, seed=, offset=): per-sample per-modality Bernoulli(q_
 
 Both validate here, once, and dispatch with mmkernels._backend.backend_for: Triton kernels on CUDA tensors
 (custom ops `mmkernels::grad_scale` and `mmkernels::modality_drop_apply`, opaque to torch.compile, with fake
-implementations), the reference (mmkernels/reference.py) elsewhere. The drop's uniforms are the same on both:
+implementations), the reference (mmkernels/reference/taps.py) elsewhere. The drop's uniforms are the same on both:
 the reference transcribes Triton's tl.rand Philox stream (mmkernels.reference.philox_uniforms_triton).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A deliberately literal, slow transcription of the papers' equations (Python loops over rows and subsets, the
-math module, plain floats). The vectorised reference (mmkernels/reference.py) is compared against it.
+math module, plain floats). The vectorised reference (mmkernels/reference/) is compared against it.
 
 Inputs are plain nested lists of floats (use `to_list`); outputs are floats / lists of floats.
 """

@@ -7,7 +7,7 @@
 2. finalize one program: per tensor the sum of its blocks' partials, per encoder (a, b, c), cos and the weights,
             then per tensor the factors (s_m, s_u, keep) with grad_T = s_m g_m,T + s_u g_u,T = 2 gamma max(1, r_T)
             (w_m g_m,T + w_u g_u,T) (r_T = 1 without conflict; rescale "global": one r per encoder); the fallbacks
-            of mmkernels._ref_mmpareto (vanished Pareto point: gamma (g_m + g_u); non-finite encoder: keep = 0).
+            of mmkernels.reference.mmpareto (vanished Pareto point: gamma (g_m + g_u); non-finite encoder: keep = 0).
 3. write    grid (blocks,): g_u <- s_m g_m + s_u g_u in place (float64 math, stored via fp32 in the gradient's dtype).
 
 Multi-tensor without a pointer table: the tensors of one dtype live in one flat buffer (the balancer owns it and the
@@ -103,7 +103,7 @@ def mmpareto_finalize_kernel(part_ptr, t_blk0_ptr, t_nblk_ptr, t_enc_ptr, t_tau_
                              conflict_ptr, flag_ptr,
                              T, K, max_nblk, gamma,
                              GLOBAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program, float64. Per encoder k: (a, b, c), cos, w (the weight rule of mmkernels._ref_mmpareto); per
+    """One program, float64. Per encoder k: (a, b, c), cos, w (the weight rule of mmkernels.reference.mmpareto); per
     tensor scale[t] = (s_m, s_u, keep): on conflict 2 gamma max(1, r) (w_m, w_u), or (gamma, gamma) where the
     Pareto point vanished (||h|| <= tau bound) or without conflict; keep = 0 for a non-finite encoder (written 0)."""
     kk = tl.arange(0, BLOCK_K)
