@@ -1,9 +1,12 @@
-"""Sample-level modality valuation (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md): per sample, Shapley values of
-the modalities from the argmax correctness of every subset's output, and the copy counts of the next epoch.
+"""Sample-level modality valuation (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md): per sample,
+Shapley values of the modalities from the argmax correctness of every subset's output, and the copy counts of the next
+epoch.
 
-sample_valuation(subset_logits, labels, *, value="authors") -> {"values", "phi" [M, B] fp32, "copies" [M, B] int64}
+sample_valuation(subset_logits, labels, *, value="authors") -> {"values", "phi" [M, B] fp32, "copies" [M, B] int64,
+    "flag" [] fp32}
     subset_logits: [2^M - 1, B, C] (subset S at index S - 1, e.g. a head on mmkernels.shapley_masked_batch(feats,
-    include_full=True, fill=...)), labels [B] int64. value "authors" (v(S) = |S| 1[correct]) or "toolkit" (1[correct]).
+    include_full=True, fill=...)), labels [B] int64 (or int32). value "authors" (v(S) = |S| 1[correct]) or "toolkit"
+    (1[correct]). A row f_S[i] holding a NaN or +-inf is never correct; flag = 1 when one does (every backend).
 valuation_subset_logits(feats, head, *, fill=None) -> [2^M - 1, B, C]
     The head on all non-empty feature subsets in one batched call (features of muted modalities zeroed, or fill[m]).
 
@@ -44,8 +47,8 @@ def sample_valuation(subset_logits: torch.Tensor, labels: torch.Tensor, *, value
         from .triton_ops.valuation import sample_valuation_triton
 
         w, fact = _weights(m, x.device)
-        phi, copies = sample_valuation_triton(x, labels.long(), w, fact, scaled=value == "authors")
-        return {"phi": phi, "copies": copies}
+        phi, copies, flag = sample_valuation_triton(x, labels.long(), w, fact, scaled=value == "authors")
+        return {"phi": phi, "copies": copies, "flag": flag}
     return reference.sample_valuation(x, labels, value=value)
 
 
@@ -69,4 +72,9 @@ def valuation_subset_logits(feats, head, *, fill=None) -> torch.Tensor:
     masked = shapley_masked_batch(list(feats), include_full=True, fill=fill)
     out = head(masked)
     n = 2 ** len(masked) - 1
-    return out.reshape((n, out.shape[0] // n) + tuple(out.shape[1:]))
+    b = masked[0].shape[0] // n
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != n * b:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"head must return logits [(2^M - 1) * B, C] = [{n} * {b} = {n * b}, C] (one row per subset "
+                         f"and sample, M = {len(masked)}), got {got}")
+    return out.reshape((n, b) + tuple(out.shape[1:]))

@@ -1,22 +1,51 @@
-"""Sample-level and modality-level valuation balancers (Wei, Feng, Wang, Hu, CVPR 2024; docs/methods/sample_valuation.md) and the dataset
-wrapper that serves each epoch's rows (originals plus single-modality copies) with a per-row keep-mask."""
+"""Sample-level and modality-level valuation balancers (Wei, Feng, Wang, Hu, CVPR 2024;
+docs/methods/sample_valuation.md) and the dataset wrapper that serves each epoch's rows (originals plus
+single-modality copies) with a per-row keep-mask."""
 from __future__ import annotations
+
+import math
 
 import torch
 
-from mmkernels import _validate, reference
+from mmkernels import _ref_valuation, _validate, reference
 from mmkernels.valuation import VALUES, check_subset_logits, sample_valuation, valuation_subset_logits
 
-from ._base import Balancer, check_int, check_real
+from ._base import Balancer, check_int, check_label_values, check_real
 
 
 def apply_keep(feats, keep: torch.Tensor) -> list:
-    """feats[m] * keep[:, m]: the per-row keep-mask of ValuationDataset applied to M features [B, ...] (copy rows keep
-    one modality; the others are zeroed, as the authors zero pooled features). keep: [B, M] bool or float."""
+    """feats[m] where keep[:, m], else zeros: the per-row keep-mask of ValuationDataset applied to M features [B, ...]
+    (copy rows keep one modality; the others are zeroed, as the authors zero pooled features). keep: [B, M] bool or
+    0/1 float. A select, not a product: a dropped row holding inf/NaN becomes zeros, not NaN."""
     xs = list(feats)
     if keep.dim() != 2 or keep.shape != (xs[0].shape[0], len(xs)):
         raise ValueError(f"keep must have shape [B, M] = [{xs[0].shape[0]}, {len(xs)}], got {tuple(keep.shape)}")
-    return [x * keep[:, m].to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)) for m, x in enumerate(xs)]
+    kept = keep != 0
+    zero = [torch.zeros((), dtype=x.dtype, device=x.device) for x in xs]
+    return [torch.where(kept[:, m].view((-1,) + (1,) * (x.dim() - 1)), x, zero[m]) for m, x in enumerate(xs)]
+
+
+def check_sample_indices(index: torch.Tensor, num_samples: int, name: str = "index") -> None:
+    """Dataset indices in [0, num_samples). Checked on CPU tensors only (a host read, no device sync), as
+    check_label_values; on a device an index out of range is dropped by value() and sets the flag instead."""
+    if index.device.type != "cpu" or index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (index < 0) | (index >= num_samples)
+    if bool(bad.any()):  # sync-ok: CPU tensor, no device involved
+        i = int(bad.nonzero()[0, 0])  # sync-ok: CPU tensor, error path
+        raise ValueError(f"{name} (the dataset indices of the rows) must lie in [0, num_samples={num_samples}); "
+                         f"{name}[{i}] = {int(index[i])}")  # sync-ok: error path
+
+
+def _check_rows(index, keep, num_modalities: int, num_samples: int, name: str) -> None:
+    """index [R] integer in [0, num_samples) and keep [R, M] bool (CPU or device; read on the host, between epochs)."""
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.dim() != 1:
+        raise ValueError(f"{name} index must be an integer (int64) tensor [R], got "
+                         f"{tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__}")
+    if not isinstance(keep, torch.Tensor) or keep.shape != (index.shape[0], num_modalities):
+        raise ValueError(f"{name} index [R] and keep [R, {num_modalities}] expected, got {tuple(index.shape)} and "
+                         f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    check_sample_indices(index.cpu(), num_samples, f"{name} index")  # sync-ok: once per epoch, between epochs
 
 
 class ValuationDataset(torch.utils.data.Dataset):
@@ -34,10 +63,26 @@ class ValuationDataset(torch.utils.data.Dataset):
         self.keep = torch.ones(n, self.num_modalities, dtype=torch.bool)
 
     def set_rows(self, index: torch.Tensor, keep: torch.Tensor) -> None:
-        if index.dim() != 1 or keep.shape != (index.shape[0], self.num_modalities):
-            raise ValueError(f"index [R] and keep [R, {self.num_modalities}] expected, got {tuple(index.shape)} and "
-                             f"{tuple(keep.shape)}")
-        self.index, self.keep = index.cpu(), keep.cpu().bool()  # sync-ok: once per epoch, between epochs (not a step)
+        _check_rows(index, keep, self.num_modalities, len(self.dataset), "set_rows:")
+        self.index, self.keep = index.cpu().long(), keep.cpu().bool()  # sync-ok: once per epoch, between epochs
+
+    def state_dict(self) -> dict:
+        """The current rows (index, keep) and the sizes they belong to: a resume serves the same epoch."""
+        return {"num_modalities": self.num_modalities, "num_samples": len(self.dataset),
+                "index": self.index.clone(), "keep": self.keep.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict(); every entry is checked first (a rejected state changes nothing)."""
+        keys = ("num_modalities", "num_samples", "index", "keep")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"state must be a dict with the entries {list(keys)} (ValuationDataset.state_dict())")
+        for k, want in (("num_modalities", self.num_modalities), ("num_samples", len(self.dataset))):
+            if state[k] != want:
+                raise ValueError(f"state[{k!r}] = {state[k]!r}, this dataset has {k}={want}")
+        if not isinstance(state["keep"], torch.Tensor) or state["keep"].dtype != torch.bool:
+            raise ValueError("state['keep'] must be a bool tensor [R, M]")
+        _check_rows(state["index"], state["keep"], self.num_modalities, len(self.dataset), "state:")
+        self.index, self.keep = state["index"].cpu().long().clone(), state["keep"].cpu().clone()
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -70,8 +115,12 @@ class SampleValuation(Balancer):
             rows.set_rows(*bal.rows(epoch + 1))
 
     Arguments: num_samples N; start (warm-up epochs, default 5); value "authors" or "toolkit" (v(S) = 1[correct]).
+    Labels (int64 or int32) must lie in [0, C) or equal ignore_index (checked on CPU tensors, ValueError naming
+    `labels`); rows labelled ignore_index are not valued (no copies). The dataset indices must lie in [0, N) (checked
+    on CPU tensors; on a device a row out of range is dropped and the flag set). A rejected call changes nothing.
     Statistics: scores = mean phi per modality over the valued samples, ratios = 1 - scores (gap), coefficients =
-    number of copies per modality, all [M] fp32; `phi` [M, N]. Under torch.distributed (sync) the per-sample values
+    number of copies per modality, all [M] fp32; `phi` [M, N]; flag = 1 when the pass met a non-finite logit (that
+    row counted as wrong, docs/methods/sample_valuation.md). Under torch.distributed (sync) the per-sample values
     are summed over ranks (each rank values its shard), so every rank builds the same rows.
     """
 
@@ -86,30 +135,46 @@ class SampleValuation(Balancer):
         check_int(num_samples, "num_samples", minimum=1)
         _validate.check_choice(value, VALUES, "value")
         self.num_samples, self.value_rule = int(num_samples), value
-        self._phi_sum = torch.zeros(self.num_modalities, self.num_samples)
-        self._count = torch.zeros(self.num_samples)
+        self._fact = math.factorial(self.num_modalities)
+        # fp32 accumulators: sums of M! phi (integers, exact below 2^24), valuation counts, the pass's flag
+        self._scaled_sum = torch.zeros(self.num_modalities, self.num_samples, dtype=torch.float32)
+        self._count = torch.zeros(self.num_samples, dtype=torch.float32)
+        self._nonfinite = torch.zeros((), dtype=torch.float32)
 
     def _move(self, device) -> None:
         super()._move(device)
-        self._phi_sum, self._count = self._phi_sum.to(self._device), self._count.to(self._device)
+        self._scaled_sum, self._count, self._nonfinite = (t.to(self._device) for t in self._accumulators())
+
+    def _accumulators(self) -> tuple:
+        return self._scaled_sum, self._count, self._nonfinite
 
     def _hparams_state(self) -> dict:
         return {**super()._hparams_state(), "num_samples": self.num_samples, "value": self.value_rule}
 
     def _extra_tensors(self) -> dict:
-        return {"phi_sum": self._phi_sum, "count": self._count}
+        return {"scaled_phi_sum": self._scaled_sum, "count": self._count, "nonfinite": self._nonfinite}
 
     def _load_extra_tensors(self, tensors: dict) -> None:
-        self._phi_sum, self._count = tensors["phi_sum"], tensors["count"]
+        self._scaled_sum, self._count, self._nonfinite = (
+            tensors[k].float() for k in ("scaled_phi_sum", "count", "nonfinite"))
 
     @property
     def phi(self) -> torch.Tensor:
-        """Per-sample Shapley values of the last valuation pass [M, N] fp32 (0 for samples not valued)."""
-        return self._phi_sum / self._count.clamp(min=1)
+        """Per-sample Shapley values of the last valuation pass [M, N] fp32 (mean over a sample's valuations; 0 for
+        samples not valued)."""
+        return self._scaled_sum / (self._fact * self._count.clamp(min=1))
 
     def values_after(self, epoch: int) -> bool:
-        """Whether the valuation pass should run after `epoch` (its rows feed epoch + 1, inside the window)."""
+        """Whether the valuation pass should run after `epoch` (its rows feed epoch + 1, inside the window; -1: before
+        the first epoch)."""
+        check_int(epoch, "epoch", minimum=-1)
         return self.enabled and self.in_window(epoch + 1)
+
+    def observe(self, unimodal_logits, labels) -> None:
+        """Not a per-step method here (raises before changing anything): value the samples with value() in the
+        no-grad pass after an epoch."""
+        raise RuntimeError(f"{type(self).__name__} does not observe logits per step; call value() on the subset "
+                           f"outputs in the valuation pass after an epoch (values_after(epoch))")
 
     @staticmethod
     def subset_logits(feats, head, *, fill=None) -> torch.Tensor:
@@ -118,36 +183,53 @@ class SampleValuation(Balancer):
 
     def reset(self) -> None:
         """Forget the previous pass (called by rows(); call it before a pass to value from scratch)."""
-        self._phi_sum.zero_()
-        self._count.zero_()
+        for t in self._accumulators():
+            t.zero_()
 
     def value(self, subset_logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict:
-        """Value one batch: subset outputs [2^M - 1, B, C], labels [B], dataset indices [B] int64. No host sync."""
+        """Value one batch: subset outputs [2^M - 1, B, C], labels [B], dataset indices [B] (int64 or int32).
+        Everything is checked before anything is written. No host sync (the value checks read CPU tensors only)."""
         m = check_subset_logits(subset_logits, labels)
         if m != self.num_modalities:
             raise ValueError(f"subset_logits holds {m} modalities, num_modalities={self.num_modalities}")
         _validate.check_labels(index, subset_logits.shape[1], subset_logits.device, "index")
+        check_label_values(labels, subset_logits.shape[2], self.ignore_index)
+        check_sample_indices(index, self.num_samples)
         self._to_device(subset_logits.device)
         res = sample_valuation(subset_logits, labels, value=self.value_rule)
-        self._phi_sum.index_add_(1, index.long(), res["phi"])
-        self._count.index_add_(0, index.long(), torch.ones_like(res["phi"][0]))
+        self._accumulate(res, labels, index)
         return res
+
+    def _accumulate(self, res: dict, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """Adds M! phi (recovered exactly: |M! phi| < 2^22) and a count per valued row; rows labelled ignore_index or
+        (on a device) indexed out of range add nothing, the latter setting the flag. fp32 throughout (autocast too)."""
+        idx = index.long()
+        in_range = (idx >= 0) & (idx < self.num_samples)
+        counted = (in_range & (labels.long() != self.ignore_index)).to(torch.float32)
+        idx = torch.where(in_range, idx, torch.zeros_like(idx))
+        scaled = torch.round(res["phi"].to(torch.float32) * self._fact) * counted
+        self._scaled_sum.index_add_(1, idx, scaled)
+        self._count.index_add_(0, idx, counted)
+        bad = torch.maximum(res["flag"].to(torch.float32), (~in_range).any().to(torch.float32))
+        torch.maximum(self._nonfinite, bad, out=self._nonfinite)
 
     def _gathered(self):
         if self._sync():
-            torch.distributed.all_reduce(self._phi_sum)
+            torch.distributed.all_reduce(self._scaled_sum)
             torch.distributed.all_reduce(self._count)
+            torch.distributed.all_reduce(self._nonfinite, op=torch.distributed.ReduceOp.MAX)
 
     def rows(self, epoch: int):
         """The rows of `epoch` (index [R], keep [R, M], on the balancer's device; R read on the host: one sync per
         epoch): originals plus the copies of the last valuation when `epoch` is in the window, else the originals."""
+        check_int(epoch, "epoch")
         self._gathered()
-        phi = self.phi
         valued = self._count > 0
-        copies = reference.valuation_copies(phi) * valued.view(1, -1)
+        # thresholds compared exactly: 10 M! phi count against (-1, 4, 10) M! count (integers in fp32)
+        copies = _ref_valuation._copies_of_scaled(self._scaled_sum, self._fact * self._count) * valued.view(1, -1)
         if not (self.enabled and self.in_window(epoch)):
             copies = torch.zeros_like(copies)
-        self._record(phi, valued, copies)
+        self._record(self.phi, valued, copies)
         out = reference.valuation_rows(copies)
         self.reset()
         return out
@@ -156,15 +238,17 @@ class SampleValuation(Balancer):
         n = valued.sum().clamp(min=1)
         mean = (phi * valued).sum(1) / n
         self._stats = {"scores": mean.float(), "ratios": (1 - mean).float(),
-                       "coefficients": copies.sum(1).float(), "flag": torch.zeros((), device=phi.device)}
+                       "coefficients": copies.sum(1).float(), "flag": self._nonfinite.clone()}
 
 
 class ModalityValuation(SampleValuation):
     """Modality-level valuation: gap_m = 1 - mean phi_m over floor(fraction N) samples drawn with replacement
-    (valuation_indices(epoch)); p = (2/3) d alpha with d = mean over pairs |gap_m - gap_j| (curve "tanh": tanh of it,
-    "square": ((2/3) d)^1.5 alpha); the next epoch gets floor(p N) extra rows, drawn with replacement, keeping only the
-    largest-gap modality. rate="toolkit": the toolkit's p = (2/3) sum over ordered pairs |gap_m - gap_j| / (M - 1)
-    (alpha unused). Draws come from a generator seeded by (seed, epoch): every rank draws the same.
+    (valuation_indices(epoch); draws not valued are left out of the mean); p = (2/3) d alpha with d = mean over pairs
+    |gap_m - gap_j| (curve "tanh": tanh of it, "square": ((2/3) d)^1.5 alpha); the next epoch gets floor(p N) extra
+    rows, drawn with replacement, keeping only the largest-gap modality. floor(p N) is counted in exact rational
+    arithmetic (M! phi are integers: no row lost to fp32 rounding when p N is an integer). rate="toolkit": the
+    toolkit's p = (2/3) sum over ordered pairs |gap_m - gap_j| / (M - 1) (alpha unused). Draws come from a generator
+    seeded by (seed, epoch): every rank draws the same.
     Statistics: scores = mean phi, ratios = gaps [M], coefficients = p on the kept modality, 0 elsewhere."""
 
     method = "modality_valuation"
@@ -185,25 +269,33 @@ class ModalityValuation(SampleValuation):
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 2 + salt) % (2 ** 63))
 
-    def valuation_indices(self, epoch: int) -> torch.Tensor:
-        """The floor(fraction N) sample indices (with replacement, CPU int64) valued after `epoch`."""
+    def _draws(self, epoch: int) -> torch.Tensor:
         k = max(1, int(self.fraction * self.num_samples))
         return torch.randint(0, self.num_samples, (k,), generator=self._generator(epoch, 0))
 
+    def valuation_indices(self, epoch: int) -> torch.Tensor:
+        """The floor(fraction N) sample indices (with replacement, CPU int64) valued after `epoch`."""
+        check_int(epoch, "epoch")
+        return self._draws(epoch)
+
     def rows(self, epoch: int):
         """Originals plus floor(p N) extra rows keeping the largest-gap modality (when `epoch` is in the window)."""
+        check_int(epoch, "epoch")
         self._gathered()
-        phi = self.phi
-        draws = self.valuation_indices(epoch - 1).to(phi.device)
-        gaps = reference.modality_gaps(phi, draws)
-        p, keep = reference.modality_rate(gaps, alpha=self.alpha, curve=self.curve, rate=self.rate)
-        active = self.enabled and self.in_window(epoch)
-        n_extra = int(torch.floor(p * self.num_samples)) if active else 0  # sync-ok: once per epoch, between epochs
-        extra = torch.randint(0, self.num_samples, (n_extra,), generator=self._generator(epoch, 1)).to(phi.device)
-        copies = torch.zeros(self.num_modalities, self.num_samples, dtype=torch.long, device=phi.device)
+        draws = self._draws(epoch - 1).to(self._device)
+        # sync-ok: once per epoch, between epochs (the exact count needs the integer sums on the host)
+        gaps = _ref_valuation.modality_gaps_exact(self._scaled_sum[:, draws].round().cpu(),
+                                                  self._count[draws].round().cpu(), self._fact)
+        n_extra, p, keep = _ref_valuation.modality_extra_rows(gaps, self.num_samples, alpha=self.alpha,
+                                                              curve=self.curve, rate=self.rate)
+        if not (self.enabled and self.in_window(epoch)):
+            n_extra = 0
+        extra = torch.randint(0, self.num_samples, (n_extra,), generator=self._generator(epoch, 1)).to(self._device)
+        copies = torch.zeros(self.num_modalities, self.num_samples, dtype=torch.long, device=self._device)
         out = reference.valuation_rows(copies, extra_index=extra, extra_modality=keep)
-        coef = torch.zeros(self.num_modalities, device=phi.device).index_fill(0, keep.view(1), 1.0) * p
-        self._stats = {"scores": (1 - gaps).float(), "ratios": gaps.float(), "coefficients": coef.float(),
-                       "flag": torch.zeros((), device=phi.device)}
+        ratios = torch.tensor([float(g) for g in gaps], dtype=torch.float32, device=self._device)
+        coef = torch.zeros(self.num_modalities, dtype=torch.float32, device=self._device)
+        coef[keep] = p
+        self._stats = {"scores": 1 - ratios, "ratios": ratios, "coefficients": coef, "flag": self._nonfinite.clone()}
         self.reset()
         return out

@@ -1,7 +1,8 @@
 """gpu-compile launch plan of the sample-valuation kernel (tests/gpu_compile.py loads it): one call of the launcher
 sample_valuation_triton per specialization of tests/test_triton_valuation.py and of the balancer on CUDA. The kernel
 specializes on the logits' dtype, SCALED (value rule), BLOCK_B / BLOCK_C (from B and C) and the integer arguments
-(strides, B, C, 2^M - 1, M: == 1, % 16 == 0); tensors are CPU torch.empty."""
+(strides, B, C, 2^M - 1, M: == 1, % 16 == 0); tensors are CPU torch.empty. The non-finite tests and the kernel
+properties (tests/test_valuation_properties.py) reuse these shapes: NaN/inf logits change no specialization."""
 from __future__ import annotations
 
 CASES = [(2, 2, 3), (2, 70, 5), (3, 33, 4), (4, 9, 300), (5, 17, 2), (8, 5, 3)]  # (M, B, C) of the parity test

@@ -36,6 +36,7 @@ def test_parity(m, b, c, value, device):
     torch.testing.assert_close(got["phi"].cpu(), want["phi"], atol=1e-6, rtol=0)
     assert torch.equal(got["copies"].cpu(), want["copies"])
     assert got["phi"].dtype == torch.float32 and got["copies"].dtype == torch.int64
+    assert got["flag"].item() == want["flag"].item() == 0.0
 
 
 def test_tie_across_class_tiles(device):
@@ -83,3 +84,62 @@ def test_thresholds_hit_exactly(m, correct, modality, device):
     got = sample_valuation(f.to(device), torch.tensor([0], device=device))
     assert got["copies"][modality, 0].item() == 0
     torch.testing.assert_close(got["phi"].cpu(), R.sample_valuation(f, torch.tensor([0]))["phi"], atol=0, rtol=0)
+
+
+def poison(x, seed):
+    """Non-finite logits in some rows: a NaN (also at the label), +inf, -inf, a whole row of NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.clone()
+    ns, b, c = x.shape
+    for k, val in enumerate([float("nan"), float("inf"), float("-inf"), float("nan")]):
+        s, i = int(torch.randint(0, ns, (1,), generator=g)), (3 * k + seed) % b
+        if k == 3:
+            x[s, i] = val                                            # all-NaN row
+        else:
+            x[s, i, int(torch.randint(0, c, (1,), generator=g))] = val
+    return x
+
+
+@pytest.mark.parametrize("value", ["authors", "toolkit"])
+@pytest.mark.parametrize("m,b,c", [(3, 33, 4), (4, 9, 300), (2, 70, 5)])
+def test_nonfinite_rows_are_wrong_on_both_backends(m, b, c, value, device):
+    """docs/methods/sample_valuation.md "Edge cases": the kernel follows the reference (a row holding NaN or
+    +-inf is never correct, flag 1), with no NaN reaching the interpreter's reductions ("All-NaN slice")."""
+    x, y = logits(m, b, c, seed=m * 1000 + b)
+    x = poison(x, seed=b)
+    x[-1, 0] = float("nan")                                          # the label's own column too
+    want = R.sample_valuation(x, y, value=value)
+    got = sample_valuation(x.to(device), y.to(device), value=value)
+    torch.testing.assert_close(got["phi"].cpu(), want["phi"], atol=1e-6, rtol=0)
+    assert torch.equal(got["copies"].cpu(), want["copies"])
+    assert got["flag"].item() == want["flag"].item() == 1.0 and torch.isfinite(got["phi"]).all()
+
+
+@pytest.mark.filterwarnings("error:All-NaN slice encountered")
+def test_nan_encoder_output_and_all_nan_rows(device, monkeypatch):
+    """A NaN encoder output (every subset holding it non-finite) and an all-NaN logit row, through the kernel."""
+    from mmkernels.valuation import valuation_subset_logits
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)]
+    feats[0][1] = float("nan")
+    w = torch.randn(10, 3, generator=g)
+    monkeypatch.setenv("MMKERNELS_BACKEND", "reference")            # the masking has no Triton kernel
+    f = valuation_subset_logits([t.to(device) for t in feats], lambda xs: torch.cat(xs, 1) @ w.to(device))
+    monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
+    f[1, 2] = float("nan")                                           # an all-NaN row
+    y = torch.tensor([0, 1, 2, 0])
+    want = R.sample_valuation(f.cpu(), y)
+    got = sample_valuation(f, y.to(device))
+    torch.testing.assert_close(got["phi"].cpu(), want["phi"], atol=0, rtol=0)
+    assert got["flag"].item() == 1.0 and want["values"][[0, 2], 1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inf(dtype, device):
+    x, y = logits(3, 33, 4, seed=7, dtype=dtype, layout="bmc")
+    x[2, 5, 1] = float("inf")
+    want = R.sample_valuation(x, y)
+    got = sample_valuation(x.to(device), y.to(device))
+    torch.testing.assert_close(got["phi"].cpu(), want["phi"], atol=1e-6, rtol=0)
+    assert got["flag"].item() == 1.0

@@ -1,6 +1,6 @@
 """SampleValuation under torch.distributed (2 CPU processes, gloo): each rank values its own half of the samples; the
 per-sample values are summed over ranks in rows(), so both ranks build the same rows, equal to one process valuing
-all samples."""
+all samples; a non-finite batch on one rank sets the flag on both."""
 from __future__ import annotations
 
 import os
@@ -31,7 +31,13 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
         bal = SampleValuation(M, N, start=1)
         _value(bal, torch.arange(rank, N, world))          # this rank's shard (as DistributedSampler)
         idx, keep = bal.rows(1)
-        torch.save({"idx": idx, "keep": keep, "scores": bal.scores}, os.path.join(outdir, f"rank{rank}.pt"))
+        bal_scores = bal.scores.clone()
+        f = torch.zeros(3, 2, 3)
+        f[:, :, 0] = float("nan") if rank == 1 else 1.0                 # a non-finite batch on rank 1 only
+        bal.value(f, torch.zeros(2, dtype=torch.long), torch.arange(2))
+        bal.rows(2)
+        torch.save({"idx": idx, "keep": keep, "scores": bal_scores, "flag": bal.flag},
+                   os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -47,3 +53,4 @@ def test_ddp_two_ranks_build_the_same_rows(tmp_path):
     for r in (r0, r1):
         assert torch.equal(r["idx"], idx) and torch.equal(r["keep"], keep)
         torch.testing.assert_close(r["scores"], single.scores)
+        assert r["flag"].item() == 1.0                                  # the flag is a max over ranks

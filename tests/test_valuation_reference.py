@@ -1,5 +1,6 @@
-"""Sample- and modality-level valuation reference (docs/methods/sample_valuation.md): the worked example (authors and toolkit), a
-literal loop transcription on random logits, Shapley efficiency, thresholds, the M > 2 rate, the public op."""
+"""Sample- and modality-level valuation reference (docs/methods/sample_valuation.md): the worked example (authors and
+toolkit), a literal loop transcription on random logits, Shapley efficiency, thresholds, the M > 2 rate, the public
+op, non-finite logits, autocast, and floor(p N) of the modality level against Fractions."""
 from __future__ import annotations
 
 import itertools
@@ -151,3 +152,127 @@ def test_public_op_validates():
         sample_valuation(f, y, value="paper")
     with pytest.raises(TypeError):
         sample_valuation(f.long(), y)
+
+
+# ----------------------------------------------------------------------------------------------- non-finite logits
+def test_nonfinite_row_is_never_correct():
+    """docs/methods/sample_valuation.md "Edge cases": a row holding NaN or +-inf counts as wrong (torch.argmax
+    would pick the NaN, here at the label), and the flag is 1; finite rows are valued as usual."""
+    nan, inf = float("nan"), float("inf")
+    f = torch.tensor([[[nan, 0.0, 0.0], [0.0, 0.0, inf]],        # S=1: argmax would be the label 0 / 2
+                      [[1.0, 0.0, 0.0], [nan, nan, nan]],        # S=2: finite, correct / all NaN
+                      [[5.0, -inf, 0.0], [0.0, 0.0, 1.0]]])      # S=3: -inf too / finite, correct
+    y = torch.tensor([0, 2])
+    res = R.sample_valuation(f, y)
+    assert res["values"].tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+    assert res["flag"].item() == 1.0 and torch.isfinite(res["phi"]).all()
+    finite = R.sample_valuation(torch.zeros_like(f).index_fill_(2, torch.tensor([0]), 1.0), torch.tensor([0, 1]))
+    assert finite["flag"].item() == 0.0 and finite["flag"].dtype == torch.float32
+
+
+def test_nan_encoder_output_values_only_the_subsets_without_it():
+    """A NaN in modality 0's features makes every subset containing modality 0 non-finite: those are wrong, the
+    subset {1} is valued as usual (the reference used to count the NaN rows as correct)."""
+    from mmkernels.valuation import valuation_subset_logits
+
+    feats = [torch.tensor([[float("nan"), 1.0]]), torch.tensor([[1.0, 0.0]])]
+    head = lambda xs: torch.cat(xs, 1) @ torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # noqa: E731
+    f = valuation_subset_logits(feats, head)
+    res = sample_valuation(f, torch.tensor([0]))
+    assert res["flag"].item() == 1.0
+    # v({0}) = v({0, 1}) = 0 (non-finite), v({1}) = 1 (class 0 wins): phi_0 = -1/2, phi_1 = 1/2
+    assert res["phi"][:, 0].tolist() == [-0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------- autocast
+def test_reference_under_autocast_is_exact():
+    """M = 8: M! phi reach 10^5; a bf16 matmul under torch.autocast would round them. The weights product runs with
+    autocast off, so phi and the copies equal those of the plain call."""
+    g = torch.Generator().manual_seed(3)
+    f = torch.randint(0, 2, (255, 16, 2), generator=g).float()
+    y = torch.zeros(16, dtype=torch.long)
+    want = R.sample_valuation(f, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = R.sample_valuation(f, y)
+    assert got["phi"].dtype == torch.float32
+    assert torch.equal(got["phi"], want["phi"]) and torch.equal(got["copies"], want["copies"])
+
+
+# ----------------------------------------------------------------------------------------------- exact floor(p N)
+def literal_extra_rows(phi_draws, n, *, alpha=1.0, curve="linear", rate="authors"):
+    """floor(p N) from the definition, in Fractions: phi_draws = per draw the M Shapley values (Fractions)."""
+    m = len(phi_draws[0])
+    gaps = [1 - sum(p[j] for p in phi_draws) / len(phi_draws) for j in range(m)]
+    pairs = [abs(gaps[i] - gaps[j]) for i in range(m) for j in range(m) if i < j]
+    if rate == "toolkit":
+        return math.floor(Fraction(2, 3) * 2 * sum(pairs) / (m - 1) * n)
+    x = Fraction(2, 3) * sum(pairs) / len(pairs)
+    a = Fraction(alpha)
+    if curve == "linear":
+        return math.floor(x * a * n)
+    q = x ** 3 * a ** 2 * n ** 2                       # (p N)^2 for "square": the largest k with k^2 <= q
+    k = int(math.sqrt(float(q)))
+    while (k + 1) ** 2 <= q:
+        k += 1
+    while k ** 2 > q:
+        k -= 1
+    return k
+
+
+def fp32_extra_rows(phi_draws, n, **kw):
+    """The former count: fp32 gaps and rate, then floor(p N) in fp32."""
+    phi = torch.tensor([[float(x) for x in p] for p in phi_draws]).t()
+    p, _ = R.modality_rate(R.modality_gaps(phi), **kw)
+    return int(torch.floor(p * n))
+
+
+def exact_extra_rows(phi_draws, n, **kw):
+    m = len(phi_draws[0])
+    fact = math.factorial(m)
+    scaled = torch.tensor([[int(x * fact) for x in p] for p in phi_draws]).t()
+    gaps = R.modality_gaps_exact(scaled, torch.ones(len(phi_draws), dtype=torch.long), fact)
+    return R.modality_extra_rows(gaps, n, **kw)[0]
+
+
+def test_extra_rows_are_counted_exactly_on_a_grid():
+    """M = 2, phi multiples of 1/2 (the authors' v): floor(p N) against Fractions on a grid of N and phi values. Where
+    p N is an exact integer the former fp32 count was one row short in a share of the cases; the exact count never."""
+    halves = [Fraction(h, 2) for h in range(-1, 4)]
+    integer_cases = fp32_short = 0
+    for n in range(1, 41):
+        k = max(1, int(0.2 * n))                        # the default fraction's number of draws
+        for a in halves:
+            for b in halves:
+                draws = ([(a, b), (b, b), (a, a)] * k)[:k]
+                want = literal_extra_rows(draws, n)
+                assert exact_extra_rows(draws, n) == want, (n, a, b)
+                gaps = [1 - sum(p[j] for p in draws) / len(draws) for j in range(2)]
+                if (Fraction(2, 3) * abs(gaps[0] - gaps[1]) * n).denominator == 1 and want > 0:
+                    integer_cases += 1
+                    fp32_short += fp32_extra_rows(draws, n) != want
+    assert integer_cases > 50 and fp32_short > 0, "the grid would prove nothing"
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.75), dict(curve="square", alpha=1.5), dict(rate="toolkit"),
+                                dict(curve="square", alpha=0.3)])
+@pytest.mark.parametrize("m", [2, 3])
+def test_extra_rows_exact_other_rates(m, kw):
+    g = torch.Generator().manual_seed(m)
+    fact = math.factorial(m)
+    for n in (3, 10, 27, 64):
+        p = torch.randint(-fact, 2 * fact, (5, m), generator=g).tolist()
+        draws = [tuple(Fraction(x, fact) for x in row) for row in p]
+        assert exact_extra_rows(draws, n, **kw) == literal_extra_rows(draws, n, **kw), (n, draws)
+
+
+def test_gaps_exact_leaves_out_unvalued_draws_and_averages_repeats():
+    """A draw valued twice holds the sum of two M! phi (count 2): its phi is their mean; one with count 0 is left
+    out."""
+    scaled = torch.tensor([[2, 6, 5], [0, -2, 9]])       # M = 2, fact 2
+    counts = torch.tensor([1, 2, 0])
+    gaps = R.modality_gaps_exact(scaled, counts, 2)
+    # phi of the valued draws: (1, 0) and (1.5, -0.5); mean (1.25, -0.25)
+    assert gaps == [Fraction(-1, 4), Fraction(5, 4)]
+    assert R.modality_gaps_exact(scaled, torch.zeros(3, dtype=torch.long), 2) == [1, 1]
+    n, p, keep = R.modality_extra_rows(gaps, 9)
+    assert (n, keep) == (math.floor(Fraction(2, 3) * Fraction(3, 2) * 9), 1) and p == pytest.approx(1.0)
