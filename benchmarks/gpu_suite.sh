@@ -76,7 +76,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p _jsonl)
 # the extension's new C++ files), first, one process per file
 NEW_TESTS=(tests/test_triton_coefficients.py tests/test_triton_pmr.py tests/test_triton_mmpareto.py
   tests/test_mmpareto_numerics.py tests/test_triton_valuation.py tests/test_api_update.py tests/test_api_pmr.py
-  tests/test_valuation_api.py
+  tests/test_valuation_api.py tests/test_valuation_properties.py
   tests/test_ext_coefficients.py tests/test_ext_shapley.py tests/test_sync_free_cuda.py)
 if [ "$DRY" = 1 ]; then
   export MMKERNELS_BENCH_DEVICE=cpu

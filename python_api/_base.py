@@ -406,6 +406,10 @@ class Balancer(metaclass=_Constructed):
 
     _optional_tensors: tuple = ()  # extra state tensors a state_dict may lack (OLM's reference losses)
 
+    def _upgrade_state(self, state: dict) -> dict:
+        """A state_dict saved by an earlier release, in today's layout (a new dict; the argument is not modified)."""
+        return state
+
     def _check_state(self, state, strict: bool) -> None:
         """Everything load_state_dict reads, checked before anything is assigned (a rejected load changes nothing)."""
         if not isinstance(state, dict) or "method" not in state or "num_modalities" not in state:
@@ -458,7 +462,10 @@ class Balancer(metaclass=_Constructed):
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too.
-        Every entry is checked first (ValueError / TypeError naming it); a rejected state changes nothing."""
+        Every entry is checked first (ValueError / TypeError naming it); a rejected state changes nothing. A state
+        saved by an earlier release is upgraded first (_upgrade_state)."""
+        if isinstance(state, dict) and state.get("method") == self.method:
+            state = self._upgrade_state(state)
         self._check_state(state, strict)
         self._step, self._epoch, self.seed = int(state["step"]), int(state["epoch"]), int(state["seed"])
         self.enabled = bool(state["enabled"])

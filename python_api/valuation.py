@@ -154,6 +154,20 @@ class SampleValuation(Balancer):
     def _extra_tensors(self) -> dict:
         return {"scaled_phi_sum": self._scaled_sum, "count": self._count, "nonfinite": self._nonfinite}
 
+    def _upgrade_state(self, state: dict) -> dict:
+        """Earlier releases kept phi_sum (sums of phi) instead of sums of M! phi: converted exactly (M! phi are
+        integers; the rounding recovers them while |phi_sum| M! < 2^22) with no non-finite row recorded."""
+        t = state.get("tensors")
+        if not isinstance(t, dict) or "phi_sum" not in t or "scaled_phi_sum" in t:
+            return state
+        old = t["phi_sum"]
+        if not isinstance(old, torch.Tensor) or not old.is_floating_point() or old.is_meta:
+            return state                                     # _check_state names what is wrong
+        tensors = {k: v for k, v in t.items() if k != "phi_sum"}
+        tensors["scaled_phi_sum"] = torch.round(old.float() * self._fact)
+        tensors.setdefault("nonfinite", torch.zeros((), dtype=torch.float32))
+        return {**state, "tensors": tensors}
+
     def _load_extra_tensors(self, tensors: dict) -> None:
         self._scaled_sum, self._count, self._nonfinite = (
             tensors[k].float() for k in ("scaled_phi_sum", "count", "nonfinite"))

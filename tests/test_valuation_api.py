@@ -122,6 +122,23 @@ def test_state_dict_resume():
         SampleValuation(M, N, start=2).load_state_dict(state)
 
 
+
+def test_state_dict_of_the_previous_release_loads():
+    """The previous release stored phi_sum (sums of phi), not sums of M! phi: such a state still loads (converted
+    exactly) and gives the same phi and rows; the caller's dict is not modified."""
+    encs, head, xs, y = setup()
+    bal = SampleValuation(M, N, start=1)
+    value_all(bal, encs, head, xs, y)
+    state = bal.state_dict()
+    old = {**state, "tensors": {k: v for k, v in state["tensors"].items() if k not in ("scaled_phi_sum", "nonfinite")}}
+    old["tensors"]["phi_sum"] = bal.phi * bal._count.clamp(min=1)
+    keys = set(old["tensors"])
+    bal2 = SampleValuation(M, N, start=1)
+    bal2.load_state_dict(old)
+    assert set(old["tensors"]) == keys
+    assert torch.equal(bal2.phi, bal.phi)
+    assert all(torch.equal(a, b) for a, b in zip(bal.rows(1), bal2.rows(1)))
+
 def test_errors():
     with pytest.raises(ValueError, match="num_samples"):
         SampleValuation(M, 0)
