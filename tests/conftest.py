@@ -47,7 +47,7 @@ def _backend_marker(request, monkeypatch):
 # (./scripts/test.sh); --full and CI run them. Measured on a quiet 2-core machine (call + setup, seconds).
 FULL_ONLY = (
     "tests/test_gpu_suite_dry_run.py",                       # 40 s: benchmarks/gpu_suite.sh --dry-run
-    "tests/test_api_compile.py::test_compiled",              # 30 s: torch.compile of models and whole steps
+    "tests/test_compile_api.py::test_compiled",              # 30 s: torch.compile of models and whole steps
     "tests/test_demo_backbone.py",                           # 21 s: the demo with ResNet-18 encoders
     "tests/test_ddp.py", "tests/test_mmpareto_ddp.py",       # 5 s each: 2-process gloo groups
     "tests/test_valuation_ddp.py",

@@ -98,7 +98,7 @@ def fake_process_group():
 # Triton's binder): the same set of specializations, and no call below that adds none. A new test shape, dtype or
 # layout that changes a specialization needs its call here.
 COEF_ALL = ("ogm_ge", "ogm", "ogm:sigmoid", "ogm:difference", "opm", "opm:sigmoid:difference", "agm", "agm:clip",
-            "mlb")  # the nine constexpr variants of test_triton_coefficients.py's HP
+            "mlb")  # the nine constexpr variants of test_coefficients_triton.py's HP
 COEF_DEFAULTS = ("ogm_ge", "ogm", "opm", "agm", "mlb")  # methods with default options
 
 
@@ -172,7 +172,7 @@ def drop_call(b, d, dtype, *, rescale=0, offset=0, seed=11, m_base=0, widths=Non
 
 
 def uniforms_call(seed, offset):
-    """drop_uniforms_triton as tests/test_triton_philox.py calls it (3 modalities, 700 rows)."""
+    """drop_uniforms_triton as tests/test_philox_triton.py calls it (3 modalities, 700 rows)."""
     import torch
 
     from mmkernels.triton_ops.modality_drop import drop_uniforms_triton
@@ -283,18 +283,20 @@ def _uniforms_plan():
             for seed, offset in ((0, 0), (11, 2 ** 33 + 17), (2 ** 31 + 5, 2 ** 31 - 10), (2 ** 40 + 7, 2 ** 32 - 3))]
 
 
-PLAN_MODULES = ("_plan_pmr", "_plan_mmpareto", "_plan_valuation")  # tests/<name>.py: plan() -> [(label, call)]
+# the test modules that carry their kernels' launch plan, next to the tests it mirrors: gpu_compile_plan() ->
+# [(label, call)]; (module, attribute) for a plan not yet moved into its test module
+PLAN_MODULES = (("_plan_pmr", "plan"), ("test_mmpareto_triton", "gpu_compile_plan"),
+                ("test_valuation_triton", "gpu_compile_plan"))
 
 
 def _method_plans() -> list:
-    """The launch plans of the PMR, MMPareto and valuation kernels, one module each beside this file."""
+    """The launch plans of the PMR, MMPareto and valuation kernels (a missing module is an error, not a skip)."""
     import importlib
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     plan = []
-    for name in PLAN_MODULES:
-        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")):
-            plan += importlib.import_module(name).plan()
+    for name, attr in PLAN_MODULES:
+        plan += getattr(importlib.import_module(name), attr)()
     return plan
 
 

@@ -17,7 +17,7 @@ from mmkernels.valuation import sample_valuation
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KERNEL_SETTINGS = settings(SETTINGS, max_examples=12)                  # the interpreter is slower
-KERNEL_CASES = [(2, 2, 3), (2, 70, 5), (3, 33, 4), (4, 9, 300), (5, 17, 2), (8, 5, 3)]  # tests/_plan_valuation.py
+KERNEL_CASES = [(2, 2, 3), (2, 70, 5), (3, 33, 4), (4, 9, 300), (5, 17, 2), (8, 5, 3)]  # the gpu-compile plan of tests/test_valuation_triton.py
 
 
 def random_logits(m, b, c, seed):

@@ -5,7 +5,7 @@ import torch
 
 from mmkernels import reference as R
 from mmkernels.taps import drop_uniforms, modality_drop
-from test_reference_philox import STREAMS
+from test_philox_reference import STREAMS
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
 

@@ -3,7 +3,7 @@ a very wide class axis (C = 65536: 64 online-softmax tiles of 1024 fp32 / 32 of 
 very long batch (B = 65536 rows, C = 2: several row-block programs adding into the atomic workspace, the last ticket
 finalising). Run on CPU with TRITON_INTERPRET=1, or on CUDA in the cuda lane (the `device` fixture).
 
-Tolerances are those of tests/test_triton_coefficients.py: rtol 2e-5, atol 1e-6 on scores, ratios, coefficients,
+Tolerances are those of tests/test_coefficients_triton.py: rtol 2e-5, atol 1e-6 on scores, ratios, coefficients,
 the flag and the AGM running state (fp16 logits: the same, as both sides read the fp16 values and accumulate in fp32).
 """
 import pytest
@@ -15,7 +15,7 @@ from mmkernels.coefficients import balance_coefficients
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
 
 RTOL, ATOL = 2e-5, 1e-6
-HP = {  # non-default hyperparameters, as in test_triton_coefficients.py
+HP = {  # non-default hyperparameters, as in test_coefficients_triton.py
     "ogm_ge": {"alpha": 0.8},
     "ogm": {"alpha": 0.6},
     "opm": {"q_base": 0.4, "lam": 0.7},

@@ -2,7 +2,7 @@
 against the Random123 known answers, the stream layout (key and counter from seed and a 64-bit position, carries
 and the 2^64 wrap) and the two transforms (the extension's Box-Muller, Triton's uint -> float) against scalar
 transcriptions written here from csrc/philox.h and triton/language/random.py. The reference against the extension
-is in test_ext_philox.py, against Triton in test_triton_philox.py."""
+is in test_philox_ext.py, against Triton in test_philox_triton.py."""
 import math
 
 import numpy as np

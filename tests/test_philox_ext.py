@@ -1,6 +1,6 @@
 """Philox4x32-10 and the normal transform of csrc/philox.h, checked bit for bit against the Random123 known-answer
 vectors and the reference's PyTorch transcription (mmkernels.reference.philox_*, itself checked against the known
-answers and scalar transcriptions in test_reference_philox.py); and the noise ops on the reference backend giving
+answers and scalar transcriptions in test_philox_reference.py); and the noise ops on the reference backend giving
 the extension's results (the same normals, so the same noise)."""
 import math
 
@@ -9,7 +9,7 @@ import torch
 
 from mmkernels import reference as R
 from mmkernels.noise import cov_noise_normals, cov_noise_tap, ge_isotropic_, sample_cov_noise
-from test_reference_philox import KAT, STREAMS
+from test_philox_reference import KAT, STREAMS
 
 pytestmark = pytest.mark.ext
 
