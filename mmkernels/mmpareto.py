@@ -173,11 +173,15 @@ def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: fl
             y.sub_(x)
         return x, y, [x[lo:hi] for lo, hi in spans], [y[lo:hi] for lo, hi in spans]
 
-    dots, loaded = [], None
+    abc = torch.empty((layout.num_tensors, 3), dtype=torch.float64, device=device)
+    loaded = None
     for bucket in buckets:
         loaded = load(bucket)
-        dots += [d for xt, yt in zip(loaded[2], loaded[3]) for d in (xt.dot(xt), xt.dot(yt), yt.dot(yt))]
-    abc = torch.stack(dots).view(-1, 3) if dots else torch.zeros((0, 3), dtype=torch.float64, device=device)
+        for t, xt, yt in zip(bucket[3], loaded[2], loaded[3]):
+            row = abc[t]
+            torch.dot(xt, xt, out=row[0])
+            torch.dot(xt, yt, out=row[1])
+            torch.dot(yt, yt, out=row[2])
     res = reference.mmpareto_scales(abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale,
                                     tau=tables["tau"])
     keep = res.pop("keep")
