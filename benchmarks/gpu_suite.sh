@@ -74,8 +74,8 @@ stage() {  # stage NAME SECONDS command...  (runs with MMKERNELS_STAGE=NAME; ski
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p _jsonl)
 # kernels and paths committed since the last GPU run (PMR, MMPareto, valuation, update mode, the coefficient kernel,
 # the extension's new C++ files), first, one process per file
-NEW_TESTS=(tests/test_coefficients_triton.py tests/test_triton_pmr.py tests/test_mmpareto_triton.py
-  tests/test_mmpareto_numerics.py tests/test_valuation_triton.py tests/test_update_api.py tests/test_api_pmr.py
+NEW_TESTS=(tests/test_coefficients_triton.py tests/test_pmr_triton.py tests/test_mmpareto_triton.py
+  tests/test_mmpareto_numerics.py tests/test_valuation_triton.py tests/test_update_api.py tests/test_pmr_api.py
   tests/test_valuation_api.py tests/test_valuation_properties.py
   tests/test_coefficients_ext.py tests/test_shapley_ext.py tests/test_sync_free_cuda.py)
 if [ "$DRY" = 1 ]; then
@@ -83,7 +83,7 @@ if [ "$DRY" = 1 ]; then
   BENCH=("${PYTEST[@]}" --benchmark-min-rounds=1)
   TRAIN_K=(-k "joint-M2 or ogm_ge-M2")
   TESTS=(tests/test_edges_triton.py -m triton)
-  NEW_TESTS=(tests/test_mmpareto_numerics.py tests/test_triton_pmr.py)
+  NEW_TESTS=(tests/test_mmpareto_numerics.py tests/test_pmr_triton.py)
   NEW_MARK=(-m triton -k "opposite or nonfinite or refresh")
   export TRITON_INTERPRET=1
 else

@@ -6,10 +6,10 @@ pmr_class_sums_ / pmr_refresh_ / pmr_update_prototypes_: the per-epoch refresh (
   EMA), in place.
 
 Validation happens here, once; then the backend (mmkernels._backend.backend_for): the Triton kernels of
-mmkernels/triton_ops/pmr.py on CUDA tensors, the reference (mmkernels/_ref_pmr.py) elsewhere. Under torch.compile the
+mmkernels/triton_ops/pmr.py on CUDA tensors, the reference (mmkernels/reference/pmr.py) elsewhere. Under torch.compile the
 Triton path goes through the custom ops `mmkernels::pmr_forward` / `mmkernels::pmr_backward` (fake implementations
 given); eager calls the launchers directly. Modalities of different widths D_m are zero-padded to max D_m (exact:
-mmkernels/_ref_pmr.py docstring); the padded prototype tensor [M, C, D] is what the balancer keeps.
+mmkernels/reference/pmr.py docstring); the padded prototype tensor [M, C, D] is what the balancer keeps.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from . import _ref_pmr as R
+from .reference import pmr as R
 from ._backend import backend_for
 from ._validate import as_modality_list, check_ignore_index, check_labels, check_real
 
@@ -163,10 +163,17 @@ def pmr_loss(features, prototypes, labels: torch.Tensor, *, alpha: float = 1.0, 
 
 # --------------------------------------------------------------------------------------------- refresh
 def new_refresh_buffers(num_modalities: int, num_classes: int, width: int, device=None) -> tuple:
-    """(sums fp32 [M, C, D], counts fp32 [C + 1]) zeroed: the accumulators of a refresh (counts[C] is the kernel's
-    ticket slot, not a class)."""
+    """(sums fp32 [M, C, D], counts fp32 [M + 1, C + 1]) zeroed: the accumulators of a refresh. counts[m, k]: rows of
+    class k summed for modality m; counts[m, C]: rows of modality m skipped because a feature was NaN/Inf;
+    counts[M, 0]: the kernel's ticket slot (not a count)."""
     return (torch.zeros(num_modalities, num_classes, width, dtype=torch.float32, device=device),
-            torch.zeros(num_classes + 1, dtype=torch.float32, device=device))
+            torch.zeros(num_modalities + 1, num_classes + 1, dtype=torch.float32, device=device))
+
+
+def refresh_skipped(counts: torch.Tensor) -> torch.Tensor:
+    """Rows skipped per modality (a NaN/Inf feature) in the refresh that filled `counts` (new_refresh_buffers): a
+    view [M] of the device tensor (no sync)."""
+    return counts[:-1, -1]
 
 
 def _check_prototypes(prototypes) -> None:
@@ -178,7 +185,7 @@ def _check_prototypes(prototypes) -> None:
 def _check_buffers(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
     _check_prototypes(prototypes)
     m, c, d = prototypes.shape
-    for name, t, shape in (("sums", sums, (m, c, d)), ("counts", counts, (c + 1,))):
+    for name, t, shape in (("sums", sums, (m, c, d)), ("counts", counts, (m + 1, c + 1))):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape \
                 or not t.is_contiguous() or t.device != prototypes.device:
             raise ValueError(f"{name} must be a contiguous float32 tensor of shape {list(shape)} on "
@@ -189,7 +196,8 @@ def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: 
                     ignore_index: int = -100) -> None:
     """sums[m, k] += sum of the rows of class k of features m, counts[k] += their number (in place, no sync).
     features: a list of M [N, D_m] or one [M, N, D] (D_m <= the buffers' D: zero-padded); sums/counts from
-    new_refresh_buffers. Ignored rows count nowhere; so do out-of-range labels (the balancer rejects them on CPU)."""
+    new_refresh_buffers. Ignored rows count nowhere; so do out-of-range labels (the balancer rejects them on CPU). A
+    row of modality m with a NaN/Inf feature is skipped for m and counted in counts[m, C] (refresh_skipped)."""
     if not isinstance(sums, torch.Tensor) or sums.dim() != 3:
         raise ValueError("sums must be a float32 tensor [M, C, D] (see new_refresh_buffers)")
     _check_buffers(sums, sums, counts)
@@ -210,15 +218,17 @@ def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: 
 
         pmr_accumulate_launch(z, labels, sums, counts, sums, ignore_index=ignore_index)
         return
-    s, n = R.pmr_class_sums(z, labels, c, ignore_index=ignore_index)
+    s, n, skipped = R.pmr_class_sums(z, labels, c, ignore_index=ignore_index)
     sums += s.to(torch.float32)
-    counts[:c] += n.to(torch.float32)
+    counts[:m, :c] += n.to(torch.float32)
+    counts[:m, c] += skipped.to(torch.float32)
 
 
 def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *, mu: float,
                  first: bool) -> None:
     """prototypes [M, C, D] <- mean (first) or (1 - mu) mean + mu prototypes, mean = sums / counts per class; a class
-    with count 0 keeps its prototype (docs/methods/pmr.md). In place, one launch on CUDA, no sync."""
+    with count 0 keeps its prototype, a non-finite prototype entry of a counted class becomes the mean
+    (docs/methods/pmr.md). In place, one launch on CUDA, no sync."""
     _check_buffers(prototypes, sums, counts)
     check_real(mu, "mu", low=0.0, high=1.0)
     if backend_for(prototypes, op="pmr_refresh", available=_OPS) == "triton":
@@ -226,15 +236,16 @@ def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Ten
 
         pmr_refresh_launch(sums, counts, prototypes, mu=float(mu), first=bool(first))
         return
-    c = prototypes.shape[1]
-    prototypes.copy_(R.pmr_refresh_ref(sums, counts[:c], prototypes, mu=float(mu), first=bool(first)))
+    m, c = prototypes.shape[:2]
+    prototypes.copy_(R.pmr_refresh_ref(sums, counts[:m, :c], prototypes, mu=float(mu), first=bool(first)))
 
 
 def pmr_update_prototypes_(prototypes: torch.Tensor, features, labels: torch.Tensor, *, mu: float, first: bool,
-                           ignore_index: int = -100, sync: bool = False, group=None) -> None:
+                           ignore_index: int = -100, sync: bool = False, group=None) -> torch.Tensor:
     """A whole refresh from one set of rows (features [M, N, D] or a list of M [N, D_m]): class sums, counts, mean
     and EMA into prototypes [M, C, D] in place. Triton: ONE launch (sync under torch.distributed: accumulate,
-    all-reduce sums and counts, refresh)."""
+    all-reduce sums and counts, refresh). Returns the rows skipped per modality [M] fp32 (NaN/Inf features; a
+    device tensor, no sync)."""
     _check_prototypes(prototypes)
     check_real(mu, "mu", low=0.0, high=1.0)
     m, c, d = prototypes.shape
@@ -253,9 +264,10 @@ def pmr_update_prototypes_(prototypes: torch.Tensor, features, labels: torch.Ten
 
         pmr_accumulate_launch(z, labels, sums, counts, prototypes, ignore_index=ignore_index, finalize=True,
                               mu=float(mu), first=bool(first))
-        return
+        return refresh_skipped(counts)
     pmr_class_sums_(features, labels, sums, counts, ignore_index=ignore_index)
     if distributed:
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(counts, group=group)
     pmr_refresh_(prototypes, sums, counts, mu=mu, first=first)
+    return refresh_skipped(counts)

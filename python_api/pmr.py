@@ -5,8 +5,8 @@ import torch
 
 from mmkernels import _validate
 from mmkernels.pmr import (new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_,
-                           pmr_update_prototypes_)
-from mmkernels._ref_pmr import pmr_pad
+                           pmr_update_prototypes_, refresh_skipped)
+from mmkernels.reference.pmr import pmr_pad
 
 from ._base import Balancer, check_int, check_label_values, check_real
 
@@ -27,7 +27,7 @@ class PMR(Balancer):
             model.eval(); bal.begin_refresh()
             with torch.no_grad():
                 for i, (xa, xv, y) in enumerate(loader):
-                    if i >= len(loader) // 10: break
+                    if i >= max(1, len(loader) // 10): break
                     bal.refresh([enc_a(xa), enc_v(xv)], y)
             bal.end_refresh(); model.train()
             for xa, xv, y in loader:
@@ -38,9 +38,12 @@ class PMR(Balancer):
     Arguments: num_modalities (2..8); num_classes C; alpha >= 0 (default 1.0, the authors' argparse default; their
     scripts use 2.0, 1.0 for CG-MNIST; the toolkit 0.6); mu in [0, 1] (default 0.2, argparse; scripts 0, toolkit
     0.5); plus the Balancer window (authors: epochs 0..100, scripts end 70, toolkit 0..80; pass unit="epoch" and call
-    set_epoch), enabled, ignore_index, sync, optimizer. official is accepted for symmetry: the only public rule is
-    the switch, which is what this class computes. Statistics: scores, ratios (s_m / max_{j != m} s_j), coefficients
-    (c_m), pce, flag, nonfinite, prototypes.
+    set_epoch), enabled, ignore_index, sync, optimizer. official=True follows the authors' refresh schedule: their
+    second refresh (after epoch 0, called with epoch 0) is a plain class mean too, so the EMA starts at the third
+    (default: at the second, as the paper's Eq. 9 reads). A refresh skips, per modality, the rows whose features hold
+    a NaN/Inf (`refresh_skipped` counts them), and a prototype entry that is not finite is replaced by the class
+    mean when its class is refreshed. Statistics: scores, ratios (s_m / max_{j != m} s_j), coefficients (c_m), pce,
+    flag, nonfinite, prototypes, refresh_skipped.
     Under torch.distributed (sync): the score sums and the valid-row count are all-reduced in loss(), the prototype
     sums and counts in end_refresh()/update_prototypes(); every rank must make the same calls (an empty batch too).
     """
@@ -61,12 +64,18 @@ class PMR(Balancer):
         self._acc = None                          # (sums, counts) during a refresh pass
         self._refreshing = False
         self._pass_widths: list[int] | None = None
+        self._refresh_skipped = torch.zeros(self.num_modalities)
 
     # ---------------------------------------------------------------- statistics
     @property
     def pce(self) -> torch.Tensor:
         """PCE_m of the last observed batch, [M] fp32 (read-only)."""
         return self._pce
+
+    @property
+    def refresh_skipped(self) -> torch.Tensor:
+        """Rows of the last refresh skipped per modality because a feature was NaN/Inf, [M] fp32 (device, no sync)."""
+        return self._refresh_skipped
 
     @property
     def prototypes(self) -> list | None:
@@ -78,6 +87,7 @@ class PMR(Balancer):
     def _move(self, device) -> None:
         super()._move(device)
         self._pce = self._pce.to(self._device)
+        self._refresh_skipped = self._refresh_skipped.to(self._device)
         if self._protos is not None:
             self._protos = self._protos.to(self._device)
         if self._acc is not None:
@@ -137,6 +147,7 @@ class PMR(Balancer):
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(counts)
         self._apply_refresh(lambda protos, first: pmr_refresh_(protos, sums, counts, mu=self.mu, first=first))
+        self._refresh_skipped = refresh_skipped(counts).clone()
         self._refreshing, self._acc = False, None
 
     def update_prototypes(self, features, labels: torch.Tensor) -> None:
@@ -147,17 +158,20 @@ class PMR(Balancer):
         self._to_device(xs[0].device)
         self._pass_widths = [x.shape[1] for x in xs]
         z = [x.detach() for x in xs]
-        self._apply_refresh(lambda protos, first: pmr_update_prototypes_(
+        skipped = self._apply_refresh(lambda protos, first: pmr_update_prototypes_(
             protos, z, labels, mu=self.mu, first=first, ignore_index=self.ignore_index, sync=self._sync()))
+        self._refresh_skipped = skipped.clone()
 
-    def _apply_refresh(self, run) -> None:
+    def _apply_refresh(self, run):
         first = self._protos is None
+        plain = first or (self.official and self.refreshes < 2)     # the authors' second refresh: a plain mean too
         protos = (torch.zeros(self.num_modalities, self.num_classes, max(self._pass_widths), device=self._device)
                   if first else self._protos)
         with torch.no_grad():
-            run(protos, first)
+            out = run(protos, plain)
         self._protos, self._widths = protos, list(self._pass_widths)
         self.refreshes += 1
+        return out
 
     # ---------------------------------------------------------------- training step
     def loss(self, features, labels: torch.Tensor) -> torch.Tensor:
@@ -221,11 +235,16 @@ class PMR(Balancer):
                 raise ValueError(f"state['prototypes'] must be a float32 tensor [{m}, {c}, D], got "
                                  f"{getattr(protos, 'dtype', type(protos).__name__)} "
                                  f"{tuple(protos.shape) if isinstance(protos, torch.Tensor) else ''}")
+            if protos.is_meta:
+                raise ValueError("state['prototypes'] is a meta tensor (no data); load a state_dict saved with its "
+                                 "values (e.g. torch.load(..., map_location='cpu'))")
             if not isinstance(widths, list) or len(widths) != m or max(widths) != protos.shape[2]:
                 raise ValueError(f"state['widths'] must list {m} widths whose maximum is {protos.shape[2]}, "
                                  f"got {widths!r}")
+        self._check_state(self._upgrade_state(state), strict)      # everything checked before anything changes
+        new_protos = None if protos is None else protos.to(self._device).clone()
         super().load_state_dict(state, strict)
-        self._protos = None if protos is None else protos.to(self._device).clone()
+        self._protos = new_protos
         self._widths = None if widths is None else list(widths)
         self.refreshes = int(state["refreshes"])
         self._refreshing, self._acc = False, None

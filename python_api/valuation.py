@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from mmkernels import _ref_valuation, _validate, reference
+from mmkernels import _validate, reference
+from mmkernels.reference import valuation as _ref_valuation
 from mmkernels.valuation import VALUES, check_subset_logits, sample_valuation, valuation_subset_logits
 
 from ._base import Balancer, check_int, check_label_values, check_real
@@ -271,7 +272,7 @@ class ModalityValuation(SampleValuation):
                  rate: str = "authors", fraction: float = 0.2, **kwargs):
         super().__init__(num_modalities, num_samples, **kwargs)
         check_real(alpha, "alpha", low=0.0)
-        _validate.check_choice(curve, reference._ref_valuation.CURVES, "curve")
+        _validate.check_choice(curve, _ref_valuation.CURVES, "curve")
         _validate.check_choice(rate, ("authors", "toolkit"), "rate")
         check_real(fraction, "fraction", low=0.0, high=1.0, low_open=True)
         self.alpha, self.curve, self.rate, self.fraction = float(alpha), curve, rate, float(fraction)

@@ -1,4 +1,4 @@
-"""Small multimodal models and reference helpers shared by the API tests (tests/test_api_*.py, tests/test_ddp.py)."""
+"""Small multimodal models and reference helpers shared by the API tests (tests/test_*_api.py, tests/test_ddp.py)."""
 from __future__ import annotations
 
 import copy

@@ -88,7 +88,7 @@ def fake_process_group():
 
 
 # ======================================================================================== LAUNCH PLAN
-# One call per distinct specialization of the tests (tests/test_triton_*.py, the CUDA steps of
+# One call per distinct specialization of the tests (tests/test_*_triton.py, the CUDA steps of
 # tests/test_sync_free_cuda.py, the Triton cases of tests/test_reliability.py; not the shapes Hypothesis draws in
 # tests/test_properties.py) and of benchmarks/bench_coefficients.py and bench_taps.py, plus the dtypes the API
 # accepts that no test launches (marked "api"). Triton specializes on dtypes, constexprs, num_warps, 16-byte pointer
@@ -284,8 +284,8 @@ def _uniforms_plan():
 
 
 # the test modules that carry their kernels' launch plan, next to the tests it mirrors: gpu_compile_plan() ->
-# [(label, call)]; (module, attribute) for a plan not yet moved into its test module
-PLAN_MODULES = (("_plan_pmr", "plan"), ("test_mmpareto_triton", "gpu_compile_plan"),
+# [(label, call)]
+PLAN_MODULES = (("test_pmr_triton", "gpu_compile_plan"), ("test_mmpareto_triton", "gpu_compile_plan"),
                 ("test_valuation_triton", "gpu_compile_plan"))
 
 

@@ -1,4 +1,4 @@
-"""PMR reference (mmkernels/_ref_pmr.py) and the public ops on the reference backend: the hand-computed worked
+"""PMR reference (mmkernels/reference/pmr.py) and the public ops on the reference backend: the hand-computed worked
 example of docs/methods/pmr.md, the literal loop transcription on random inputs, gradcheck of the analytic
 backward in float64, and properties."""
 import math
@@ -250,3 +250,80 @@ def test_validation_errors():
         pmr_update_prototypes_(P, z, y, mu=1.5, first=False)
     with pytest.raises(ValueError, match="counts"):
         pmr_refresh_(P, torch.zeros(2, 3, 2), torch.zeros(3), mu=0.1, first=False)
+
+
+def _poisoned_refresh(device):
+    """z [2, 9, 5] with a NaN entry in row 2 of modality 0 and an Inf in row 6 of modality 1; old prototypes with a
+    NaN entry (class 1 of modality 0)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 9, 5, generator=g)
+    y = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, -100])
+    z[0, 2, 3] = float("nan")
+    z[1, 6, 0] = float("inf")
+    old = torch.randn(2, 3, 5, generator=g)
+    old[0, 1, 4] = float("nan")
+    return z.to(device), y.to(device), old.to(device)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_refresh_skips_nonfinite_rows_per_modality(first, device):
+    """A row holding a NaN/Inf feature is skipped for its modality only (the other modality keeps it), counted in
+    counts[m, C]; a non-finite old prototype entry becomes the class mean; one launch and accumulate + refresh
+    agree with the reference, and the reference with the mean of the finite rows."""
+    z, y, old = _poisoned_refresh(device)
+    want = old.clone()
+    for m, bad in ((0, 2), (1, 6)):
+        for k in range(3):
+            rows = [i for i in range(9) if y[i].item() == k and i != bad]
+            mean = z[m, rows].mean(0)
+            ema = torch.where(torch.isfinite(old[m, k]), 0.7 * mean + 0.3 * old[m, k], mean)
+            want[m, k] = mean if first else ema
+    ref = R.pmr_prototypes_ref(z, y, old, mu=0.3, first=first)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
+    one = old.clone()
+    skipped = pmr_update_prototypes_(one, z, y, mu=0.3, first=first)
+    torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-6)
+    assert skipped.tolist() == [1.0, 1.0]
+    two = old.clone()
+    sums, counts = new_refresh_buffers(2, 3, 5, device)
+    pmr_class_sums_(z[:, :4], y[:4], sums, counts)
+    pmr_class_sums_(list(z[:, 4:]), y[4:], sums, counts)
+    pmr_refresh_(two, sums, counts, mu=0.3, first=first)
+    torch.testing.assert_close(two, want, rtol=1e-5, atol=1e-6)
+    assert counts[:2, 3].tolist() == [1.0, 1.0] and counts[0, :3].tolist() == [2.0, 2.0, 3.0]
+
+
+
+def test_backward_is_stable_near_a_large_norm_prototype():
+    """|P| / d = 1e5: a feature close to a far-from-origin prototype. The gradient formed from the differences
+    P_k - z (not w @ P - z sum_k w, which cancels) stays within 1e-5 of a float64 oracle in fp32."""
+    g = torch.Generator().manual_seed(5)
+    far = 1e5 * torch.randn(2, 1, 4, generator=g, dtype=torch.float64)
+    P64 = far + torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    z64 = far + torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    coef, count = torch.tensor([1.0, 1.0]), torch.tensor(6.0)
+    want = R.pmr_backward_ref(torch.tensor(1.0, dtype=torch.float64), z64, P64, y, coef.double(), count.double())
+    got = R.pmr_backward_ref(torch.tensor(1.0), z64.float(), P64.float(), y, coef, count)
+    # the fp32 inputs are the float64 ones rounded: compare against the oracle on those same rounded inputs
+    want32 = R.pmr_backward_ref(torch.tensor(1.0, dtype=torch.float64), z64.float().double(), P64.float().double(), y,
+                                coef.double(), count.double())
+    assert want.abs().max() > 0
+    assert ((got.double() - want32).norm() / want32.norm()).item() <= 1e-5
+
+
+def test_float64_features_end_to_end():
+    """fp64 features (with the balancer's fp32 prototypes, or fp64 ones) run forward, backward and refresh on the
+    reference; the analytic backward passes gradcheck in float64."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    P32 = torch.randn(2, 3, 3, generator=g)
+    out = pmr_loss(z, P32, y, alpha=1.0)
+    out["loss"].backward()
+    assert z.grad.dtype == torch.float64 and torch.isfinite(z.grad).all()
+    P64 = P32.double()
+    torch.autograd.gradcheck(lambda t: pmr_loss(t, P64, y, alpha=0.7)["loss"], (z.detach().requires_grad_(),))
+    P = torch.zeros(2, 3, 3, dtype=torch.float64)
+    pmr_update_prototypes_(P, z.detach(), y, mu=0.2, first=True)
+    torch.testing.assert_close(P, R.pmr_prototypes_ref(z.detach(), y, torch.zeros_like(P), mu=0.2, first=True))

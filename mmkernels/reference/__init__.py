@@ -6,7 +6,8 @@ Conventions (docs/architecture.md, docs/methods/):
 - Any float dtype in, fp32 accumulation (fp64 inputs are accumulated in fp64). Statistics (scores, ratios,
   coefficients, flags, running state) come back as fp32 tensors on the input's device.
 - Everything is vectorised over rows (no Python loop over the batch) and nothing reads a device value on the host:
-  no `.item()`, no Python branch on a tensor value; data-dependent choices use `torch.where`.
+  no `.item()`, no Python branch on a tensor value; data-dependent choices use `torch.where`. One exception, by
+  design: valuation.modality_gaps_exact counts in exact rational arithmetic on the host, once per epoch.
 - No argument validation beyond what is needed to compute: the public ops validate at their boundary.
 
 Modules: coefficients (OGM-GE, OGM, OPM, AGM, MLB: scores, ratios, coefficients, the pipeline), olm, shapley (AGM),
@@ -18,7 +19,7 @@ MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the auth
 """
 from __future__ import annotations
 
-from . import coefficients, mmpareto, noise, olm, philox, shapley, taps, unimodal
+from . import coefficients, mmpareto, noise, olm, philox, pmr, shapley, taps, unimodal, valuation
 from ._common import GE_STD_EPS, LOG_PROB_FLOOR, OLM_EPS, PROB_FLOOR  # noqa: F401
 from .coefficients import *  # noqa: F401,F403
 from .mmpareto import *  # noqa: F401,F403
@@ -26,12 +27,10 @@ from .noise import *  # noqa: F401,F403
 from .olm import *  # noqa: F401,F403
 from .philox import *  # noqa: F401,F403
 from .shapley import *  # noqa: F401,F403
-from .shapley import _subset_bits  # noqa: F401  (used by mmkernels._ref_valuation until it moves here)
 from .taps import *  # noqa: F401,F403
 from .unimodal import *  # noqa: F401,F403
-from .. import _ref_pmr, _ref_valuation  # noqa: E402
-from .._ref_pmr import *  # noqa: F401,F403
-from .._ref_valuation import *  # noqa: F401,F403
+from .pmr import *  # noqa: F401,F403
+from .valuation import *  # noqa: F401,F403
 
-__all__ = [name for module in (coefficients, olm, shapley, unimodal, philox, noise, taps, _ref_pmr, mmpareto,
-                               _ref_valuation) for name in module.__all__]
+__all__ = [name for module in (coefficients, olm, shapley, unimodal, philox, noise, taps, pmr, mmpareto, valuation)
+           for name in module.__all__]

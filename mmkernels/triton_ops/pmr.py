@@ -16,9 +16,10 @@ local count [4M+2].
 Backward, one launch, same grid: dz_i = g c_m / n sum_k (p_ik - 1[k = y_i]) (P_k - z_i) / d_ik, term 0 where d_ik = 0;
 p from the stored lse; per C tile the weights w [BLOCK_B, BLOCK_C], then dz accumulated in place over D tiles.
 
-Refresh: the accumulate kernel adds each row into sums[m, y] and 1 into counts[y] (atomics, ignored rows skipped);
-PHASE 0 also takes a ticket (counts[C] is the fp32 ticket slot) and its last program applies the mean and the EMA
-to every prototype (one launch for a one-batch refresh); PHASE 1 only accumulates (a refresh over many batches, or
+Refresh: the accumulate kernel adds each row into sums[m, y] and 1 into counts[m, y] (atomics, ignored rows skipped;
+a row of modality m holding a NaN/Inf feature is skipped for m and counted in counts[m, C]); PHASE 0 also takes a
+ticket (counts[M, 0] is the fp32 ticket slot) and its last program applies the mean and the EMA (the mean where an
+old prototype entry is not finite) to every prototype (one launch for a one-batch refresh); PHASE 1 only accumulates (a refresh over many batches, or
 before an all-reduce) and the finalize kernel then runs over the [M, C, D] entries.
 """
 from __future__ import annotations
@@ -186,8 +187,9 @@ def pmr_backward_kernel(z_ptr, szm, szb, szd, p_ptr, spm, spc, spd, y_ptr, sy, l
 # --------------------------------------------------------------------------------------------- refresh
 @triton.jit
 def _refresh_entries(sums_ptr, counts_ptr, p_ptr, spm, spc, spd, offs, M, C, D, mu, FIRST: tl.constexpr):
-    """mean = sums / n; P = mean (first refresh) or (1 - mu) mean + mu P_old; a class with n = 0 keeps P_old.
-    offs: flat indices into [M, C, D] (contiguous sums)."""
+    """mean = sums / n; P = mean (first refresh) or (1 - mu) mean + mu P_old (the mean where P_old is not finite);
+    a class with n = 0 keeps P_old. offs: flat indices into [M, C, D] (contiguous sums); n = counts[m, k] of the
+    [M + 1, C + 1] counts."""
     offs = offs.to(tl.int64)
     ok = offs < M * C * D
     m = offs // (C * D)
@@ -195,13 +197,14 @@ def _refresh_entries(sums_ptr, counts_ptr, p_ptr, spm, spc, spd, offs, M, C, D, 
     d = offs % D
     ptrs = p_ptr + m * spm + k * spc + d * spd
     total = tl.load(sums_ptr + offs, mask=ok, other=0.0, volatile=True)
-    n = tl.load(counts_ptr + k, mask=ok, other=0.0, volatile=True)
+    n = tl.load(counts_ptr + m * (C + 1) + k, mask=ok, other=0.0, volatile=True)
     old = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     mean = total / tl.maximum(n, 1.0)
     if FIRST:
         new = mean
     else:
-        new = (1.0 - mu) * mean + mu * old
+        old_ok = tl.abs(old) < float("inf")                  # false for NaN and +-Inf
+        new = tl.where(old_ok, (1.0 - mu) * mean + mu * old, mean)
     tl.store(ptrs, tl.where(n > 0.0, new, old).to(p_ptr.dtype.element_ty), mask=ok)
 
 
@@ -210,7 +213,8 @@ def pmr_accumulate_kernel(z_ptr, szm, szb, szd, y_ptr, sy, sums_ptr, counts_ptr,
                           M, B, C, D, ignore_index, n_programs, mu,
                           PHASE: tl.constexpr, FIRST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_F: tl.constexpr):
-    """sums[m, y_i] += z[m, i], counts[y_i] += 1 (index_add by label). PHASE 0: the last program then refreshes P."""
+    """sums[m, y_i] += z[m, i], counts[m, y_i] += 1 (index_add by label) for the rows of modality m whose features
+    are all finite; the others add 1 to counts[m, C] (skipped). PHASE 0: the last program then refreshes P."""
     pid_m = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_in = rows < B
@@ -219,15 +223,23 @@ def pmr_accumulate_kernel(z_ptr, szm, szb, szd, y_ptr, sy, sums_ptr, counts_ptr,
     valid = row_in & (lab != ignore_index) & (lab >= 0) & (lab < C)
     z_base = z_ptr + pid_m.to(tl.int64) * szm + rows64 * szb
     s_base = sums_ptr + (pid_m.to(tl.int64) * C + lab) * D
+    bad = tl.zeros([BLOCK_B], dtype=tl.int32)               # non-finite entries per row (first pass: no write)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         mask = valid[:, None] & (dd < D)[None, :]
         zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=mask, other=0.0).to(tl.float32)
+        bad += tl.sum((~(tl.abs(zt) < float("inf"))).to(tl.int32), axis=1)
+    keep = valid & (bad == 0)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = keep[:, None] & (dd < D)[None, :]
+        zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=mask, other=0.0).to(tl.float32)
         tl.atomic_add(s_base[:, None] + dd[None, :], zt, mask=mask)
-    if pid_m == 0:
-        tl.atomic_add(counts_ptr + lab, tl.where(valid, 1.0, 0.0), mask=valid)
+    c_base = counts_ptr + pid_m.to(tl.int64) * (C + 1)
+    tl.atomic_add(c_base + lab, tl.where(keep, 1.0, 0.0), mask=keep)
+    tl.atomic_add(c_base + C, tl.sum((valid & (bad > 0)).to(tl.float32), axis=0))
     if PHASE == 0:
-        ticket = tl.atomic_add(counts_ptr + C, 1.0)  # fp32 ticket slot (exact below 2^24 programs)
+        ticket = tl.atomic_add(counts_ptr + M * (C + 1), 1.0)  # fp32 ticket slot (exact below 2^24 programs)
         if ticket == n_programs - 1:
             for f0 in range(0, M * C * D, BLOCK_F):
                 offs = f0 + tl.arange(0, BLOCK_F)
@@ -324,9 +336,10 @@ def _refresh_blocks(B: int, D: int, interp: bool):
 def pmr_accumulate_launch(z: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
                           protos: torch.Tensor, *, ignore_index: int, finalize: bool = False, mu: float = 0.0,
                           first: bool = False) -> None:
-    """sums [M, C, D] (contiguous fp32) += per-class row sums of z [M, B, D]; counts [C + 1] fp32 (counts[C]: the
-    ticket slot, zero before the call) += rows per class. finalize: the last program also refreshes protos
-    [M, C, D] in place (one launch for a one-batch refresh)."""
+    """sums [M, C, D] (contiguous fp32) += per-class row sums of z [M, B, D]; counts [M + 1, C + 1] fp32
+    (contiguous; counts[m, C]: skipped non-finite rows of modality m; counts[M, 0]: the ticket slot, zero before the
+    call) += rows per class and modality. finalize: the last program also refreshes protos [M, C, D] in place (one
+    launch for a one-batch refresh)."""
     M, B, D = z.shape
     C = protos.shape[1]
     bb, bd, bf = _refresh_blocks(B, D, interpreting())

@@ -1,7 +1,9 @@
-"""Triton lane: the PMR kernels (mmkernels/triton_ops/pmr.py) against the reference (mmkernels/_ref_pmr.py), run
+"""Triton lane: the PMR kernels (mmkernels/triton_ops/pmr.py) against the reference (mmkernels/reference/pmr.py), run
 with TRITON_INTERPRET=1 on CPU or on CUDA. Forward statistics and loss, the backward, the prototype refresh (one
 launch, and accumulate + finalize); odd shapes (B = 1, C = 1, non-power-of-two C and D, several C and D tiles),
 non-contiguous features, ignored rows, M from 2 to 8, fp32 and fp16."""
+import contextlib
+
 import pytest
 import torch
 
@@ -151,3 +153,130 @@ def test_refresh_fp16_features_and_padding(device):
     want = R.pmr_prototypes_ref(R.pmr_pad([za, zv]), y, torch.zeros(2, 3, 5, device=device), mu=0.0, first=True)
     torch.testing.assert_close(P, want, rtol=1e-5, atol=1e-6)
     assert P[0, :, 3:].abs().max().item() == 0  # the padding stays zero
+
+
+def _poisoned_refresh(device):
+    """z [2, 9, 5] with a NaN entry in row 2 of modality 0 and an Inf in row 6 of modality 1; old prototypes with a
+    NaN entry (class 1 of modality 0)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 9, 5, generator=g)
+    y = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, -100])
+    z[0, 2, 3] = float("nan")
+    z[1, 6, 0] = float("inf")
+    old = torch.randn(2, 3, 5, generator=g)
+    old[0, 1, 4] = float("nan")
+    return z.to(device), y.to(device), old.to(device)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_refresh_skips_nonfinite_rows_per_modality(first, device):
+    """A row holding a NaN/Inf feature is skipped for its modality only (the other modality keeps it), counted in
+    counts[m, C]; a non-finite old prototype entry becomes the class mean; one launch and accumulate + refresh
+    agree with the reference, and the reference with the mean of the finite rows."""
+    z, y, old = _poisoned_refresh(device)
+    want = old.clone()
+    for m, bad in ((0, 2), (1, 6)):
+        for k in range(3):
+            rows = [i for i in range(9) if y[i].item() == k and i != bad]
+            mean = z[m, rows].mean(0)
+            ema = torch.where(torch.isfinite(old[m, k]), 0.7 * mean + 0.3 * old[m, k], mean)
+            want[m, k] = mean if first else ema
+    ref = R.pmr_prototypes_ref(z, y, old, mu=0.3, first=first)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
+    one = old.clone()
+    skipped = pmr_update_prototypes_(one, z, y, mu=0.3, first=first)
+    torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-6)
+    assert skipped.tolist() == [1.0, 1.0]
+    two = old.clone()
+    sums, counts = new_refresh_buffers(2, 3, 5, device)
+    pmr_class_sums_(z[:, :4], y[:4], sums, counts)
+    pmr_class_sums_(list(z[:, 4:]), y[4:], sums, counts)
+    pmr_refresh_(two, sums, counts, mu=0.3, first=first)
+    torch.testing.assert_close(two, want, rtol=1e-5, atol=1e-6)
+    assert counts[:2, 3].tolist() == [1.0, 1.0] and counts[0, :3].tolist() == [2.0, 2.0, 3.0]
+
+
+# ---------------------------------------- gpu-compile plan
+# gpu-compile plan of the PMR kernels (mmkernels/triton_ops/pmr.py): one call per launcher specialization of
+# tests/test_pmr_triton.py and tests/test_pmr_api.py (loaded by tests/gpu_compile.py, PLAN_MODULES).
+#
+# The launchers run on CPU torch.empty tensors shaped, strided and typed like the tests' (compiled block sizes follow
+# from the shapes; Triton specializes on dtypes, 16-byte alignment and integer arguments == 1 / % 16 == 0).
+PLAN_F32, PLAN_F16 = torch.float32, torch.float16
+
+# tests/test_pmr_triton.py CASES, plus the other shapes of that file and of tests/test_pmr_api.py (TinyModel: B 12,
+# FEAT 6, C 4; M 2 and 3)
+PLAN_LOSS_CASES = [(2, 1, 1, 1), (2, 2, 3, 2), (3, 7, 5, 9), (5, 33, 70, 20), (8, 6, 4, 3), (2, 70, 3, 130),
+              (4, 17, 31, 17), (3, 20, 7, 6), (2, 5, 3, 4), (2, 4, 3, 2), (2, 12, 4, 6), (3, 12, 4, 6), (2, 8, 4, 5),
+              (2, 0, 4, 3)]
+
+
+def _plan_z(m, b, d, dtype=PLAN_F32, layout="contiguous"):
+    if layout == "bdm":
+        return torch.empty(b, m, d, dtype=dtype).permute(1, 0, 2)
+    if layout == "dmajor":
+        return torch.empty(m, d, b, dtype=dtype).permute(0, 2, 1)
+    return torch.empty(m, b, d, dtype=dtype)
+
+
+def _plan_protos(m, c, d, layout="contiguous"):
+    if layout == "cmajor":
+        return torch.empty(m, d, c).transpose(1, 2)
+    return torch.empty(m, c, d)
+
+
+def _plan_loss_call(m, b, c, d, *, dtype=PLAN_F32, layout="contiguous", p_layout="contiguous", sync=False):
+    from mmkernels.triton_ops.pmr import pmr_backward_launch, pmr_forward_launch
+
+    z, P, y = _plan_z(m, b, d, dtype, layout), _plan_protos(m, c, d, p_layout), torch.empty(b, dtype=torch.int64)
+    ctx = contextlib.nullcontext()
+    if sync:
+        from gpu_compile import fake_process_group
+
+        ctx = fake_process_group()
+    with ctx:
+        out, lse, _ = pmr_forward_launch(z, P, y, alpha=0.8, ignore_index=-100, sync=sync)
+    if b > 0:
+        pmr_backward_launch(torch.empty(()), z, P, y, out, lse, ignore_index=-100)
+
+
+def _plan_refresh_call(m, b, c, d, *, first, one_launch, dtype=PLAN_F32, rows=None):
+    """rows: the tests' z[:, :half] views (row stride of the full batch `rows`)."""
+    from mmkernels.triton_ops.pmr import pmr_accumulate_launch, pmr_refresh_launch
+
+    z = torch.empty(m, rows, d, dtype=dtype)[:, :b] if rows else torch.empty(m, b, d, dtype=dtype)
+    y = torch.empty(b, dtype=torch.int64)
+    P = torch.empty(m, c, d)
+    sums, counts = torch.empty(m, c, d), torch.empty(m + 1, c + 1)
+    pmr_accumulate_launch(z, y, sums, counts, P if one_launch else sums, ignore_index=-100, finalize=one_launch,
+                          mu=0.3, first=first)
+    if not one_launch:
+        pmr_refresh_launch(sums, counts, P, mu=0.3, first=first)
+
+
+def gpu_compile_plan() -> list:
+    out = []
+
+    def add(label, fn, *args, **kw):
+        out.append((f"pmr {label} {args}{kw if kw else ''}", lambda: fn(*args, **kw)))
+
+    for case in PLAN_LOSS_CASES:
+        add("loss fp32", _plan_loss_call, *case)
+    for case in [(3, 7, 5, 9), (2, 70, 3, 130)]:
+        add("loss fp16", _plan_loss_call, *case, dtype=PLAN_F16)
+    for layout in ("bdm", "dmajor"):
+        add("loss layout", _plan_loss_call, 3, 9, 6, 5, layout=layout, p_layout="cmajor")
+    add("loss sync PHASE 1 + 2", _plan_loss_call, 3, 12, 4, 6, sync=True)
+    for first in (True, False):
+        for m, b, c, d in [(2, 1, 1, 1), (3, 40, 6, 9), (8, 9, 4, 130)]:
+            add("refresh one launch", _plan_refresh_call, m, b, c, d, first=first, one_launch=True)
+            half = b // 2
+            if half:
+                add("refresh accumulate view", _plan_refresh_call, m, half, c, d, first=first, one_launch=False, rows=b)
+            add("refresh accumulate list", _plan_refresh_call, m, b - half, c, d, first=first, one_launch=False)
+        for m in (2, 3):  # tests/test_pmr_api.py: refresh passes of 12 rows, update_prototypes of 12 / 8 rows
+            add("refresh api", _plan_refresh_call, m, 12, 4, 6, first=first, one_launch=False)
+            add("refresh api one launch", _plan_refresh_call, m, 12, 4, 6, first=first, one_launch=True)
+    add("refresh fp16", _plan_refresh_call, 2, 10, 3, 5, first=True, one_launch=True, dtype=PLAN_F16)
+    add("refresh widths", _plan_refresh_call, 2, 8, 4, 5, first=True, one_launch=True)
+    return out

@@ -111,7 +111,9 @@ def pmr_forward_ref(z, protos, labels, *, alpha: float = 1.0, ignore_index: int 
 def pmr_backward_ref(grad_loss, z, protos, labels, coefficients, count, *, ignore_index: int = -100) -> torch.Tensor:
     """dL/dz [M, B, D] in z's dtype, L = sum_m c_m PCE_m (docs/methods/pmr.md):
     dL/dz_i = g (c_m / n) sum_k (p_ik - 1[k = y_i]) (P[k] - z_i) / d_ik, with the term 0 where d_ik = 0 (the
-    authors' sqrt gives NaN there), n = valid rows, 0 for ignored rows and where c_m = 0."""
+    authors' sqrt gives NaN there), n = valid rows, 0 for ignored rows and where c_m = 0. The differences P[k] - z_i
+    are formed directly (as the authors and the kernel do), never as w @ P - z sum_k w, which cancels when a feature
+    sits near a large-norm prototype. Features and prototypes of different float dtypes are promoted."""
     zz, pp = _acc(z), _acc(protos)
     d = pmr_distances(z, protos)
     p = torch.softmax(-d, dim=-1)
@@ -122,36 +124,43 @@ def pmr_backward_ref(grad_loss, z, protos, labels, coefficients, count, *, ignor
     scale = _acc(torch.as_tensor(grad_loss)).to(p.dtype) * coef / count.to(p.dtype).clamp(min=1)
     w = (p - onehot) / torch.where(d > 0, d, 1.0)
     w = torch.where((d > 0) & valid.view(1, -1, 1) & (coef != 0).view(-1, 1, 1), w * scale.view(-1, 1, 1), 0.0)
-    # sum_k w_ik (P_k - z_i) = w @ P - z * sum_k w_ik
-    dz = torch.einsum("mbk,mkd->mbd", w, pp) - zz * w.sum(-1, keepdim=True)
-    return torch.where(w.ne(0).any(-1, keepdim=True), dz, 0.0).to(z.dtype)
+    diff = pp[:, None, :, :].to(p.dtype) - zz[:, :, None, :].to(p.dtype)          # [M, B, C, D]: P_k - z_i
+    dz = (w.unsqueeze(-1) * torch.where(w.unsqueeze(-1) != 0, diff, 0.0)).sum(2)
+    return dz.to(z.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- refresh
 def pmr_class_sums(z, labels, num_classes: int, *, ignore_index: int = -100):
-    """(sums [M, C, D], counts [C]) of the rows of each class (index_add by label; ignored rows and labels outside
-    [0, C) count nowhere). Accumulation dtype."""
+    """(sums [M, C, D], counts [M, C], skipped [M]) of the rows of each class per modality (index_add by label).
+    Ignored rows and labels outside [0, C) count nowhere; a row of modality m holding a NaN/Inf feature is skipped
+    for that modality (neither summed nor counted) and counted in skipped[m]. Accumulation dtype."""
     zz = _acc(z)
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    finite = torch.isfinite(zz).all(-1)                                          # [M, N]
+    keep = valid.view(1, -1) & finite
     idx = torch.where(valid, labels, 0).long()
-    rows = torch.where(valid.view(1, -1, 1), zz, 0.0)
+    rows = torch.where(keep.unsqueeze(-1), zz, 0.0)
     sums = zz.new_zeros(zz.shape[0], num_classes, zz.shape[2]).index_add_(1, idx, rows)
-    counts = zz.new_zeros(num_classes).index_add_(0, idx, valid.to(zz.dtype))
-    return sums, counts
+    counts = zz.new_zeros(zz.shape[0], num_classes).index_add_(1, idx, keep.to(zz.dtype))
+    skipped = (valid.view(1, -1) & ~finite).sum(1).to(zz.dtype)
+    return sums, counts, skipped
 
 
 def pmr_refresh_ref(sums, counts, old, *, mu: float, first: bool) -> torch.Tensor:
-    """docs/methods/pmr.md: mean_k = sums_k / n_k; first refresh P = mean, later P = (1 - mu) mean + mu P_old;
-    a class with n_k = 0 keeps its old prototype (the authors' 0/0 = NaN). Returns [M, C, D] in old's dtype."""
-    mean = sums / counts.clamp(min=1).view(1, -1, 1)
+    """docs/methods/pmr.md: mean_k = sums_k / n_k (counts [M, C] per modality, or [C] shared); first refresh
+    P = mean, later P = (1 - mu) mean + mu P_old; a class with n_k = 0 keeps its old prototype (the authors' 0/0 =
+    NaN); an old prototype entry that is not finite is replaced by the mean (a clean refresh restores it).
+    Returns [M, C, D] in old's dtype."""
+    n = (counts if counts.dim() == 2 else counts.view(1, -1)).unsqueeze(-1)
+    mean = sums / n.clamp(min=1)
     o = old.to(mean.dtype)
-    new = mean if first else (1.0 - mu) * mean + mu * o
-    return torch.where(counts.view(1, -1, 1) > 0, new, o).to(old.dtype)
+    new = mean if first else torch.where(torch.isfinite(o), (1.0 - mu) * mean + mu * o, mean)
+    return torch.where(n > 0, new, o).to(old.dtype)
 
 
 def pmr_prototypes_ref(z, labels, old, *, mu: float, first: bool, ignore_index: int = -100) -> torch.Tensor:
     """The refresh over one set of rows z [M, N, D] (the whole subset at once)."""
-    sums, counts = pmr_class_sums(z, labels, old.shape[1], ignore_index=ignore_index)
+    sums, counts, _ = pmr_class_sums(z, labels, old.shape[1], ignore_index=ignore_index)
     return pmr_refresh_ref(sums, counts, old, mu=mu, first=first)
 
 

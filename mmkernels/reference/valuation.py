@@ -22,6 +22,8 @@ from fractions import Fraction
 
 import torch
 
+from .shapley import _subset_bits, shapley_weights
+
 __all__ = ["VALUATION_LOW", "VALUATION_MID", "VALUATION_HIGH", "valuation_values", "valuation_finite_rows",
            "valuation_weight_table", "valuation_shapley", "valuation_copies", "sample_valuation", "modality_gaps",
            "modality_rate", "modality_gaps_exact", "modality_extra_rows", "valuation_rows"]
@@ -38,8 +40,6 @@ def valuation_finite_rows(subset_logits: torch.Tensor) -> torch.Tensor:
 def valuation_values(subset_logits: torch.Tensor, labels: torch.Tensor, *, value: str = "authors") -> torch.Tensor:
     """v [2^M - 1, B] fp32 from the subset outputs [2^M - 1, B, C] (subset S at index S - 1) and labels [B].
     A row holding a non-finite logit counts as wrong, whatever its argmax."""
-    from .reference import _subset_bits
-
     n = subset_logits.shape[0]
     m = (n + 1).bit_length() - 1
     hit = subset_logits.argmax(dim=2) == labels.view(1, -1).long()
@@ -52,8 +52,6 @@ def valuation_values(subset_logits: torch.Tensor, labels: torch.Tensor, *, value
 
 def valuation_weight_table(num_modalities: int, device=None) -> tuple:
     """(W M! [2^M - 1, M] fp32, M!): the Shapley weights times M!, small integers (exact in fp32)."""
-    from .reference import shapley_weights
-
     fact = float(math.factorial(num_modalities))
     w = shapley_weights(num_modalities, dtype=torch.float64, device=device) * fact
     return w.round().to(torch.float32), fact

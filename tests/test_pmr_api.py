@@ -57,8 +57,11 @@ def _run_balancer(model, bal, data, epochs, opt, start_epoch=0, log=None):
                 log.append((bal.coefficients.clone(), bal.scores.clone()))
 
 
-def _run_authors_style(model, data, epochs, opt, *, alpha, mu, end):
-    """The authors' loop, transcribed with the literal reference (per-class Python loops, the M = 2 switch)."""
+def _run_authors_style(model, data, epochs, opt, *, alpha, mu, end, authors_schedule=False):
+    """The authors' loop, transcribed with the literal reference (per-class Python loops, the M = 2 switch).
+    authors_schedule: their refresh calls as their trainer makes them, calculate_prototype(epoch=0) before epoch 0
+    and calculate_prototype(epoch) after each epoch e, with a plain class mean while epoch <= 0, so the first two
+    refreshes are plain means (the EMA starts at the third); else the paper's reading (EMA from the second)."""
     protos = None
     for epoch in range(epochs):
         model.eval()
@@ -67,7 +70,9 @@ def _run_authors_style(model, data, epochs, opt, *, alpha, mu, end):
             z = [torch.cat([r[m] for r in rows]) for m in range(len(rows[0]))]
             y = torch.cat([yy for _, yy in _refresh_batches(data)])
             old = protos if protos is not None else [[[0.0] * zm.shape[1] for _ in range(C)] for zm in z]
-            protos = R.pmr_literal_prototypes([zm.tolist() for zm in z], y.tolist(), old, mu=mu, first=protos is None)
+            called_with = 0 if epoch == 0 else epoch - 1       # the epoch argument of the authors' call
+            plain = called_with <= 0 if authors_schedule else protos is None
+            protos = R.pmr_literal_prototypes([zm.tolist() for zm in z], y.tolist(), old, mu=mu, first=plain)
         model.train()
         for xs, y in data:
             feats = model.feats(xs)
@@ -76,7 +81,7 @@ def _run_authors_style(model, data, epochs, opt, *, alpha, mu, end):
                 lit = R.pmr_literal([f.tolist() for f in feats], protos, y.tolist(), alpha=alpha)
                 for m, f in enumerate(feats):
                     if lit["coefficients"][m] != 0:
-                        P = torch.tensor(protos[m])
+                        P = torch.tensor(protos[m], device=f.device)
                         logp = torch.log_softmax(-torch.cdist(f, P), 1)
                         loss = loss + lit["coefficients"][m] * F.nll_loss(logp, y)
             opt.zero_grad()
@@ -293,14 +298,86 @@ def test_sync_path_single_rank(tmp_path):
 
 
 @pytest.mark.triton
-def test_training_loop_on_the_triton_kernels(monkeypatch):
-    """The same loop with the Triton kernels (interpreter on CPU): the same parameters as the authors' style."""
+def test_training_loop_on_the_triton_kernels(monkeypatch, device):
+    """The same loop with the Triton kernels (the interpreter on CPU, or CUDA): the same parameters as the authors'
+    style."""
     monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
-    data = _data(3)[:4]
-    model = TinyModel(3, seed=4)
+    data = [([x.to(device) for x in xs], y.to(device)) for xs, y in _data(3)[:4]]
+    model = TinyModel(3, seed=4).to(device)
     twin = copy.deepcopy(model)
     bal = PMR(3, num_classes=C, alpha=1.5, mu=0.2, unit="epoch")
     _run_balancer(model, bal, data, 2, torch.optim.SGD(model.parameters(), lr=0.1))
     _run_authors_style(twin, data, 2, torch.optim.SGD(twin.parameters(), lr=0.1), alpha=1.5, mu=0.2, end=2)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_refresh_schedule_default_and_official(official):
+    """official=True: the authors' schedule (the second refresh is a plain mean too), against a literal
+    transcription of their calls; the default follows the paper (EMA from the second refresh). The two differ."""
+    data = _data(2)
+    model = TinyModel(2, seed=1)
+    twins = [copy.deepcopy(model), copy.deepcopy(model)]
+    bal = PMR(2, num_classes=C, alpha=1.5, mu=0.2, end=3, unit="epoch", official=official)
+    _run_balancer(model, bal, data, 3, torch.optim.SGD(model.parameters(), lr=0.1))
+    for twin, schedule in zip(twins, (official, not official)):
+        _run_authors_style(twin, data, 3, torch.optim.SGD(twin.parameters(), lr=0.1), alpha=1.5, mu=0.2, end=3,
+                           authors_schedule=schedule)
+    for p, q, r in zip(model.parameters(), twins[0].parameters(), twins[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert max((p - r).abs().max().item() for p, r in zip(model.parameters(), twins[1].parameters())) > 1e-3
+
+
+def test_refresh_skips_nonfinite_rows_and_recovers():
+    """A NaN feature row in a refresh is skipped for its modality (counted in refresh_skipped), so the prototypes
+    stay finite and the next loss has flag 0; prototypes poisoned with NaN (as an earlier release could leave them)
+    are restored by the next clean refresh, even with mu = 0."""
+    bal, model, xs, y = _ready(mu=0.0)
+    feats = [f.detach().clone() for f in model.feats(xs)]
+    feats[0][3, 1] = float("nan")
+    bal.begin_refresh()
+    bal.refresh(feats, y)
+    bal.end_refresh()
+    assert bal.refresh_skipped.tolist() == [1.0, 0.0]
+    assert all(torch.isfinite(p).all() for p in bal.prototypes)
+    keep = torch.arange(B) != 3
+    want = R.pmr_prototypes_ref(torch.stack([feats[0][keep], feats[1][keep]]), y[keep], torch.zeros(2, C, 6),
+                                mu=0.0, first=True)[0]
+    present = torch.bincount(y[keep], minlength=C) > 0
+    torch.testing.assert_close(bal.prototypes[0][present], want[present])
+    bal.loss(model.feats(xs), y)
+    assert bal.flag.item() == 0.0
+    bal.step()
+    bal._protos[1, :, 0] = float("nan")                    # poisoned
+    bal.update_prototypes([f.detach() for f in model.feats(xs)], y)
+    assert bal.refresh_skipped.tolist() == [0.0, 0.0]
+    present = torch.bincount(y, minlength=C) > 0
+    assert torch.isfinite(bal._protos[:, present]).all()
+
+
+def test_load_state_dict_rejects_meta_prototypes_and_changes_nothing():
+    bal, model, xs, y = _ready()
+    bal.loss(model.feats(xs), y)
+    before = bal.state_dict()
+    bad = {**bal.state_dict(), "prototypes": torch.empty(bal._protos.shape, device="meta"), "step": 7}
+    with pytest.raises(ValueError, match="prototypes"):
+        bal.load_state_dict(bad)
+    after = bal.state_dict()
+    assert after["step"] == before["step"] and after["refreshes"] == before["refreshes"]
+    assert torch.equal(after["prototypes"], before["prototypes"])
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v)
+
+
+def test_int32_labels_give_the_int64_result():
+    out = []
+    for dtype in (torch.int64, torch.int32):
+        bal, model = PMR(2, num_classes=C), TinyModel(2)
+        (xs, y), = _data(2)[:1]
+        with torch.no_grad():
+            bal.update_prototypes(model.feats(xs), y.to(dtype))
+        out.append((bal.loss(model.feats(xs), y.to(dtype)).detach(), bal.scores.clone(), bal._protos.clone()))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
