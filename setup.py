@@ -10,6 +10,7 @@ Install with `pip install --no-build-isolation -e .` (pyproject.toml selects the
 is built against the torch already installed, which an isolated build environment does not have.
 The C++ CPU sources are always built unless MMKERNELS_SKIP_EXT=1.
 """
+
 import glob
 import os
 import shutil
@@ -83,7 +84,8 @@ def _ext_modules():
         raise SystemExit(
             f"[mmkernels setup] torch is not importable here ({exc}). mmkernels._C is built against the torch you "
             "have installed: install torch first, then run `pip install --no-build-isolation -e .` (or `.`). "
-            "To install the pure-Python package without the extension, set MMKERNELS_SKIP_EXT=1.") from None
+            "To install the pure-Python package without the extension, set MMKERNELS_SKIP_EXT=1."
+        ) from None
 
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
@@ -105,13 +107,19 @@ def _ext_modules():
             include_dirs=[os.path.join(ROOT, "csrc")] + inc,
             define_macros=[("MMKERNELS_WITH_CUDA", "1")],
             extra_link_args=link_flags,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"] + (
-                ["-Xptxas=-v"] if os.environ.get("MMKERNELS_PTXAS_VERBOSE") == "1" else [])},
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-lineinfo"]
+                + (["-Xptxas=-v"] if os.environ.get("MMKERNELS_PTXAS_VERBOSE") == "1" else []),
+            },
         )
     else:
         _log(f"building CPU sources only ({why})")
         ext = CppExtension(
-            "mmkernels._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx_flags},
+            "mmkernels._C",
+            cpp,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
     return [ext], {"build_ext": _ReportingBuild.wrap(BuildExtension)}
@@ -129,7 +137,9 @@ class _ReportingBuild:
                 except Exception as exc:  # re-raised with the failing sources named
                     failing = [line for line in str(exc).splitlines() if "csrc/" in line][:5]
                     _log("building mmkernels._C FAILED. " + ("Failing steps: " + "; ".join(failing) if failing else ""))
-                    _log("Set MMKERNELS_BUILD_CUDA=0 to build the CPU twins only, or MMKERNELS_SKIP_EXT=1 to skip the extension.")
+                    _log(
+                        "Set MMKERNELS_BUILD_CUDA=0 to build the CPU twins only, or MMKERNELS_SKIP_EXT=1 to skip the extension."
+                    )
                     raise
 
         return Build
@@ -141,7 +151,9 @@ setup(
     name="mmkernels",
     version=VERSION,
     description="Fused kernels and a torch.autograd API for balanced multimodal learning (OGM-GE, OGM, OPM, AGM, MLB, OLM)",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=open(os.path.join(ROOT, "README.md")).read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -1,6 +1,7 @@
 """Helpers shared by the bench_*.py files: synchronised pedantic timing, GB/s, the device-copy yardstick and the
 per-call counters (host syncs, Triton launches). benchmarks/conftest.py puts this folder on sys.path, so a bench
 file does `from _common import ...`."""
+
 from __future__ import annotations
 
 import warnings
@@ -30,14 +31,14 @@ def nbytes(*tensors) -> int:
     """Bytes held by the tensors (each argument a tensor or a sequence of tensors)."""
     total = 0
     for t in tensors:
-        for x in ([t] if isinstance(t, torch.Tensor) else t):
+        for x in [t] if isinstance(t, torch.Tensor) else t:
             total += x.numel() * x.element_size()
     return total
 
 
 def record_gbps(benchmark, moved_bytes: int) -> None:
     """extra_info["GB/s"]: bytes moved per call over the mean time (nan when nothing was timed)."""
-    if benchmark.stats is None:   # --benchmark-disable: nothing was timed
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     mean = benchmark.stats.stats.mean
     benchmark.extra_info["GB/s"] = moved_bytes / mean / 1e9 if mean > 0 else float("nan")

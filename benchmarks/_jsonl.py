@@ -7,6 +7,7 @@ A test line: {"kind": "test", "nodeid", "outcome", "duration", "stage", "longrep
 A benchmark line: {"kind": "benchmark", ...} in pytest-benchmark's own JSON layout (name, fullname, group,
 params, extra_info, stats), which benchmarks/render.py reads like a --benchmark-json file.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,13 @@ def pytest_runtest_logreport(report):
     whose worker crashed)."""
     if _IN_WORKER or not (report.when == "call" or report.outcome != "passed"):
         return
-    rec = {"kind": "test", "nodeid": report.nodeid, "outcome": report.outcome, "when": report.when,
-           "duration": round(report.duration, 4)}
+    rec = {
+        "kind": "test",
+        "nodeid": report.nodeid,
+        "outcome": report.outcome,
+        "when": report.when,
+        "duration": round(report.duration, 4),
+    }
     if report.outcome == "failed":
         rec["longrepr"] = str(report.longrepr)[-2000:]
     elif report.outcome == "skipped" and isinstance(report.longrepr, tuple):

@@ -8,6 +8,7 @@ trainer loop gets today, and what bench_train_step.py compares mmkernels against
 Every function is one full training step: forward, loss, backward, modulation, optimizer step. The model is any
 `ConcatClassifier` (M encoders + one linear concat head, see mmkernels/demo/models.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def _unimodal_from_concat(model, feats):
     out, start = [], 0
     for f in feats:
         d = f.shape[1]
-        out.append(f @ w[:, start:start + d].t() + b / len(feats))
+        out.append(f @ w[:, start : start + d].t() + b / len(feats))
         start += d
     return out
 
@@ -92,7 +93,7 @@ def opm_step(model, inputs, y, opt, *, q_base=0.5, lam=0.5, p_exe=0.7, rng=rando
     scores, start = [], 0
     for f in feats:
         d = f.shape[1]
-        scores.append(_loop_prob_score(f @ w[:, start:start + d].t() + b / M, y))
+        scores.append(_loop_prob_score(f @ w[:, start : start + d].t() + b / M, y))
         start += d
     q = []
     for m in range(M):
@@ -208,7 +209,7 @@ def mlb_step(model, uni_heads, inputs, y, opt, *, alpha=0.8, beta_max=2.0):
             if p.grad is not None:
                 p.grad.mul_(k[m].item())  # one sync per parameter tensor
         d = feats[m].shape[1]
-        model.head.weight.grad[:, start:start + d].mul_(k[m].item())
+        model.head.weight.grad[:, start : start + d].mul_(k[m].item())
         start += d
     opt.step()
     return loss.detach()
@@ -220,8 +221,10 @@ def pmr_prototypes(model, inputs, y, num_classes):
     with torch.no_grad():
         feats = model.encode(inputs)
     model.train()
-    return [torch.stack([f[y == k].mean(0) if (y == k).any() else torch.zeros_like(f[0]) for k in range(num_classes)])
-            for f in feats]
+    return [
+        torch.stack([f[y == k].mean(0) if (y == k).any() else torch.zeros_like(f[0]) for k in range(num_classes)])
+        for f in feats
+    ]
 
 
 def pmr_step(model, inputs, y, opt, protos, *, alpha=1.0):
@@ -233,8 +236,12 @@ def pmr_step(model, inputs, y, opt, protos, *, alpha=1.0):
     loss = F.cross_entropy(model.fuse(feats), y)
     scores, pces = [], []
     for f, P in zip(feats, protos):
-        d = torch.stack([torch.stack([torch.sqrt(((f[i] - P[k]) ** 2).sum()) for k in range(P.shape[0])])
-                         for i in range(f.shape[0])])
+        d = torch.stack(
+            [
+                torch.stack([torch.sqrt(((f[i] - P[k]) ** 2).sum()) for k in range(P.shape[0])])
+                for i in range(f.shape[0])
+            ]
+        )
         logp = F.log_softmax(-d, dim=1)
         total = 0.0
         for i in range(y.shape[0]):

@@ -6,6 +6,7 @@ Each benchmark records extra_info: host syncs per call (counted with torch.cuda.
 the fused op, Triton launches per call. Targets: 1 launch, 0 syncs, >= 5x eager, >= 1.5x compiled reference over
 B in [32, 4096], C in [6, 1000], M in [2, 4]. Shapes are module-level lists so a reduced set is easy to pass.
 """
+
 import pytest
 import torch
 

@@ -15,6 +15,7 @@ shows the median and the minimum over the rounds, and the ratio of the medians t
 - copy: `out.copy_(x)` of the ge gradient bytes, the bandwidth yardstick.
 Under pytest (the benchmarks lane, `--benchmark-disable`) the same code runs once with tiny shapes, untimed checks only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,12 @@ def ge_case(tiny: bool):
     x = torch.randn(n)
     out = torch.empty_like(x)
     impls = {"mmkernels": ours, "authors' loop": authors, "copy (torch)": lambda: out.copy_(x)}
-    return f"ge_isotropic_ (ResNet-18 conv grads, {n / 1e6:.1f}M fp32)", impls, reset, {"bytes": 3 * 4 * n, "copy": 2 * 4 * n}
+    return (
+        f"ge_isotropic_ (ResNet-18 conv grads, {n / 1e6:.1f}M fp32)",
+        impls,
+        reset,
+        {"bytes": 3 * 4 * n, "copy": 2 * 4 * n},
+    )
 
 
 def tap_case(B: int, D: int):
@@ -99,9 +105,11 @@ def tap_case(B: int, D: int):
 def coef_case(M: int, B: int, C: int):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(M, B, C, generator=g), torch.randint(0, C, (B,), generator=g)
-    impls = {"mmkernels": lambda: mmkernels.balance_coefficients(x, y, "ogm"),
-             "plain torch (vectorised)": lambda: plain_torch_ogm(x, y),
-             "reference": lambda: R.balance_coefficients_ref(x, y, "ogm")}
+    impls = {
+        "mmkernels": lambda: mmkernels.balance_coefficients(x, y, "ogm"),
+        "plain torch (vectorised)": lambda: plain_torch_ogm(x, y),
+        "reference": lambda: R.balance_coefficients_ref(x, y, "ogm"),
+    }
     return f"balance_coefficients ogm (M={M}, B={B}, C={C})", impls, None, {}
 
 
@@ -163,16 +171,21 @@ def _fmt_time(s: float) -> str:
 
 
 def markdown(rows, command: str) -> str:
-    lines = [f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}. "
-             f"Command: `{command}`", "",
-             "| op (shape) | implementation | median | min | median / baseline | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}. "
+        f"Command: `{command}`",
+        "",
+        "| op (shape) | implementation | median | min | median / baseline | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for title, name, med, mn, ratio, note in rows:
         r = "" if ratio is None else f"{ratio:.2f}x"
         lines.append(f"| {title} | {name} | {_fmt_time(med)} | {_fmt_time(mn)} | {r} | {note} |")
     lines.append("")
-    lines.append("Baseline: the second implementation of each op (the authors' loop or the plain torch a user would write).")
+    lines.append(
+        "Baseline: the second implementation of each op (the authors' loop or the plain torch a user would write)."
+    )
     return "\n".join(lines)
 
 
@@ -184,8 +197,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = " ".join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"]
-                       + [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(
+        [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else "python"]
+        + [os.path.relpath(__file__)]
+        + (argv if argv is not None else sys.argv[1:])
+    )
     print(markdown(run(args.tiny, args.repeat), command))
 
 

@@ -8,6 +8,7 @@ GB/s in extra_info counts 3 passes over the gradient bytes for ext (statistics r
 `which`: "conv" = the 4-D conv weights the authors modulate, "all" = every encoder parameter.
 GPU only (skipped, but collectable, on CPU).
 """
+
 import pytest
 import torch
 
@@ -50,8 +51,13 @@ def test_bench_ge_ext(benchmark, which, dtype):
     k = torch.tensor([0.6, 1.0], device="cuda")
     benchmark.group = f"ge_isotropic_ {which} {dtype}"
     benchmark.extra_info["tensors"] = len(grads)
-    timed_gbps(benchmark, lambda: ge_isotropic_(grads, k, seed=0, offset=0, group_index=groups), 3 * nbytes(grads),
-               rounds=20, iterations=3)
+    timed_gbps(
+        benchmark,
+        lambda: ge_isotropic_(grads, k, seed=0, offset=0, group_index=groups),
+        3 * nbytes(grads),
+        rounds=20,
+        iterations=3,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

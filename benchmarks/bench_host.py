@@ -6,6 +6,7 @@ No device sync inside the timed call (host time is what is measured); extra_info
 call dispatches (a TorchDispatchMode counter), so the suite shows launch-relevant op counts on every backend.
 Runs on CPU and CUDA (`bench_device`); shapes are the small ones where host time dominates: M = 2, B = 64, C = 6, D = 512.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -60,9 +61,11 @@ def plain_torch_ogm(x, y):
 @pytest.mark.parametrize("impl", ["mmkernels", "reference", "plain_torch"])
 def test_host_balance_coefficients(benchmark, impl, bench_device):
     x, y, _ = _inputs(bench_device)
-    fn = {"mmkernels": lambda: mmkernels.balance_coefficients(x, y, "ogm"),
-          "reference": lambda: R.balance_coefficients_ref(x, y, "ogm"),
-          "plain_torch": lambda: plain_torch_ogm(x, y)}[impl]
+    fn = {
+        "mmkernels": lambda: mmkernels.balance_coefficients(x, y, "ogm"),
+        "reference": lambda: R.balance_coefficients_ref(x, y, "ogm"),
+        "plain_torch": lambda: plain_torch_ogm(x, y),
+    }[impl]
     _host(benchmark, fn, f"host balance_coefficients ogm M={M} B={B} C={C} {bench_device}")
 
 
@@ -87,8 +90,9 @@ def test_host_coefficient_plan(benchmark, impl, bench_device, monkeypatch):
 def test_host_grad_tap(benchmark, impl, bench_device):
     _, _, feats = _inputs(bench_device)
     k = torch.tensor(0.5, device=bench_device)
-    fn = {"mmkernels": lambda: mmkernels.grad_tap(feats[0], k),
-          "plain_torch": lambda: feats[0] * k}[impl]  # what a tap replaces: a scaled forward (no backward hook)
+    fn = {"mmkernels": lambda: mmkernels.grad_tap(feats[0], k), "plain_torch": lambda: feats[0] * k}[
+        impl
+    ]  # what a tap replaces: a scaled forward (no backward hook)
     _host(benchmark, fn, f"host grad_tap B={B} D={D} {bench_device}")
 
 
@@ -137,14 +141,21 @@ def test_host_cov_noise_tap_fwd_bwd(benchmark, impl, bench_device):
         z = torch.randn(B, 1, device=bench_device)
         (feats[0] * (k + (z - z.mean()))).backward(grad)
 
-    _host(benchmark, {"mmkernels": ours, "plain_torch": plain}[impl], f"host cov_noise_tap fwd+bwd B={B} D={D} {bench_device}")
+    _host(
+        benchmark,
+        {"mmkernels": ours, "plain_torch": plain}[impl],
+        f"host cov_noise_tap fwd+bwd B={B} D={D} {bench_device}",
+    )
 
 
 @pytest.mark.parametrize("impl", ["mmkernels", "authors_loop"])
 def test_host_ge_isotropic(benchmark, impl, bench_device):
     """ge_isotropic_ over 6 small gradient tensors (host-bound) beside the authors' per-tensor loop."""
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(s, generator=g).to(bench_device) * 1e-3 for s in [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (D,), (4, D)]]
+    grads = [
+        torch.randn(s, generator=g).to(bench_device) * 1e-3
+        for s in [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (D,), (4, D)]
+    ]
     k = torch.zeros(len(grads), device=bench_device)  # k = 0: g <- (std + 1e-8) n keeps the scale over 1000+ calls
 
     def ours():

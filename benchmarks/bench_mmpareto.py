@@ -9,6 +9,7 @@ gradient, in place, as MMPareto.backward() runs it (flat per-dtype buffers, mmke
 Gradients: two torchvision ResNet-18 encoders (audio 1-channel stem, visual 3-channel; 22.3M values each side) with
 --bench-full, else two small MLP-sized encoders (a few hundred thousand values). Conflicting by construction.
 """
+
 import pytest
 import torch
 
@@ -53,7 +54,7 @@ def test_bench_mmpareto_mmkernels(benchmark, grads, bench_device):
     work = [f.clone() for f in flat_u]
 
     def combine():
-        work[0].copy_(flat_u[0])   # the op is in place: restart from g_u (counted in the copy's bytes, not the op's)
+        work[0].copy_(flat_u[0])  # the op is in place: restart from g_u (counted in the copy's bytes, not the op's)
         return mmpareto_combine_flat_(layout, flat_mm, work)
 
     stats = combine()

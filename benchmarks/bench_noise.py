@@ -5,6 +5,7 @@ cov_noise_tap backward (mmkernels::cov_noise_tap_backward, one launch) against a
 torch.compile of that reference. Reported: time, GB/s (read + write of the gradient) in extra_info.
 GPU only (skipped, but collectable, on CPU); shapes are module-level lists so a reduced CPU set is easy to add.
 """
+
 import pytest
 import torch
 
@@ -82,5 +83,10 @@ def test_bench_sample_cov_noise_reference(benchmark, shape):
 
     G = torch.randn(shape, device="cuda")
     benchmark.group = f"sample_cov_noise {shape}"
-    timed_gbps(benchmark, lambda: reference.cov_noise_from_per_sample(G, torch.randn(shape[0], device="cuda")),
-               nbytes(G), rounds=10, iterations=3)
+    timed_gbps(
+        benchmark,
+        lambda: reference.cov_noise_from_per_sample(G, torch.randn(shape[0], device="cuda")),
+        nbytes(G),
+        rounds=10,
+        iterations=3,
+    )

@@ -8,6 +8,7 @@
 - combine only: shapley_responses vs reference.shapley_combine on [2^M - 1, B, C] outputs.
 GPU only (skipped, but collectable, on CPU). SHAPES: (batch, audio [C, H, W], visual [C, H, W]).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ def ext_step(model, inputs, y, kappa):
     model.eval()
     muted = model(shapley_masked_batch(inputs))  # one forward over all 2^M - 2 muted subsets
     model.train()
-    values = torch.cat([muted, full]).view(2 ** M - 1, B, -1)
+    values = torch.cat([muted, full]).view(2**M - 1, B, -1)
     phi = shapley_responses(values, kappa)
     loss = F.cross_entropy(phi.sum(0), y)
     loss.backward()
@@ -61,8 +62,11 @@ def authors_step(model, inputs, y, kappa):
     return loss.detach()
 
 
-@pytest.fixture(params=SHAPES + [pytest.param(s, marks=pytest.mark.skipif("not config.getoption('--bench-full')"))
-                                 for s in FULL_SHAPES], ids=lambda s: f"B{s[0]}")
+@pytest.fixture(
+    params=SHAPES
+    + [pytest.param(s, marks=pytest.mark.skipif("not config.getoption('--bench-full')")) for s in FULL_SHAPES],
+    ids=lambda s: f"B{s[0]}",
+)
 def shape(request):
     return request.param
 
@@ -88,7 +92,7 @@ def test_bench_combine_ext(benchmark, shape):
     from mmkernels.shapley import shapley_responses
 
     M, B, C = shape
-    v = torch.randn(2 ** M - 1, B, C, device="cuda")
+    v = torch.randn(2**M - 1, B, C, device="cuda")
     benchmark.group = f"shapley combine {shape}"
     timed(benchmark, lambda: shapley_responses(v), rounds=30, iterations=5, warmup=2, warmup_rounds=1)
 
@@ -98,6 +102,6 @@ def test_bench_combine_reference(benchmark, shape):
     from mmkernels import reference
 
     M, B, C = shape
-    v = torch.randn(2 ** M - 1, B, C, device="cuda")
+    v = torch.randn(2**M - 1, B, C, device="cuda")
     benchmark.group = f"shapley combine {shape}"
     timed(benchmark, lambda: reference.shapley_combine(v), rounds=30, iterations=5, warmup=2, warmup_rounds=1)

@@ -3,6 +3,7 @@
 
 GPU only (skipped, but collectable, on CPU). Shapes are module-level lists so a reduced set is easy to pass.
 """
+
 import pytest
 import torch
 

@@ -9,6 +9,7 @@ Targets (docs/architecture.md): OGM-GE, OPM, MLB <= 1.02 x joint; AGM <= 1.25 x 
 PMR, MMPareto <= 1.05 x joint (issue 14; MMPareto's second backward is inherent: the combine op's share is reported by
 bench_mmpareto.py). Valuation adds nothing per step (a per-epoch pass: bench_valuation.py).
 """
+
 from __future__ import annotations
 
 import random
@@ -22,11 +23,38 @@ from mmkernels.demo.methods import make_method
 from mmkernels.demo.models import ConcatClassifier, ResNet18Encoder
 
 NUM_CLASSES = 6
-MM_CASES = [("joint", 2), ("ogm_ge", 2), ("ogm_ge_cov", 2), ("ogm", 2), ("opm", 2), ("agm", 2), ("agm_eval", 2),
-            ("mlb", 2), ("olm", 2), ("pmr", 2), ("mmpareto", 2), ("joint", 3), ("opm", 3), ("agm", 3), ("agm_eval", 3),
-            ("mlb", 3), ("pmr", 3), ("mmpareto", 3)]
-AUTHOR_CASES = [("ogm_ge", 2), ("opm", 2), ("agm", 2), ("mlb", 2), ("pmr", 2), ("mmpareto", 2), ("opm", 3), ("agm", 3),
-                ("mlb", 3), ("mmpareto", 3)]
+MM_CASES = [
+    ("joint", 2),
+    ("ogm_ge", 2),
+    ("ogm_ge_cov", 2),
+    ("ogm", 2),
+    ("opm", 2),
+    ("agm", 2),
+    ("agm_eval", 2),
+    ("mlb", 2),
+    ("olm", 2),
+    ("pmr", 2),
+    ("mmpareto", 2),
+    ("joint", 3),
+    ("opm", 3),
+    ("agm", 3),
+    ("agm_eval", 3),
+    ("mlb", 3),
+    ("pmr", 3),
+    ("mmpareto", 3),
+]
+AUTHOR_CASES = [
+    ("ogm_ge", 2),
+    ("opm", 2),
+    ("agm", 2),
+    ("mlb", 2),
+    ("pmr", 2),
+    ("mmpareto", 2),
+    ("opm", 3),
+    ("agm", 3),
+    ("mlb", 3),
+    ("mmpareto", 3),
+]
 
 
 class _NoTimer:
@@ -76,12 +104,12 @@ def peak_memory_mib(fn, device):
     torch.cuda.reset_peak_memory_stats()
     fn()
     _sync(device)
-    return torch.cuda.max_memory_allocated() / 2 ** 20
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _mm_step(method, model, device):
     name = "agm" if method == "agm_eval" else method
-    runner = make_method(name, model, num_classes=NUM_CLASSES, seed=0, total_steps=10 ** 6)
+    runner = make_method(name, model, num_classes=NUM_CLASSES, seed=0, total_steps=10**6)
     if method == "agm_eval":  # the authors' numbers: muted passes of the encoders in eval mode (BatchNorm stats)
         runner.bal = runner.bal.__class__(len(model.encoders), alpha=1.0, clip=10.0, muted_mode="eval", seed=0)
     elif method == "agm":
@@ -130,7 +158,11 @@ def _authors_step(method, model, device, M):
 def _run_case(benchmark, impl, method, M, bench_full, bench_device):
     model, inputs, y = build(bench_full, M, bench_device)
     try:
-        step = _mm_step(method, model, bench_device) if impl == "mmkernels" else _authors_step(method, model, bench_device, M)
+        step = (
+            _mm_step(method, model, bench_device)
+            if impl == "mmkernels"
+            else _authors_step(method, model, bench_device, M)
+        )
     except ImportError as exc:  # a balancer not in mmkernels.api yet
         pytest.skip(str(exc))
     one = lambda: step(inputs, y)
@@ -139,14 +171,20 @@ def _run_case(benchmark, impl, method, M, bench_full, bench_device):
     _sync(bench_device)
     batch, shp = shapes(bench_full, M)
     benchmark.group = f"train_step M={M}"
-    benchmark.extra_info.update({
-        "impl": impl, "method": method, "M": M, "batch": batch, "shapes": [list(s) for s in shp],
-        "device": torch.cuda.get_device_name() if bench_device == "cuda" else "cpu",
-        "full": bench_full,
-        "host_syncs": count_host_syncs(one, bench_device),
-        "kernels": count_kernels(one, bench_device),
-        "peak_mib": peak_memory_mib(one, bench_device),
-    })
+    benchmark.extra_info.update(
+        {
+            "impl": impl,
+            "method": method,
+            "M": M,
+            "batch": batch,
+            "shapes": [list(s) for s in shp],
+            "device": torch.cuda.get_device_name() if bench_device == "cuda" else "cpu",
+            "full": bench_full,
+            "host_syncs": count_host_syncs(one, bench_device),
+            "kernels": count_kernels(one, bench_device),
+            "peak_mib": peak_memory_mib(one, bench_device),
+        }
+    )
     timed(benchmark, one, rounds=20 if bench_full else 3, iterations=1, warmup=0, warmup_rounds=1, device=bench_device)
 
 

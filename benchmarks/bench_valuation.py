@@ -6,6 +6,7 @@ argmax per subset, v(S) = |S| 1[correct], Shapley phi, copy counts.
   and phi summed in Python per sample.
 Shapes: B = 64 (their batch) and 1024, C = 6 / 1000, M = 2 and 3 (reduced: B = 64, C = 6 only).
 """
+
 from itertools import combinations
 from math import factorial
 
@@ -25,19 +26,19 @@ def _case(full):
 
 def _inputs(m, b, c, device):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((2 ** m - 1, b, c), generator=g).to(device)
+    x = torch.randn((2**m - 1, b, c), generator=g).to(device)
     y = torch.randint(0, c, (b,), generator=g).to(device)
     return x, y
 
 
 def _authors(x, y, m):
     """Per sample: v(S) from a host argmax, phi_j by the Shapley sum over the subsets without j."""
-    preds = x.argmax(-1).cpu().numpy()   # sync-ok: the authors' loop, benchmarked
-    labels = y.cpu().numpy()             # sync-ok: same
+    preds = x.argmax(-1).cpu().numpy()  # sync-ok: the authors' loop, benchmarked
+    labels = y.cpu().numpy()  # sync-ok: same
     phis = []
     for i in range(labels.shape[0]):
         v = {0: 0.0}
-        for s in range(1, 2 ** m):
+        for s in range(1, 2**m):
             v[s] = bin(s).count("1") * float(preds[s - 1, i] == labels[i])
         row = []
         for j in range(m):
@@ -63,7 +64,7 @@ def test_bench_valuation(benchmark, impl, case, bench_full, bench_device):
     m, b, c = cases[i]
     x, y = _inputs(m, b, c, bench_device)
     fn = (lambda: sample_valuation(x, y)) if impl == "mmkernels" else (lambda: _authors(x, y, m))
-    if impl == "mmkernels":   # the two agree (the op's parity tests hold it to the exact-fraction loop)
+    if impl == "mmkernels":  # the two agree (the op's parity tests hold it to the exact-fraction loop)
         got = sample_valuation(x, y)["phi"].t().cpu()
         torch.testing.assert_close(got, torch.tensor(_authors(x, y, m), dtype=got.dtype), atol=1e-6, rtol=0)
     benchmark.group = f"valuation M={m} B={b} C={c}"

@@ -5,6 +5,7 @@ Size switch: reduced CPU shapes by default; full (papers') shapes with `--bench-
 Fixtures: `bench_full` (bool), `bench_device` ("cuda" when a GPU is visible, else "cpu"; MMKERNELS_BENCH_DEVICE overrides).
 In CI the lane runs `pytest benchmarks --benchmark-disable`: each benchmark body runs once and nothing is timed.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,12 @@ if HERE not in sys.path:  # so bench files can `import authors_style`
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-full", action="store_true", default=False,
-                     help="full benchmark shapes (ResNet-18 on 1x257x299 / 3x224x224, large B and C); default reduced CPU shapes")
+    parser.addoption(
+        "--bench-full",
+        action="store_true",
+        default=False,
+        help="full benchmark shapes (ResNet-18 on 1x257x299 / 3x224x224, large B and C); default reduced CPU shapes",
+    )
 
 
 def pytest_collect_file(file_path, parent):

@@ -8,6 +8,7 @@ Train-step cases (bench_train_step.py) get a table with the step time, its ratio
 and implementation device, host syncs, GPU kernels and peak memory; every other group a generic table (median, mean,
 stddev, rounds and the case's extra_info). Only measured numbers are written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ def load(paths):
     for p in paths:
         with open(p) as f:
             if p.endswith(".jsonl"):  # benchmarks/_jsonl.py lines: benchmark records, test records skipped
-                data = {"benchmarks": [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "benchmark"]}
+                data = {
+                    "benchmarks": [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "benchmark"]
+                }
             else:
                 data = json.load(f)
         machine = data.get("machine_info", machine)
@@ -40,8 +43,13 @@ def _num(x, fmt="{:.0f}"):
 
 
 def train_step_table(benches):
-    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
-            and "method" in b["extra_info"] and "M" in b["extra_info"]]
+    rows = [
+        b
+        for b in benches
+        if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
+        and "method" in b["extra_info"]
+        and "M" in b["extra_info"]
+    ]
     if not rows:
         return ""
     joint = {}
@@ -49,20 +57,32 @@ def train_step_table(benches):
         e = b["extra_info"]
         if e["method"] == "joint":
             joint[(e["M"], e.get("device"))] = b["stats"]["median"]
-    out = ["| method | M | implementation | step ms (median) | x joint | host syncs | GPU kernels | peak MiB | device |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    rows.sort(key=lambda b: (b["extra_info"]["M"], b["extra_info"]["method"] != "joint", b["extra_info"]["method"],
-                             b["extra_info"]["impl"]))
+    out = [
+        "| method | M | implementation | step ms (median) | x joint | host syncs | GPU kernels | peak MiB | device |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows.sort(
+        key=lambda b: (
+            b["extra_info"]["M"],
+            b["extra_info"]["method"] != "joint",
+            b["extra_info"]["method"],
+            b["extra_info"]["impl"],
+        )
+    )
     for b in rows:
         e, med = b["extra_info"], b["stats"]["median"]
         j = joint.get((e["M"], e.get("device")))
         ratio = f"{med / j:.3f}" if j else "-"
-        out.append(f"| {e['method']} | {e['M']} | {e['impl']} | {_ms(med)} | {ratio} | {_num(e.get('host_syncs'))} | "
-                   f"{_num(e.get('kernels'))} | {_num(e.get('peak_mib'), '{:.0f}')} | {e.get('device', '?')} |")
+        out.append(
+            f"| {e['method']} | {e['M']} | {e['impl']} | {_ms(med)} | {ratio} | {_num(e.get('host_syncs'))} | "
+            f"{_num(e.get('kernels'))} | {_num(e.get('peak_mib'), '{:.0f}')} | {e.get('device', '?')} |"
+        )
     full = {b["extra_info"].get("full") for b in rows}
     shapes = rows[0]["extra_info"].get("shapes")
-    note = (f"\nInputs {shapes} (first case), batch {rows[0]['extra_info'].get('batch')}; "
-            f"{'full' if full == {True} else 'reduced'} shapes.")
+    note = (
+        f"\nInputs {shapes} (first case), batch {rows[0]['extra_info'].get('batch')}; "
+        f"{'full' if full == {True} else 'reduced'} shapes."
+    )
     return "\n".join(out) + note
 
 
@@ -74,12 +94,19 @@ def generic_tables(benches):
         groups.setdefault(b.get("group") or b["_file"], []).append(b)
     parts = []
     for g, bs in sorted(groups.items()):
-        lines = [f"### {g}", "", "| case | median ms | mean ms | stddev ms | rounds | extra |", "|---|---|---|---|---|---|"]
+        lines = [
+            f"### {g}",
+            "",
+            "| case | median ms | mean ms | stddev ms | rounds | extra |",
+            "|---|---|---|---|---|---|",
+        ]
         for b in bs:
             s = b["stats"]
             extra = ", ".join(f"{k}={v}" for k, v in sorted(b.get("extra_info", {}).items()))
-            lines.append(f"| {b['name']} | {_ms(s['median'])} | {_ms(s['mean'])} | {_ms(s['stddev'])} | "
-                         f"{s['rounds']} | {extra} |")
+            lines.append(
+                f"| {b['name']} | {_ms(s['median'])} | {_ms(s['mean'])} | {_ms(s['stddev'])} | "
+                f"{s['rounds']} | {extra} |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -88,8 +115,10 @@ def render_markdown(benches, machine):
     ts = train_step_table(benches)
     parts = []
     if machine:  # pytest-benchmark JSON carries it; the suite's JSON lines do not (versions.txt does)
-        parts.append(f"Machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}, "
-                     f"python {machine.get('python_version', '?')}")
+        parts.append(
+            f"Machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}, "
+            f"python {machine.get('python_version', '?')}"
+        )
     if ts:
         parts += ["## Training step", ts]
     gen = generic_tables(benches)
@@ -106,8 +135,13 @@ def render_png(benches, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib missing: PNG skipped"
-    rows = [b for b in benches if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
-            and "method" in b["extra_info"] and "M" in b["extra_info"]]
+    rows = [
+        b
+        for b in benches
+        if b.get("extra_info", {}).get("impl") in ("mmkernels", "authors")
+        and "method" in b["extra_info"]
+        and "M" in b["extra_info"]
+    ]
     if not rows:
         return "no training-step results: PNG skipped"
     labels = [f"{b['extra_info']['method']} M={b['extra_info']['M']} ({b['extra_info']['impl'][:4]})" for b in rows]
@@ -127,7 +161,9 @@ def render_png(benches, path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files, or .jsonl files of benchmarks/_jsonl.py")
+    p.add_argument(
+        "json", nargs="+", help="pytest-benchmark --benchmark-json files, or .jsonl files of benchmarks/_jsonl.py"
+    )
     p.add_argument("--md", default=None, help="write the markdown here (default: stdout)")
     p.add_argument("--png", default=None, help="write the training-step plot here")
     args = p.parse_args(argv)

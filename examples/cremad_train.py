@@ -15,6 +15,7 @@ weight decay 1e-4), batch 64.
 
     python examples/cremad_train.py --root /data/CREMA-D --method ogm_ge --epochs 100 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,15 @@ def spectrogram(wav: torch.Tensor, rate: int) -> torch.Tensor:
     if wav.numel() == 0:
         wav = torch.zeros(want)
     wav = wav.repeat((want + wav.numel() - 1) // wav.numel())[:want].clamp(-1, 1)
-    spec = torch.stft(wav, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window=torch.hann_window(N_FFT),
-                      center=False, return_complex=True)
+    spec = torch.stft(
+        wav,
+        n_fft=N_FFT,
+        hop_length=HOP,
+        win_length=N_FFT,
+        window=torch.hann_window(N_FFT),
+        center=False,
+        return_complex=True,
+    )
     return torch.log(spec.abs() + 1e-7).unsqueeze(0)
 
 
@@ -97,7 +105,9 @@ def list_clips(root: str, split: str, frames_dir: str):
         actors = sorted({n.split("_")[0] for n in names})
         n_test = max(1, len(actors) // 10)
         test_actors = set(actors[-n_test:])
-        clips = [(n, CLASSES.index(n.split("_")[2])) for n in names if (n.split("_")[0] in test_actors) == (split == "test")]
+        clips = [
+            (n, CLASSES.index(n.split("_")[2])) for n in names if (n.split("_")[0] in test_actors) == (split == "test")
+        ]
     return [(c, y) for c, y in clips if os.path.isdir(os.path.join(root, frames_dir, c))]
 
 
@@ -106,7 +116,9 @@ class CremaD(torch.utils.data.Dataset):
         self.root, self.split, self.frames_dir, self.image_size = root, split, frames_dir, image_size
         self.clips = list_clips(root, split, frames_dir)
         if not self.clips:
-            raise FileNotFoundError(f"no {split} clips with both AudioWAV/<clip>.wav and {frames_dir}/<clip>/ under {root}")
+            raise FileNotFoundError(
+                f"no {split} clips with both AudioWAV/<clip>.wav and {frames_dir}/<clip>/ under {root}"
+            )
 
     def __len__(self):
         return len(self.clips)
@@ -157,7 +169,9 @@ def branch_losses(runner, loader, device, max_batches=8):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="CREMA-D folder (AudioWAV/, Image-01-FPS/, optional train.csv/test.csv)")
+    p.add_argument(
+        "--root", required=True, help="CREMA-D folder (AudioWAV/, Image-01-FPS/, optional train.csv/test.csv)"
+    )
     p.add_argument("--method", default="ogm_ge", choices=METHODS)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
@@ -178,15 +192,20 @@ def main(argv=None) -> int:
     train_set = CremaD(args.root, "train", frames_dir=args.frames_dir, image_size=args.image_size)
     test_set = CremaD(args.root, "test", frames_dir=args.frames_dir, image_size=args.image_size)
     kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=dev.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, **kw)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, **kw
+    )
     test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
     model = build_model().to(dev)
     steps_per_epoch = len(train_loader)
-    runner = make_method(args.method, model, num_classes=len(CLASSES), seed=args.seed,
-                         total_steps=args.epochs * steps_per_epoch)
+    runner = make_method(
+        args.method, model, num_classes=len(CLASSES), seed=args.seed, total_steps=args.epochs * steps_per_epoch
+    )
     opt = torch.optim.SGD(runner.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_decay_epochs, 0.1)
-    print(f"CREMA-D: {len(train_set)} train / {len(test_set)} test clips, method {args.method}, device {dev}", flush=True)
+    print(
+        f"CREMA-D: {len(train_set)} train / {len(test_set)} test clips, method {args.method}, device {dev}", flush=True
+    )
 
     class _NoTimer:  # the demo's runners report their balancing share through a timer; not needed here
         from contextlib import nullcontext as balancing
@@ -205,8 +224,11 @@ def main(argv=None) -> int:
         if args.method == "olm":  # OLM refits its logit coefficients from the branches' train/dev losses each epoch
             runner.bal.report(branch_losses(runner, train_loader, dev), branch_losses(runner, test_loader, dev))
         fused, acc_a, acc_v = evaluate(runner, model, test_loader, dev)
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}  test acc fused {100 * fused:.1f}%  "  # sync-ok: epoch log
-              f"audio {100 * acc_a:.1f}%  visual {100 * acc_v:.1f}%  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}  test acc fused {100 * fused:.1f}%  "  # sync-ok: epoch log
+            f"audio {100 * acc_a:.1f}%  visual {100 * acc_v:.1f}%  ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
         if args.max_steps and step >= args.max_steps:
             break
     if args.save:

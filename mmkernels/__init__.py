@@ -3,6 +3,7 @@
 `import mmkernels` never fails for a missing extension, Triton or GPU: what is missing is recorded,
 warned about once when first needed, and reported by `mmkernels.env_report()`.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -30,7 +31,11 @@ def env_report(file=None) -> str:
 
     from ._backend import forced_backend
 
-    lines = [f"mmkernels {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__} (CUDA build: {torch.version.cuda})"]
+    lines = [
+        f"mmkernels {__version__}",
+        f"python {sys.version.split()[0]}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda})",
+    ]
     ok, why = triton_available()
     lines.append(f"triton: {'yes' if ok else 'no'} - {why}")
     ok, why = ext_available()
@@ -41,7 +46,9 @@ def env_report(file=None) -> str:
     except Exception as exc:  # a broken driver must not break the report
         gpu = f"query failed: {exc!r}"
     lines.append(f"CUDA devices: {gpu}")
-    lines.append(f"MMKERNELS_BACKEND: {forced_backend() or 'auto'}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    lines.append(
+        f"MMKERNELS_BACKEND: {forced_backend() or 'auto'}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)
     return text

@@ -1,4 +1,5 @@
 """`python -m mmkernels demo [...]` runs the demo; `python -m mmkernels env` prints the backend report."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     from .demo.cli import build_parser
 
-    build_parser(sub.add_parser("demo", help="modality imbalance and every method's fix: a synthetic audio-visual set or UCI Multiple Features (--data mfeat, 6 real views)"))
+    build_parser(
+        sub.add_parser(
+            "demo",
+            help="modality imbalance and every method's fix: a synthetic audio-visual set or UCI Multiple Features (--data mfeat, 6 real views)",
+        )
+    )
     sub.add_parser("env", help="versions and available backends")
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -3,6 +3,7 @@
 docs/architecture.md. Nothing here touches the GPU at import time; availability is probed lazily,
 once, and the reason for a missing piece is kept for `env_report()`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,8 +107,10 @@ def _select(on_cuda: bool, op: str, available: tuple[str, ...]) -> str:
         if forced == "ext" and load_ext() is None:
             raise RuntimeError(f"MMKERNELS_BACKEND=ext but {ext_available()[1]}")
         if forced == "triton" and not on_cuda and not interpreting():
-            raise RuntimeError(f"MMKERNELS_BACKEND=triton but {op} got CPU tensors: Triton kernels run on CUDA tensors "
-                               "(or on CPU tensors under TRITON_INTERPRET=1)")
+            raise RuntimeError(
+                f"MMKERNELS_BACKEND=triton but {op} got CPU tensors: Triton kernels run on CUDA tensors "
+                "(or on CPU tensors under TRITON_INTERPRET=1)"
+            )
         return forced
     if on_cuda:
         if "triton" in available:

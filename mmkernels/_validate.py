@@ -3,6 +3,7 @@
 Each raises ValueError or TypeError naming the argument, what was expected and what was received.
 Nothing here reads a device value (no host sync).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,8 @@ import torch
 from . import _methods
 
 MIN_MODALITIES, MAX_MODALITIES = 2, 8
-MAX_COUNTER = 2 ** 63 - 1  # Philox seeds and counter offsets are int64 on the device side
-INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+MAX_COUNTER = 2**63 - 1  # Philox seeds and counter offsets are int64 on the device side
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # The ranges of the coefficient hyperparameters: ONE table (mmkernels/_methods.py), used by
 # mmkernels.balance_coefficients and by the balancers' constructors. name: (low, high, low_open, high_open, None allowed).
@@ -38,13 +39,17 @@ def check_num_modalities(m: int, name: str = "num_modalities") -> None:
 def modalities_of_subsets(n: int, name: str) -> int:
     """M from the leading dimension n = 2^M - 1 of a tensor of subset outputs (M in 2..8), or a ValueError naming it."""
     m = (n + 1).bit_length() - 1
-    if 2 ** m - 1 != n or not MIN_MODALITIES <= m <= MAX_MODALITIES:
-        raise ValueError(f"{name}.shape[0] must be 2^M - 1 for M in {MIN_MODALITIES}..{MAX_MODALITIES} modalities "
-                         f"(3, 7, 15, ..., 255), got {n}")
+    if 2**m - 1 != n or not MIN_MODALITIES <= m <= MAX_MODALITIES:
+        raise ValueError(
+            f"{name}.shape[0] must be 2^M - 1 for M in {MIN_MODALITIES}..{MAX_MODALITIES} modalities "
+            f"(3, 7, 15, ..., 255), got {n}"
+        )
     return m
 
 
-def check_modalities(x, name: str, *, ndim: int | None = None, same_shape: bool = True, same_dtype: bool = True) -> bool:
+def check_modalities(
+    x, name: str, *, ndim: int | None = None, same_shape: bool = True, same_dtype: bool = True
+) -> bool:
     """A list of M (2..8) tensors [B, ...] (checked with `check_same`) or one float tensor [M, B, ...].
 
     Returns True for one stacked tensor. `ndim` is the number of dims per modality (2 for logits [B, C]).
@@ -52,14 +57,18 @@ def check_modalities(x, name: str, *, ndim: int | None = None, same_shape: bool 
     if isinstance(x, torch.Tensor):
         check_float(x, name)
         if ndim is not None and x.dim() != ndim + 1:
-            raise ValueError(f"{name} as one tensor must have shape [M, B, ...] with {ndim + 1} dims, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} as one tensor must have shape [M, B, ...] with {ndim + 1} dims, got shape {tuple(x.shape)}"
+            )
         if x.dim() < 2:
             raise ValueError(f"{name} as one tensor must have shape [M, B, ...], got shape {tuple(x.shape)}")
         check_num_modalities(x.shape[0], f"{name}.shape[0] (number of modalities)")
         return True
     if not isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be a list of M tensors or one stacked tensor, got {type(x).__name__} "
-                        f"(expected M tensors [B, ...] or one tensor [M, B, ...])")
+        raise TypeError(
+            f"{name} must be a list of M tensors or one stacked tensor, got {type(x).__name__} "
+            f"(expected M tensors [B, ...] or one tensor [M, B, ...])"
+        )
     check_num_modalities(len(x), f"len({name}) (number of modalities)")
     check_same(x, name, ndim=ndim, same_shape=same_shape, same_dtype=same_dtype)
     return False
@@ -81,8 +90,9 @@ def as_modality_list(x, name: str, *, same_dtype: bool = True) -> Tuple[List[tor
     return (list(x.unbind(0)) if stacked else list(x)), stacked
 
 
-def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None, same_shape: bool = True,
-               same_dtype: bool = True) -> None:
+def check_same(
+    xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None, same_shape: bool = True, same_dtype: bool = True
+) -> None:
     """Per-modality tensors: all float, same device, same batch size (and same shape, same dtype if asked)."""
     for i, t in enumerate(xs):
         check_float(t, f"{name}[{i}]")
@@ -93,9 +103,13 @@ def check_same(xs: Sequence[torch.Tensor], name: str, *, ndim: int | None = None
     first = xs[0]
     for i, t in enumerate(xs[1:], 1):
         if t.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}; all modalities must share a device")
+            raise ValueError(
+                f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}; all modalities must share a device"
+            )
         if t.shape[0] != first.shape[0]:
-            raise ValueError(f"{name}[{i}] has batch size {t.shape[0]} but {name}[0] has {first.shape[0]}; batch sizes must match")
+            raise ValueError(
+                f"{name}[{i}] has batch size {t.shape[0]} but {name}[0] has {first.shape[0]}; batch sizes must match"
+            )
         if same_shape and t.shape != first.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {name}[0] has {tuple(first.shape)}")
         if same_dtype and t.dtype != first.dtype:
@@ -123,7 +137,12 @@ def check_real(value, name: str, *, low=None, high=None, low_open=False, high_op
     the range."""
     if value is None and allow_none:
         return
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value and abs(value) != float("inf")
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and value == value
+        and abs(value) != float("inf")
+    )
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -169,7 +188,9 @@ def check_coefficient(k, feature: torch.Tensor, name: str = "k") -> None:
         if k.numel() != 1:
             raise ValueError(f"{name} must hold one value (a 0-dim tensor), got shape {tuple(k.shape)}")
         if k.device != feature.device:
-            raise ValueError(f"{name} is on {k.device} but feature is on {feature.device}; put {name} on the feature's device")
+            raise ValueError(
+                f"{name} is on {k.device} but feature is on {feature.device}; put {name} on the feature's device"
+            )
         return
     if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
         raise TypeError(f"{name} must be a finite number or a 1-element tensor, got {k!r}")

@@ -9,6 +9,7 @@ path is the custom op `mmkernels::balance_coefficients` (with a fake implementat
 workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is called
 directly, skipping the op's dispatch (host time that would exceed the kernel's own).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,9 @@ def _check_hyperparameters_uncached(method: str, hp: dict) -> dict:
     allowed = METHOD_DEFAULTS[method]
     unknown = set(hp) - set(allowed)
     if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(allowed)}")
+        raise TypeError(
+            f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(allowed)}"
+        )
     p = {**_ALL_HP, **allowed, **hp}
     for name in ("alpha", "q_base", "lam", "beta_max", "clip"):  # the balancers' ranges (_validate's one table)
         check_hyperparameter(p[name], name)
@@ -61,8 +64,10 @@ def _check_state(state, m: int, device: torch.device) -> None:
     if state is None:
         return
     if not isinstance(state, dict) or "s_hat" not in state or "steps" not in state:
-        raise TypeError(f"state must be None or a dict with tensors 's_hat' [M] and 'steps' [] "
-                        f"(see mmkernels.reference.new_agm_state), got {type(state).__name__}")
+        raise TypeError(
+            f"state must be None or a dict with tensors 's_hat' [M] and 'steps' [] "
+            f"(see mmkernels.reference.new_agm_state), got {type(state).__name__}"
+        )
     for key, shape in (("s_hat", (m,)), ("steps", ())):
         t = state[key]
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
@@ -73,34 +78,69 @@ def _check_state(state, m: int, device: torch.device) -> None:
 
 
 @torch.library.custom_op("mmkernels::balance_coefficients", mutates_args={"s_hat", "steps"})
-def balance_coefficients_op(logits: torch.Tensor, labels: torch.Tensor, s_hat: Optional[torch.Tensor],
-                            steps: Optional[torch.Tensor], method: str, ignore_index: int, alpha: float,
-                            q_base: float, lam: float, beta_max: float, clip: Optional[float], z: str,
-                            ratio: str, tie: int = 0) -> torch.Tensor:
+def balance_coefficients_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    s_hat: Optional[torch.Tensor],
+    steps: Optional[torch.Tensor],
+    method: str,
+    ignore_index: int,
+    alpha: float,
+    q_base: float,
+    lam: float,
+    beta_max: float,
+    clip: Optional[float],
+    z: str,
+    ratio: str,
+    tie: int = 0,
+) -> torch.Tensor:
     """The fused Triton kernel, one launch: logits [M, B, C] (any strides), labels [B] int -> fp32 out [3M + 1]
     = scores [0:M], ratios [M:2M], coefficients [2M:3M], flag [3M]. AGM: s_hat [M] and steps [] fp32 are
     updated in place (None: no history, nothing kept); other methods ignore them (pass None). clip None: no clip.
     No validation here (balance_coefficients validates)."""
     from .triton_ops.coefficients import balance_coefficients_launch
 
-    return balance_coefficients_launch(logits, labels, s_hat, steps, method, ignore_index=ignore_index, alpha=alpha,
-                                       q_base=q_base, lam=lam, beta_max=beta_max, clip=clip, z=z, ratio=ratio,
-                                       tie=tie)
+    return balance_coefficients_launch(
+        logits,
+        labels,
+        s_hat,
+        steps,
+        method,
+        ignore_index=ignore_index,
+        alpha=alpha,
+        q_base=q_base,
+        lam=lam,
+        beta_max=beta_max,
+        clip=clip,
+        z=z,
+        ratio=ratio,
+        tie=tie,
+    )
 
 
 @balance_coefficients_op.register_fake
-def _balance_coefficients_fake(logits, labels, s_hat, steps, method, ignore_index, alpha, q_base, lam, beta_max,
-                               clip, z, ratio, tie=0):
+def _balance_coefficients_fake(
+    logits, labels, s_hat, steps, method, ignore_index, alpha, q_base, lam, beta_max, clip, z, ratio, tie=0
+):
     return logits.new_empty(3 * logits.shape[0] + 1, dtype=torch.float32)
 
 
 def _split(out: torch.Tensor, m: int) -> dict:
     """out [3M + 1] -> dict of views (no copy)."""
-    return {"scores": out[:m], "ratios": out[m:2 * m], "coefficients": out[2 * m:3 * m], "flag": out[3 * m]}
+    return {"scores": out[:m], "ratios": out[m : 2 * m], "coefficients": out[2 * m : 3 * m], "flag": out[3 * m]}
 
 
-def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, state: dict | None = None,
-                         ignore_index: int = -100, sync: bool = False, group=None, **hyperparameters) -> dict:
+def balance_coefficients(
+    unimodal_logits,
+    labels: torch.Tensor,
+    method: str,
+    *,
+    state: dict | None = None,
+    ignore_index: int = -100,
+    sync: bool = False,
+    group=None,
+    **hyperparameters,
+) -> dict:
     """Scores, discrepancy ratios and coefficients of M modalities for one batch, without a host sync.
 
     unimodal_logits: a list of M tensors [B, C] or one tensor [M, B, C] (any strides, not copied), float.
@@ -134,16 +174,32 @@ def balance_coefficients(unimodal_logits, labels: torch.Tensor, method: str, *, 
 
     if first.device.type == "cpu" and not distributed and not torch.compiler.is_compiling():
         if backend_for(first, op="balance_coefficients", available=_CPU_BACKENDS) == "ext" and _ext_twin() is not None:
-            return _ext_cpu(unimodal_logits if stacked else list(unimodal_logits), stacked, labels, method, state,
-                            ignore_index, p, m)
+            return _ext_cpu(
+                unimodal_logits if stacked else list(unimodal_logits),
+                stacked,
+                labels,
+                method,
+                state,
+                ignore_index,
+                p,
+                m,
+            )
     logits = unimodal_logits if stacked else torch.stack(list(unimodal_logits))
     backend = backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton"))
     if backend == "triton":
         x = logits.detach()  # a view, no copy: the outputs are statistics, never differentiated through the op
         s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
-        hp = dict(ignore_index=int(ignore_index), alpha=float(p["alpha"]), q_base=float(p["q_base"]),
-                  lam=float(p["lam"]), beta_max=float(p["beta_max"]),
-                  clip=None if p["clip"] is None else float(p["clip"]), z=p["z"], ratio=p["ratio"], tie=int(p["tie"]))
+        hp = dict(
+            ignore_index=int(ignore_index),
+            alpha=float(p["alpha"]),
+            q_base=float(p["q_base"]),
+            lam=float(p["lam"]),
+            beta_max=float(p["beta_max"]),
+            clip=None if p["clip"] is None else float(p["clip"]),
+            z=p["z"],
+            ratio=p["ratio"],
+            tie=int(p["tie"]),
+        )
         if torch.compiler.is_compiling():  # traced: the opaque custom op (one launch)
             out = torch.ops.mmkernels.balance_coefficients(x, labels, s_hat, steps, method, **hp)
         else:  # eager: the launcher directly (the op's dispatch would cost more host time than the kernel)
@@ -191,10 +247,22 @@ def _ext_cpu(logits, stacked, labels, method, state, ignore_index, p, m) -> dict
     """The C++ CPU twin: one call computes scores, ratios, coefficients, flag and the AGM state update."""
     s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
     xs = [logits.detach()] if stacked else [u.detach() for u in logits]
-    out = _ext_twin()(xs, labels, s_hat, steps, _METHOD_ID[method], int(ignore_index), float(p["alpha"]),
-                      float(p["q_base"]), float(p["lam"]), float(p["beta_max"]),
-                      None if p["clip"] is None else float(p["clip"]), p["z"] == "sigmoid", p["ratio"] == "difference",
-                      int(p["tie"]))
+    out = _ext_twin()(
+        xs,
+        labels,
+        s_hat,
+        steps,
+        _METHOD_ID[method],
+        int(ignore_index),
+        float(p["alpha"]),
+        float(p["q_base"]),
+        float(p["lam"]),
+        float(p["beta_max"]),
+        None if p["clip"] is None else float(p["clip"]),
+        p["z"] == "sigmoid",
+        p["ratio"] == "difference",
+        int(p["tie"]),
+    )
     return _split(out, m)
 
 
@@ -231,12 +299,24 @@ class CoefficientPlan:
         self._p = _check_hyperparameters(method, self.hyperparameters)
         self._layouts: dict = {}
 
-    def __call__(self, logits, labels: torch.Tensor, state: dict | None = None, *, sync: bool = False,
-                 group=None) -> dict:
-        if not isinstance(logits, torch.Tensor) or torch.compiler.is_compiling() or (
-                sync and torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return balance_coefficients(logits, labels, self.method, state=state, ignore_index=self.ignore_index,
-                                        sync=sync, group=group, **self.hyperparameters)
+    def __call__(
+        self, logits, labels: torch.Tensor, state: dict | None = None, *, sync: bool = False, group=None
+    ) -> dict:
+        if (
+            not isinstance(logits, torch.Tensor)
+            or torch.compiler.is_compiling()
+            or (sync and torch.distributed.is_available() and torch.distributed.is_initialized())
+        ):
+            return balance_coefficients(
+                logits,
+                labels,
+                self.method,
+                state=state,
+                ignore_index=self.ignore_index,
+                sync=sync,
+                group=group,
+                **self.hyperparameters,
+            )
         out = self._run(logits, labels, state)
         return out if isinstance(out, dict) else _split(out, logits.shape[0])
 
@@ -251,8 +331,17 @@ class CoefficientPlan:
         return out
 
     def _run(self, logits, labels, state):
-        key = (logits.shape, logits.stride(), logits.dtype, logits.device, labels.shape, labels.dtype, labels.device,
-               labels.stride(), os.environ.get("MMKERNELS_BACKEND"))
+        key = (
+            logits.shape,
+            logits.stride(),
+            logits.dtype,
+            logits.device,
+            labels.shape,
+            labels.dtype,
+            labels.device,
+            labels.stride(),
+            os.environ.get("MMKERNELS_BACKEND"),
+        )
         run = self._layouts.get(key)
         if run is None:
             run = self._prepare(logits, labels, state)
@@ -267,17 +356,28 @@ class CoefficientPlan:
         """Full validation of this layout, then the bound call of its backend."""
         _, _, _, p = _validated(logits, labels, self.method, state, self.ignore_index, self.hyperparameters)
         method, agm = self.method, self.method == "agm"
-        if logits.device.type == "cpu" and backend_for(logits, op="balance_coefficients",
-                                                       available=_CPU_BACKENDS) == "ext" and _ext_twin() is not None:
+        if (
+            logits.device.type == "cpu"
+            and backend_for(logits, op="balance_coefficients", available=_CPU_BACKENDS) == "ext"
+            and _ext_twin() is not None
+        ):
             twin, ii = _ext_twin(), self.ignore_index
-            consts = (float(p["alpha"]), float(p["q_base"]), float(p["lam"]), float(p["beta_max"]),
-                      None if p["clip"] is None else float(p["clip"]), p["z"] == "sigmoid", p["ratio"] == "difference",
-                      int(p["tie"]))
+            consts = (
+                float(p["alpha"]),
+                float(p["q_base"]),
+                float(p["lam"]),
+                float(p["beta_max"]),
+                None if p["clip"] is None else float(p["clip"]),
+                p["z"] == "sigmoid",
+                p["ratio"] == "difference",
+                int(p["tie"]),
+            )
             mid = _METHOD_ID[method]
 
             def run_ext(x, y, st):
                 s_hat, steps = (st["s_hat"], st["steps"]) if agm and st is not None else (None, None)
                 return twin([x.detach()], y, s_hat, steps, mid, ii, *consts)
+
             return run_ext
         if backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton")) == "triton":
             from .triton_ops.coefficients import PreparedLaunch
@@ -288,9 +388,11 @@ class CoefficientPlan:
                 if agm and st is not None:
                     return launch(x, y, st["s_hat"], st["steps"])
                 return launch(x, y, None, None)
+
             return run_triton
         hp, ii = {k: p[k] for k in METHOD_DEFAULTS[method]}, self.ignore_index
 
         def run_reference(x, y, st):
             return reference.balance_coefficients_ref(x.detach(), y, method, state=st, ignore_index=ii, **hp)
+
         return run_reference

@@ -11,6 +11,7 @@ The mono-modal concept (AGM Sec. 3.2.1, late fusion): C^m(x^m) is the logits [N,
 alone with the same settings (encoder m and a linear head). For early or hybrid fusion the paper uses the fused
 model retrained with the other modalities' inputs set to zero. Either way it is a trained network; pass its outputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def unimodal_accuracy(unimodal_logits, labels: torch.Tensor) -> torch.Tensor:
     """
     u = torch.stack(list(unimodal_logits)) if not isinstance(unimodal_logits, torch.Tensor) else unimodal_logits
     if u.dim() != 3 or u.shape[1] != labels.shape[0]:
-        raise ValueError(f"unimodal_logits must be [M, B, C] with B = len(labels) = {labels.shape[0]}, "
-                         f"got {tuple(u.shape)}")
+        raise ValueError(
+            f"unimodal_logits must be [M, B, C] with B = len(labels) = {labels.shape[0]}, got {tuple(u.shape)}"
+        )
     return (u.argmax(-1) == labels.unsqueeze(0)).float().mean(1)
 
 
@@ -45,8 +47,14 @@ def imbalance(values, reference=None) -> torch.Tensor:
     return a.max() - a.min()
 
 
-def competition_strength(z_fit: torch.Tensor, concept_fit: torch.Tensor, z_eval: torch.Tensor,
-                         concept_eval: torch.Tensor, *, ridge: float = 1e-2) -> torch.Tensor:
+def competition_strength(
+    z_fit: torch.Tensor,
+    concept_fit: torch.Tensor,
+    z_eval: torch.Tensor,
+    concept_eval: torch.Tensor,
+    *,
+    ridge: float = 1e-2,
+) -> torch.Tensor:
     """AGM competition strength d^m of one modality (Eq. 11-13), fitted on one held-out set, measured on another.
 
     z_*: [N, D] features before the fused model's last classifier layer (for a concat head: the concatenated
@@ -75,11 +83,11 @@ def competition_strength(z_fit: torch.Tensor, concept_fit: torch.Tensor, z_eval:
     # equations (Z^T Z / N + ridge I) W^T = Z^T (C - mean C) / N
     gram = zs.T @ zs / n + ridge * torch.eye(d, dtype=zs.dtype, device=zs.device)
     w_t = torch.linalg.solve(gram, zs.T @ (cf - c_mu) / n)
-    pred = ((z_eval.double() - mu) / sd) @ w_t + c_mu          # Eq. 11 on the eval set
+    pred = ((z_eval.double() - mu) / sd) @ w_t + c_mu  # Eq. 11 on the eval set
     ce = concept_eval.double()
     residual = (ce - pred).pow(2).sum()
     spread = (ce - ce.mean(0)).pow(2).sum()
-    return (residual / spread.clamp_min(1e-30)).float()     # Eq. 13
+    return (residual / spread.clamp_min(1e-30)).float()  # Eq. 13
 
 
 def competition_strengths(z_fit, concepts_fit, z_eval, concepts_eval, *, ridge: float = 1e-2) -> torch.Tensor:
@@ -87,5 +95,6 @@ def competition_strengths(z_fit, concepts_fit, z_eval, concepts_eval, *, ridge: 
     with the fused features z_* [N, D] shared. Returns [M] fp32."""
     if len(concepts_fit) != len(concepts_eval):
         raise ValueError(f"got {len(concepts_fit)} fit concepts and {len(concepts_eval)} eval concepts")
-    return torch.stack([competition_strength(z_fit, cf, z_eval, ce, ridge=ridge)
-                        for cf, ce in zip(concepts_fit, concepts_eval)])
+    return torch.stack(
+        [competition_strength(z_fit, cf, z_eval, ce, ridge=ridge) for cf, ce in zip(concepts_fit, concepts_eval)]
+    )

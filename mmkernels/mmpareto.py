@@ -20,6 +20,7 @@ flag [] (1.: an encoder's inner products were not finite, its gradient is 0; els
 grads' device.
 No host sync on any path.
 """
+
 from __future__ import annotations
 
 
@@ -31,7 +32,7 @@ from ._validate import check_choice, check_float, check_num_modalities, check_re
 
 RESCALE = reference.MMPARETO_RESCALE
 _BACKENDS = ("reference", "triton")
-BUCKET = 1 << 20      # elements per CPU work unit (two float64 scratch vectors of this size: 16 MiB)
+BUCKET = 1 << 20  # elements per CPU work unit (two float64 scratch vectors of this size: 16 MiB)
 
 
 def _check_gamma_rescale(gamma, rescale) -> None:
@@ -73,7 +74,7 @@ class MMParetoLayout:
         """K lists of views of the flat buffers flats[g], shaped like the tensors."""
         out = [[] for _ in range(self.num_encoders)]
         for (g, off, n, shape), k in zip(self.slots, self.encoder_of):
-            out[k].append(flats[g][off:off + n].view(shape))
+            out[k].append(flats[g][off : off + n].view(shape))
         return out
 
     def empty_flats(self, device) -> list:
@@ -136,25 +137,41 @@ class MMParetoLayout:
             base += len(start)
         for g in range(len(self.dtypes)):
             start, end, tensor = per_group[g]
-            groups.append((torch.tensor(start, dtype=torch.int64).to(device),
-                           torch.tensor(end, dtype=torch.int64).to(device),
-                           torch.tensor(tensor, dtype=torch.int32).to(device), gbase[g]))
-        return {"groups": groups, "t_blk0": torch.tensor(t_blk0, dtype=torch.int32).to(device),
-                "t_nblk": torch.tensor(t_nblk, dtype=torch.int32).to(device),
-                "t_enc": torch.tensor(self.encoder_of, dtype=torch.int32).to(device),
-                "num_tensors": self.num_tensors, "num_encoders": self.num_encoders, "num_blocks": base,
-                "max_nblk": max(t_nblk, default=0),
-                "lengths": [torch.tensor([n for gg, _, n, _ in self.slots if gg == g], dtype=torch.int64).to(device)
-                            for g in range(len(self.dtypes))],
-                "order": [torch.tensor([t for t, s in enumerate(self.slots) if s[0] == g], dtype=torch.int64).to(device)
-                          for g in range(len(self.dtypes))],
-                "encoder_of": torch.tensor(self.encoder_of, dtype=torch.int64).to(device),
-                "tau": torch.tensor([reference.mmpareto_vanish_tol(self.dtypes[g]) for g, *_ in self.slots],
-                                    dtype=torch.float64).to(device)}
+            groups.append(
+                (
+                    torch.tensor(start, dtype=torch.int64).to(device),
+                    torch.tensor(end, dtype=torch.int64).to(device),
+                    torch.tensor(tensor, dtype=torch.int32).to(device),
+                    gbase[g],
+                )
+            )
+        return {
+            "groups": groups,
+            "t_blk0": torch.tensor(t_blk0, dtype=torch.int32).to(device),
+            "t_nblk": torch.tensor(t_nblk, dtype=torch.int32).to(device),
+            "t_enc": torch.tensor(self.encoder_of, dtype=torch.int32).to(device),
+            "num_tensors": self.num_tensors,
+            "num_encoders": self.num_encoders,
+            "num_blocks": base,
+            "max_nblk": max(t_nblk, default=0),
+            "lengths": [
+                torch.tensor([n for gg, _, n, _ in self.slots if gg == g], dtype=torch.int64).to(device)
+                for g in range(len(self.dtypes))
+            ],
+            "order": [
+                torch.tensor([t for t, s in enumerate(self.slots) if s[0] == g], dtype=torch.int64).to(device)
+                for g in range(len(self.dtypes))
+            ],
+            "encoder_of": torch.tensor(self.encoder_of, dtype=torch.int64).to(device),
+            "tau": torch.tensor(
+                [reference.mmpareto_vanish_tol(self.dtypes[g]) for g, *_ in self.slots], dtype=torch.float64
+            ).to(device),
+        }
 
 
-def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: float, rescale: str,
-                summed: bool = False) -> dict:
+def _flat_torch(
+    layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: float, rescale: str, summed: bool = False
+) -> dict:
     """The reference math on flat buffers, bucket by bucket (MMParetoLayout.buckets): g_m and g_u copied into two
     float64 scratch vectors (one copy each per bucket), three float64 dots per tensor; then g_u <- s_m g_m + s_u g_u
     formed in float64 and stored, rounded once. A non-finite encoder gets scales 0 and its 0 * NaN / 0 * Inf values
@@ -166,7 +183,7 @@ def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: fl
 
     def load(bucket):
         g, start, stop, _, spans = bucket
-        x, y = sx[:stop - start], sy[:stop - start]
+        x, y = sx[: stop - start], sy[: stop - start]
         x.copy_(flats_mm[g][start:stop])
         y.copy_(flats[g][start:stop])
         if summed:
@@ -182,22 +199,34 @@ def _flat_torch(layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: fl
             torch.dot(xt, xt, out=row[0])
             torch.dot(xt, yt, out=row[1])
             torch.dot(yt, yt, out=row[2])
-    res = reference.mmpareto_scales(abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale,
-                                    tau=tables["tau"])
+    res = reference.mmpareto_scales(
+        abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale, tau=tables["tau"]
+    )
     keep = res.pop("keep")
     s_m, s_u = (v.unbind() for v in torch.where(keep.unsqueeze(1), res.pop("scale"), 0.0).unbind(1))
     for bucket in buckets:
         g, start, stop, tensors = bucket[:4]
-        _, y, xs, ys = loaded if len(buckets) == 1 else load(bucket)     # one bucket: still in the scratch
+        _, y, xs, ys = loaded if len(buckets) == 1 else load(bucket)  # one bucket: still in the scratch
         torch._foreach_mul_(ys, [s_u[t] for t in tensors])
         torch._foreach_addcmul_(ys, xs, [s_m[t] for t in tensors])
         flats[g][start:stop].copy_(y.nan_to_num_(nan=0.0))
-    return {"cos": res["cos"], "weights": res["weights"], "conflict": res["conflict"].to(torch.float32),
-            "flag": res["flag"]}
+    return {
+        "cos": res["cos"],
+        "weights": res["weights"],
+        "conflict": res["conflict"].to(torch.float32),
+        "flag": res["flag"],
+    }
 
 
-def mmpareto_combine_flat_(layout: MMParetoLayout, flats_mm, flats, *, gamma: float = reference.MMPARETO_GAMMA,
-                           rescale: str = "per_tensor", summed: bool = False) -> dict:
+def mmpareto_combine_flat_(
+    layout: MMParetoLayout,
+    flats_mm,
+    flats,
+    *,
+    gamma: float = reference.MMPARETO_GAMMA,
+    rescale: str = "per_tensor",
+    summed: bool = False,
+) -> dict:
     """flats_mm[g], flats[g]: contiguous 1-D buffers [layout.numel[g]] of dtype layout.dtypes[g] holding g_m and g_u
     of every tensor (layout order); flats[g] is overwritten with the combined gradient. summed=True: flats[g] holds
     g_m + g_u (the gradient of the summed loss) and g_u is recovered as the difference. Returns the statistics."""
@@ -207,8 +236,10 @@ def mmpareto_combine_flat_(layout: MMParetoLayout, flats_mm, flats, *, gamma: fl
     for g, (fm, fu) in enumerate(zip(flats_mm, flats)):
         for name, f in (("flats_mm", fm), ("flats", fu)):
             if f.dtype != layout.dtypes[g] or f.dim() != 1 or f.numel() != layout.numel[g] or not f.is_contiguous():
-                raise ValueError(f"{name}[{g}] must be a contiguous 1-D {layout.dtypes[g]} buffer of "
-                                 f"{layout.numel[g]} elements, got {f.dtype} {tuple(f.shape)}")
+                raise ValueError(
+                    f"{name}[{g}] must be a contiguous 1-D {layout.dtypes[g]} buffer of "
+                    f"{layout.numel[g]} elements, got {f.dtype} {tuple(f.shape)}"
+                )
             if f.device != flats[0].device:
                 raise ValueError(f"{name}[{g}] is on {f.device} but flats[0] is on {flats[0].device}")
     return _combine_flat(layout, flats_mm, flats, gamma, rescale, summed=bool(summed))
@@ -216,13 +247,15 @@ def mmpareto_combine_flat_(layout: MMParetoLayout, flats_mm, flats, *, gamma: fl
 
 def _combine_flat(layout, flats_mm, flats, gamma, rescale, *, summed: bool = False) -> dict:
     device = flats[0].device
-    use_triton = backend_for(*flats, op="mmpareto_combine", available=_BACKENDS) == "triton" and \
-        all(f.dtype != torch.float64 for f in flats)
+    use_triton = backend_for(*flats, op="mmpareto_combine", available=_BACKENDS) == "triton" and all(
+        f.dtype != torch.float64 for f in flats
+    )
     if use_triton:
         from .triton_ops.mmpareto import CHUNK, mmpareto_combine_triton
 
-        return mmpareto_combine_triton(flats_mm, flats, layout.tables(device, CHUNK), gamma=gamma, rescale=rescale,
-                                       summed=summed)
+        return mmpareto_combine_triton(
+            flats_mm, flats, layout.tables(device, CHUNK), gamma=gamma, rescale=rescale, summed=summed
+        )
     return _flat_torch(layout, flats_mm, flats, layout.tables(device, 1 << 62), gamma, rescale, summed)
 
 
@@ -242,8 +275,9 @@ def _layout_of(grads) -> MMParetoLayout:
 def _check_lists(grads_mm, grads) -> None:
     for name, x in (("grads_mm", grads_mm), ("grads", grads)):
         if not isinstance(x, (list, tuple)):
-            raise TypeError(f"{name} must be a list of K lists of tensors (one list per encoder), "
-                            f"got {type(x).__name__}")
+            raise TypeError(
+                f"{name} must be a list of K lists of tensors (one list per encoder), got {type(x).__name__}"
+            )
     check_num_modalities(len(grads_mm), "len(grads_mm) (number of encoders)")
     if len(grads) != len(grads_mm):
         raise ValueError(f"grads must have one list per encoder like grads_mm ({len(grads_mm)}), got {len(grads)}")
@@ -255,12 +289,16 @@ def _check_lists(grads_mm, grads) -> None:
             check_float(a, f"grads_mm[{k}][{i}]")
             check_float(b, f"grads[{k}][{i}]")
             if a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f"grads_mm[{k}][{i}] and grads[{k}][{i}] must match in shape and dtype, got "
-                                 f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+                raise ValueError(
+                    f"grads_mm[{k}][{i}] and grads[{k}][{i}] must match in shape and dtype, got "
+                    f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}"
+                )
             device = device or a.device
             if a.device != device or b.device != device:
-                raise ValueError(f"grads_mm[{k}][{i}] / grads[{k}][{i}] are on {a.device} / {b.device}, "
-                                 f"expected every gradient on {device}")
+                raise ValueError(
+                    f"grads_mm[{k}][{i}] / grads[{k}][{i}] are on {a.device} / {b.device}, "
+                    f"expected every gradient on {device}"
+                )
 
 
 def mmpareto_combine_(grads_mm, grads, *, gamma: float = reference.MMPARETO_GAMMA, rescale: str = "per_tensor") -> dict:
@@ -270,13 +308,15 @@ def mmpareto_combine_(grads_mm, grads, *, gamma: float = reference.MMPARETO_GAMM
     _check_lists(grads_mm, grads)
     _check_gamma_rescale(gamma, rescale)
     flat_u = [g for group in grads for g in group]
-    if backend_for(*flat_u, op="mmpareto_combine", available=_BACKENDS) == "triton" and \
-            all(g.dtype != torch.float64 for g in flat_u):
+    if backend_for(*flat_u, op="mmpareto_combine", available=_BACKENDS) == "triton" and all(
+        g.dtype != torch.float64 for g in flat_u
+    ):
         layout = _layout_of(grads)
 
         def pack(lists):
-            return [torch.cat([g.reshape(-1) for group in lists for g in group if g.dtype == dt])
-                    for dt in layout.dtypes]
+            return [
+                torch.cat([g.reshape(-1) for group in lists for g in group if g.dtype == dt]) for dt in layout.dtypes
+            ]
 
         fm, fu = pack(grads_mm), pack(grads)
         stats = _combine_flat(layout, fm, fu, gamma, rescale)
@@ -284,5 +324,9 @@ def mmpareto_combine_(grads_mm, grads, *, gamma: float = reference.MMPARETO_GAMM
         return stats
     out, stats = reference.mmpareto_combine(grads_mm, grads, gamma=gamma, rescale=rescale)  # float64 inside
     torch._foreach_copy_(flat_u, [g for group in out for g in group])
-    return {"cos": stats["cos"], "weights": stats["weights"], "conflict": stats["conflict"].to(torch.float32),
-            "flag": stats["flag"]}
+    return {
+        "cos": stats["cos"],
+        "weights": stats["weights"],
+        "conflict": stats["conflict"].to(torch.float32),
+        "flag": stats["flag"],
+    }

@@ -11,6 +11,7 @@ Triton path goes through the custom ops `mmkernels::pmr_forward` / `mmkernels::p
 given); eager calls the launchers directly. Modalities of different widths D_m are zero-padded to max D_m (exact:
 mmkernels/reference/pmr.py docstring); the padded prototype tensor [M, C, D] is what the balancer keeps.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -26,8 +27,9 @@ _OPS = ("reference", "triton")
 
 # --------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("mmkernels::pmr_forward", mutates_args=())
-def pmr_forward_op(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, alpha: float,
-                   ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pmr_forward_op(
+    z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, alpha: float, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward (one launch): z [M, B, D], protos [M, C, D] -> (out fp32 [4M + 3], lse fp32 [M, B], loss [])."""
     from .triton_ops.pmr import pmr_forward_launch
 
@@ -37,13 +39,23 @@ def pmr_forward_op(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, 
 @pmr_forward_op.register_fake
 def _pmr_forward_fake(z, protos, labels, alpha, ignore_index):
     m, b = z.shape[0], z.shape[1]
-    return (z.new_empty(4 * m + 3, dtype=torch.float32), z.new_empty((m, b), dtype=torch.float32),
-            z.new_empty((), dtype=torch.float32))
+    return (
+        z.new_empty(4 * m + 3, dtype=torch.float32),
+        z.new_empty((m, b), dtype=torch.float32),
+        z.new_empty((), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("mmkernels::pmr_backward", mutates_args=())
-def pmr_backward_op(grad: torch.Tensor, z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def pmr_backward_op(
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    protos: torch.Tensor,
+    labels: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
     """Triton backward: dL/dz [M, B, D] (z's dtype, contiguous)."""
     from .triton_ops.pmr import pmr_backward_launch
 
@@ -56,8 +68,13 @@ def _pmr_backward_fake(grad, z, protos, labels, out, lse, ignore_index):
 
 
 def _split(out: torch.Tensor, m: int) -> dict:
-    return {"scores": out[:m], "pce": out[m:2 * m], "ratios": out[2 * m:3 * m], "coefficients": out[3 * m:4 * m],
-            "flag": out[4 * m + 1]}
+    return {
+        "scores": out[:m],
+        "pce": out[m : 2 * m],
+        "ratios": out[2 * m : 3 * m],
+        "coefficients": out[3 * m : 4 * m],
+        "flag": out[4 * m + 1],
+    }
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -73,8 +90,9 @@ class _PMRLoss(torch.autograd.Function):
             else:
                 from .triton_ops.pmr import pmr_forward_launch
 
-                out, lse, loss = pmr_forward_launch(z, protos, labels, alpha=alpha, ignore_index=ignore_index,
-                                                    sync=distributed, group=group)
+                out, lse, loss = pmr_forward_launch(
+                    z, protos, labels, alpha=alpha, ignore_index=ignore_index, sync=distributed, group=group
+                )
             ctx.save_for_backward(z, protos, labels, out, lse)
             ctx.mark_non_differentiable(out)
             return loss, out
@@ -86,8 +104,17 @@ class _PMRLoss(torch.autograd.Function):
             s, count = packed[:-1], packed[-1]
         res = R.pmr_from_sums_ref(s, pce, count, alpha=alpha, local_count=local)
         m = z.shape[0]
-        out = torch.cat([res["scores"], res["pce"], res["ratios"], res["coefficients"],
-                         res["loss"].to(torch.float32).view(1), res["flag"].view(1), res["count"].view(1)])
+        out = torch.cat(
+            [
+                res["scores"],
+                res["pce"],
+                res["ratios"],
+                res["coefficients"],
+                res["loss"].to(torch.float32).view(1),
+                res["flag"].view(1),
+                res["count"].view(1),
+            ]
+        )
         ctx.save_for_backward(z, protos, labels, out, None)
         ctx.mark_non_differentiable(out)
         return res["loss"], out
@@ -107,7 +134,7 @@ class _PMRLoss(torch.autograd.Function):
 
                 dz = pmr_backward_launch(g, z, protos, labels, out, lse, ignore_index=ctx.ignore_index)
         else:
-            coef = (out[3 * m:4 * m] != 0).to(grad_loss.dtype) * ctx.alpha  # alpha unrounded (fp64 gradcheck)
+            coef = (out[3 * m : 4 * m] != 0).to(grad_loss.dtype) * ctx.alpha  # alpha unrounded (fp64 gradcheck)
             dz = R.pmr_backward_ref(grad_loss, z, protos, labels, coef, out[4 * m + 2], ignore_index=ctx.ignore_index)
         return dz, None, None, None, None, None, None, None
 
@@ -125,8 +152,10 @@ def _features(features, prototypes, labels, name: str = "features"):
         if x.dim() != 2:
             raise ValueError(f"{name}[{i}] must have shape [B, D_{i}], got {tuple(x.shape)}")
         if p.dim() != 2 or p.shape[0] != c or p.shape[1] != x.shape[1]:
-            raise ValueError(f"prototypes[{i}] must have shape [C, D_{i}] = [{c}, {x.shape[1]}] (C classes, the "
-                             f"width of {name}[{i}]), got {tuple(p.shape)}")
+            raise ValueError(
+                f"prototypes[{i}] must have shape [C, D_{i}] = [{c}, {x.shape[1]}] (C classes, the "
+                f"width of {name}[{i}]), got {tuple(p.shape)}"
+            )
         if p.device != x.device:
             raise ValueError(f"prototypes[{i}] is on {p.device} but {name}[{i}] is on {x.device}")
     if c < 1:
@@ -137,8 +166,16 @@ def _features(features, prototypes, labels, name: str = "features"):
     return z, protos
 
 
-def pmr_loss(features, prototypes, labels: torch.Tensor, *, alpha: float = 1.0, ignore_index: int = -100,
-             sync: bool = False, group=None) -> dict:
+def pmr_loss(
+    features,
+    prototypes,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    sync: bool = False,
+    group=None,
+) -> dict:
     """PMR's prototype loss of one batch (docs/methods/pmr.md), without a host sync.
 
     features: a list of M (2..8) tensors [B, D_m] (the pooled encoder outputs z_m; widths may differ) or one tensor
@@ -166,8 +203,10 @@ def new_refresh_buffers(num_modalities: int, num_classes: int, width: int, devic
     """(sums fp32 [M, C, D], counts fp32 [M + 1, C + 1]) zeroed: the accumulators of a refresh. counts[m, k]: rows of
     class k summed for modality m; counts[m, C]: rows of modality m skipped because a feature was NaN/Inf;
     counts[M, 0]: the kernel's ticket slot (not a count)."""
-    return (torch.zeros(num_modalities, num_classes, width, dtype=torch.float32, device=device),
-            torch.zeros(num_modalities + 1, num_classes + 1, dtype=torch.float32, device=device))
+    return (
+        torch.zeros(num_modalities, num_classes, width, dtype=torch.float32, device=device),
+        torch.zeros(num_modalities + 1, num_classes + 1, dtype=torch.float32, device=device),
+    )
 
 
 def refresh_skipped(counts: torch.Tensor) -> torch.Tensor:
@@ -178,22 +217,32 @@ def refresh_skipped(counts: torch.Tensor) -> torch.Tensor:
 
 def _check_prototypes(prototypes) -> None:
     if not isinstance(prototypes, torch.Tensor) or prototypes.dim() != 3 or not prototypes.is_floating_point():
-        raise ValueError("prototypes must be one float tensor [M, C, D] (the padded prototypes), got "
-                         f"{tuple(prototypes.shape) if isinstance(prototypes, torch.Tensor) else type(prototypes).__name__}")
+        raise ValueError(
+            "prototypes must be one float tensor [M, C, D] (the padded prototypes), got "
+            f"{tuple(prototypes.shape) if isinstance(prototypes, torch.Tensor) else type(prototypes).__name__}"
+        )
 
 
 def _check_buffers(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
     _check_prototypes(prototypes)
     m, c, d = prototypes.shape
     for name, t, shape in (("sums", sums, (m, c, d)), ("counts", counts, (m + 1, c + 1))):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape \
-                or not t.is_contiguous() or t.device != prototypes.device:
-            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {list(shape)} on "
-                             f"{prototypes.device} (see new_refresh_buffers)")
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.dtype != torch.float32
+            or tuple(t.shape) != shape
+            or not t.is_contiguous()
+            or t.device != prototypes.device
+        ):
+            raise ValueError(
+                f"{name} must be a contiguous float32 tensor of shape {list(shape)} on "
+                f"{prototypes.device} (see new_refresh_buffers)"
+            )
 
 
-def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
-                    ignore_index: int = -100) -> None:
+def pmr_class_sums_(
+    features, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *, ignore_index: int = -100
+) -> None:
     """sums[m, k] += sum of the rows of class k of features m, counts[k] += their number (in place, no sync).
     features: a list of M [N, D_m] or one [M, N, D] (D_m <= the buffers' D: zero-padded); sums/counts from
     new_refresh_buffers. Ignored rows count nowhere; so do out-of-range labels (the balancer rejects them on CPU). A
@@ -204,8 +253,7 @@ def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: 
     xs, _ = as_modality_list(features, "features")
     m, c, d = sums.shape
     if len(xs) != m or any(x.dim() != 2 or x.shape[1] > d for x in xs):
-        raise ValueError(f"features must be {m} tensors [N, D_m] with D_m <= {d}, got "
-                         f"{[tuple(x.shape) for x in xs]}")
+        raise ValueError(f"features must be {m} tensors [N, D_m] with D_m <= {d}, got {[tuple(x.shape) for x in xs]}")
     check_labels(labels, xs[0].shape[0], xs[0].device)
     check_ignore_index(ignore_index)
     z = R.pmr_pad(xs if not isinstance(features, torch.Tensor) else features).detach()
@@ -224,8 +272,7 @@ def pmr_class_sums_(features, labels: torch.Tensor, sums: torch.Tensor, counts: 
     counts[:m, c] += skipped.to(torch.float32)
 
 
-def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *, mu: float,
-                 first: bool) -> None:
+def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *, mu: float, first: bool) -> None:
     """prototypes [M, C, D] <- mean (first) or (1 - mu) mean + mu prototypes, mean = sums / counts per class; a class
     with count 0 keeps its prototype, a non-finite prototype entry of a counted class becomes the mean
     (docs/methods/pmr.md). In place, one launch on CUDA, no sync."""
@@ -240,8 +287,17 @@ def pmr_refresh_(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Ten
     prototypes.copy_(R.pmr_refresh_ref(sums, counts[:m, :c], prototypes, mu=float(mu), first=bool(first)))
 
 
-def pmr_update_prototypes_(prototypes: torch.Tensor, features, labels: torch.Tensor, *, mu: float, first: bool,
-                           ignore_index: int = -100, sync: bool = False, group=None) -> torch.Tensor:
+def pmr_update_prototypes_(
+    prototypes: torch.Tensor,
+    features,
+    labels: torch.Tensor,
+    *,
+    mu: float,
+    first: bool,
+    ignore_index: int = -100,
+    sync: bool = False,
+    group=None,
+) -> torch.Tensor:
     """A whole refresh from one set of rows (features [M, N, D] or a list of M [N, D_m]): class sums, counts, mean
     and EMA into prototypes [M, C, D] in place. Triton: ONE launch (sync under torch.distributed: accumulate,
     all-reduce sums and counts, refresh). Returns the rows skipped per modality [M] fp32 (NaN/Inf features; a
@@ -253,8 +309,13 @@ def pmr_update_prototypes_(prototypes: torch.Tensor, features, labels: torch.Ten
     distributed = bool(sync) and torch.distributed.is_available() and torch.distributed.is_initialized()
     xs, _ = as_modality_list(features, "features")
     on_triton = backend_for(prototypes, op="pmr_refresh", available=_OPS) == "triton"
-    if on_triton and not distributed and len(xs) == m and all(x.dim() == 2 and x.shape[1] <= d for x in xs) \
-            and xs[0].shape[0] > 0:
+    if (
+        on_triton
+        and not distributed
+        and len(xs) == m
+        and all(x.dim() == 2 and x.shape[1] <= d for x in xs)
+        and xs[0].shape[0] > 0
+    ):
         check_labels(labels, xs[0].shape[0], xs[0].device)
         check_ignore_index(ignore_index)
         z = R.pmr_pad(features if isinstance(features, torch.Tensor) else xs).detach()
@@ -262,8 +323,17 @@ def pmr_update_prototypes_(prototypes: torch.Tensor, features, labels: torch.Ten
             z = torch.nn.functional.pad(z, (0, d - z.shape[2]))
         from .triton_ops.pmr import pmr_accumulate_launch
 
-        pmr_accumulate_launch(z, labels, sums, counts, prototypes, ignore_index=ignore_index, finalize=True,
-                              mu=float(mu), first=bool(first))
+        pmr_accumulate_launch(
+            z,
+            labels,
+            sums,
+            counts,
+            prototypes,
+            ignore_index=ignore_index,
+            finalize=True,
+            mu=float(mu),
+            first=bool(first),
+        )
         return refresh_skipped(counts)
     pmr_class_sums_(features, labels, sums, counts, ignore_index=ignore_index)
     if distributed:

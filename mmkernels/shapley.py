@@ -17,6 +17,7 @@ shapley_responses(subset_outputs, kappa=None)
     phi_m is scaled by kappa_m: subset S receives sum_m kappa_m w_m(S) grad_phi_m, which is c(S) g when the loss
     is taken on sum_m phi_m (AGM Eq. 6). kappa: device tensor [M] (detached) or None (exact gradient).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -34,7 +35,7 @@ _OPS = ("reference", "ext")
 def subset_masks(num_modalities: int) -> List[List[bool]]:
     """The documented subset order: entry S - 1 lists, per modality m, whether bit m of S is set (S = 1 .. 2^M - 1)."""
     check_num_modalities(num_modalities)
-    return [[bool((s >> m) & 1) for m in range(num_modalities)] for s in range(1, 2 ** num_modalities)]
+    return [[bool((s >> m) & 1) for m in range(num_modalities)] for s in range(1, 2**num_modalities)]
 
 
 def _check_inputs(inputs) -> tuple:
@@ -48,8 +49,9 @@ def _check_fill(fill, xs) -> Optional[List[torch.Tensor]]:
     if fill is None:
         return None
     if not isinstance(fill, (list, tuple)):
-        raise TypeError(f"fill must be None or a list of {len(xs)} tensors (one row per modality), "
-                        f"got {type(fill).__name__}")
+        raise TypeError(
+            f"fill must be None or a list of {len(xs)} tensors (one row per modality), got {type(fill).__name__}"
+        )
     if len(fill) != len(xs):
         raise ValueError(f"fill must hold one tensor per modality ({len(xs)}), got {len(fill)}")
     for m, (f, x) in enumerate(zip(fill, xs)):
@@ -58,8 +60,9 @@ def _check_fill(fill, xs) -> Optional[List[torch.Tensor]]:
             raise TypeError(f"{name} must be a tensor, got {type(f).__name__}")
         row = tuple(x.shape[1:])
         if tuple(f.shape) not in (row, (1,) + row):
-            raise ValueError(f"{name} must have shape {(1,) + row} or {row} (one row of inputs[{m}]), "
-                             f"got {tuple(f.shape)}")
+            raise ValueError(
+                f"{name} must have shape {(1,) + row} or {row} (one row of inputs[{m}]), got {tuple(f.shape)}"
+            )
         if f.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of inputs[{m}] ({x.dtype}), got {f.dtype}")
         if f.device != x.device:
@@ -79,7 +82,7 @@ def shapley_masked_batch(inputs, *, include_full: bool = False, fill=None):
     xs, stacked = _check_inputs(inputs)
     fill = _check_fill(fill, xs)
     M = len(xs)
-    n = 2 ** M - (1 if include_full else 2)
+    n = 2**M - (1 if include_full else 2)
     if backend_for(*xs, op="shapley_masked_batch", available=_OPS) == "ext":
         outs = _ops.shapley_masked_batch(xs, n, fill)
     else:
@@ -106,7 +109,7 @@ class _ReferenceResponses(torch.autograd.Function):
         w = reference.shapley_weights(M, dtype=acc, device=grad_phi.device)
         if kappa is not None:
             w = w * kappa.to(acc).view(1, M)
-        gv = (w @ grad_phi.to(acc).reshape(M, -1)).reshape((2 ** M - 1,) + tuple(grad_phi.shape[1:]))
+        gv = (w @ grad_phi.to(acc).reshape(M, -1)).reshape((2**M - 1,) + tuple(grad_phi.shape[1:]))
         return gv.to(ctx.dtype), None
 
 

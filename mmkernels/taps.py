@@ -10,6 +10,7 @@ Both validate here, once, and dispatch with mmkernels._backend.backend_for: Trit
 implementations), the reference (mmkernels/reference/taps.py) elsewhere. The drop's uniforms are the same on both:
 the reference transcribes Triton's tl.rand Philox stream (mmkernels.reference.philox_uniforms_triton).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ def grad_tap(feature: torch.Tensor, k) -> torch.Tensor:
     """
     check_float(feature, "feature")
     if feature.dim() < 1:
-        raise ValueError(f"feature must have a batch dimension [B, ...], got a 0-dim tensor")
+        raise ValueError("feature must have a batch dimension [B, ...], got a 0-dim tensor")
     check_coefficient(k, feature)
     if isinstance(k, torch.Tensor):
         return _GradTap.apply(feature, k.detach(), 1.0)
@@ -76,8 +77,9 @@ def grad_tap(feature: torch.Tensor, k) -> torch.Tensor:
 
 # ======================================================================================= modality drop
 @torch.library.custom_op("mmkernels::modality_drop_apply", mutates_args=())
-def modality_drop_apply(x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int, widths: List[int],
-                        rescale: int, p_exe: float) -> torch.Tensor:
+def modality_drop_apply(
+    x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int, widths: List[int], rescale: int, p_exe: float
+) -> torch.Tensor:
     """Triton drop of x [Mx, B, D] = modalities m_base .. m_base + Mx - 1 of len(widths); returns a contiguous tensor."""
     from .triton_ops.modality_drop import modality_drop_apply_triton
 
@@ -133,8 +135,9 @@ def drop_uniforms(seed: int, offset: int, num_modalities: int, batch: int, devic
     return _reference_uniforms(seed, offset, num_modalities, batch, device)
 
 
-def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "official", p_exe: float = 1.0,
-                  training: bool = True):
+def modality_drop(
+    features, q, *, seed: int, offset: int, rescale: str = "official", p_exe: float = 1.0, training: bool = True
+):
     """OPM's modality drop (TPAMI Eq. 8 and Alg. 1; docs/methods/opm.md) on M per-modality features.
 
     features: a list of M tensors [B, ...] (widths may differ; returns a list) or one tensor [M, B, ...] (returns
@@ -150,7 +153,9 @@ def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "offici
     device = xs[0].device
     if isinstance(q, torch.Tensor):
         if not q.is_floating_point() or q.numel() != m:
-            raise ValueError(f"q must be a float tensor of {m} drop probabilities, got dtype {q.dtype} shape {tuple(q.shape)}")
+            raise ValueError(
+                f"q must be a float tensor of {m} drop probabilities, got dtype {q.dtype} shape {tuple(q.shape)}"
+            )
         if q.device != device:
             raise ValueError(f"q is on {q.device} but the features are on {device}")
         q = q.detach().reshape(m)
@@ -176,8 +181,10 @@ def modality_drop(features, q, *, seed: int, offset: int, rescale: str = "offici
         if stacked:  # (B = 0: the reference below, which handles empty features)
             out = modality_drop_apply(features.reshape(m, b, -1), q, seed, offset, 0, widths, mode, float(p_exe))
             return out.view(features.shape)
-        return [modality_drop_apply(x.reshape(1, b, -1), q, seed, offset, j, widths, mode, float(p_exe)).view(x.shape)
-                for j, x in enumerate(xs)]
+        return [
+            modality_drop_apply(x.reshape(1, b, -1), q, seed, offset, j, widths, mode, float(p_exe)).view(x.shape)
+            for j, x in enumerate(xs)
+        ]
     u, u_gate = _reference_uniforms(seed, offset, m, b, device)
     dropped = reference.modality_drop_ref(xs, q, u, rescale=rescale)
     run = u_gate < p_exe  # device-side gate, no host sync

@@ -14,6 +14,7 @@ Backends: on CUDA tensors the fused Triton kernel (ONE launch per batch: argmax 
 mmkernels/triton_ops/valuation.py), elsewhere the vectorised reference (argmax over C, the [2^M - 1, M] Shapley weight
 matrix, thresholds). No host sync on either. "values" (v [2^M - 1, B]) is returned by the reference only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,6 +76,8 @@ def valuation_subset_logits(feats, head, *, fill=None) -> torch.Tensor:
     b = masked[0].shape[0] // n
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != n * b:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"head must return logits [(2^M - 1) * B, C] = [{n} * {b} = {n * b}, C] (one row per subset "
-                         f"and sample, M = {len(masked)}), got {got}")
+        raise ValueError(
+            f"head must return logits [(2^M - 1) * B, C] = [{n} * {b} = {n * b}, C] (one row per subset "
+            f"and sample, M = {len(masked)}), got {got}"
+        )
     return out.reshape((n, b) + tuple(out.shape[1:]))

@@ -5,6 +5,7 @@ in the model's forward, observe() (or loss()) on this step's unimodal logits, st
 a modulation window, state_dict()/load_state_dict(), read-only `scores`, `ratios`, `coefficients` device tensors.
 Nothing in a training step reads a device value on the host.
 """
+
 from ._base import Balancer
 from .agm import AGM
 from .mlb import MLB
@@ -17,7 +18,20 @@ from .valuation import ModalityValuation, SampleValuation, ValuationDataset, app
 from .unimodal import concat_unimodal_logits, summation_unimodal_logits, zero_out_unimodal_logits
 
 __all__ = [
-    "Balancer", "OGMGE", "OGM", "OPM", "AGM", "MLB", "OLM", "PMR", "MMPareto", "SampleValuation",
-    "ModalityValuation", "ValuationDataset", "apply_keep",
-    "concat_unimodal_logits", "summation_unimodal_logits", "zero_out_unimodal_logits",
+    "Balancer",
+    "OGMGE",
+    "OGM",
+    "OPM",
+    "AGM",
+    "MLB",
+    "OLM",
+    "PMR",
+    "MMPareto",
+    "SampleValuation",
+    "ModalityValuation",
+    "ValuationDataset",
+    "apply_keep",
+    "concat_unimodal_logits",
+    "summation_unimodal_logits",
+    "zero_out_unimodal_logits",
 ]

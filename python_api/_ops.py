@@ -1,5 +1,6 @@
 """The public mmkernels ops the balancers call, gathered in one place (no math here: it lives in mmkernels.reference
 and in the kernels behind these ops, which fall back to the reference when a backend is missing)."""
+
 from __future__ import annotations
 
 import torch

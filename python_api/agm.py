@@ -1,4 +1,5 @@
 """AGM balancer: adaptive gradient modulation with Shapley mono-modal responses (AGM, ICCV 2023, Eq. 1-10, Alg. 1)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,9 @@ class AGM(Balancer):
     method = "agm"
     coefficient_method = "agm"
 
-    def __init__(self, num_modalities: int, *, alpha: float = 1.0, clip: float | None = None,
-                 muted_mode: str = "eval", **kwargs):
+    def __init__(
+        self, num_modalities: int, *, alpha: float = 1.0, clip: float | None = None, muted_mode: str = "eval", **kwargs
+    ):
         super().__init__(num_modalities, **kwargs)
         check_hyperparameter(alpha, "alpha")
         check_hyperparameter(clip, "clip")
@@ -89,8 +91,10 @@ class AGM(Balancer):
         return self._agm["s_hat"]
 
     def tap(self, feats):
-        raise RuntimeError("AGM applies kappa through the Shapley forward: call bal(inputs, labels, model=...) or "
-                           "bal(inputs, labels, encoders=..., head=...)")
+        raise RuntimeError(
+            "AGM applies kappa through the Shapley forward: call bal(inputs, labels, model=...) or "
+            "bal(inputs, labels, encoders=..., head=...)"
+        )
 
     def observe(self, unimodal_logits, labels):
         raise RuntimeError("AGM observes inside bal(inputs, labels, ...): it computes the Shapley responses itself")
@@ -98,16 +102,19 @@ class AGM(Balancer):
     # ---------------------------------------------------------------- forward
     def _check_inputs(self, inputs, labels, model, encoders, head):
         if not isinstance(inputs, (list, tuple)):
-            raise TypeError(f"inputs must be a list of num_modalities={self.num_modalities} tensors, got "
-                            f"{type(inputs).__name__}")
+            raise TypeError(
+                f"inputs must be a list of num_modalities={self.num_modalities} tensors, got {type(inputs).__name__}"
+            )
         if len(inputs) != self.num_modalities:
             raise ValueError(f"len(inputs) must equal num_modalities={self.num_modalities}, got {len(inputs)}")
         for i, x in enumerate(inputs):
             if not isinstance(x, torch.Tensor) or x.dim() < 1:
                 raise TypeError(f"inputs[{i}] must be a tensor [B, ...], got {type(x).__name__}")
             if x.shape[0] != inputs[0].shape[0]:
-                raise ValueError(f"inputs[{i}] has batch size {x.shape[0]} but inputs[0] has {inputs[0].shape[0]}; "
-                                 f"batch sizes must match")
+                raise ValueError(
+                    f"inputs[{i}] has batch size {x.shape[0]} but inputs[0] has {inputs[0].shape[0]}; "
+                    f"batch sizes must match"
+                )
             if x.device != inputs[0].device:
                 raise ValueError(f"inputs[{i}] is on {x.device} but inputs[0] is on {inputs[0].device}")
         _validate.check_labels(labels, inputs[0].shape[0], inputs[0].device, "labels")
@@ -132,10 +139,16 @@ class AGM(Balancer):
         t = self._step if self.unit == "step" else self._epoch
         # official: the authors' running means average from the first training step, before the window too
         track = live and self.official and not modulate and t < self.start
-        frozen = (self.official and live and self.end is not None and not self.in_window()
-                  and self._observed_step >= 0 and not track)
+        frozen = (
+            self.official
+            and live
+            and self.end is not None
+            and not self.in_window()
+            and self._observed_step >= 0
+            and not track
+        )
         if not (modulate or frozen or track):
-            if self.training and not self.in_window():   # kappa returns to 1 outside the window (exactly)
+            if self.training and not self.in_window():  # kappa returns to 1 outside the window (exactly)
                 self._stats = {**self._stats, "coefficients": torch.ones_like(self._stats["coefficients"])}
             if model is not None:
                 return model(*inputs)
@@ -143,11 +156,11 @@ class AGM(Balancer):
         observe = modulate or track
         if observe:  # may this step observe? (raises before any work; recorded only once the labels are checked)
             self._begin_observe("forward", mark=False)
-        subsets = self._subset_outputs(inputs, model, encoders, head)       # [2^M - 1, B, ...]
+        subsets = self._subset_outputs(inputs, model, encoders, head)  # [2^M - 1, B, ...]
         self._to_device(subsets.device)
         if observe:
-            phi = _ops.shapley_responses(subsets.detach())      # [M, B, C], scores only (the extension where built)
-            check_label_values(labels, phi.shape[-1], self.ignore_index)   # a rejected call changes no state
+            phi = _ops.shapley_responses(subsets.detach())  # [M, B, C], scores only (the extension where built)
+            check_label_values(labels, phi.shape[-1], self.ignore_index)  # a rejected call changes no state
             self._observed_step = self._step
             self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)
         out = _ops.shapley_fused(subsets, self._stats["coefficients"])
@@ -159,7 +172,7 @@ class AGM(Balancer):
     def _subset_outputs(self, inputs, model, encoders, head) -> torch.Tensor:
         """Outputs of every non-empty subset, bitmask order (index S-1); the last is the training-mode full pass."""
         b = inputs[0].shape[0]
-        n_muted = 2 ** self.num_modalities - 2
+        n_muted = 2**self.num_modalities - 2
         if model is not None:
             full = model(*inputs)
             masked = _ops.shapley_masked_batch(inputs)

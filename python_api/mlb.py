@@ -1,4 +1,5 @@
 """MLB balancer: multi-loss gradient modulation (Kontras et al. Eq. 3-7)."""
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +33,16 @@ class MLB(ParameterModeMixin, Balancer):
     method = "mlb"
     coefficient_method = "mlb"
 
-    def __init__(self, num_modalities: int, *, alpha: float = default("mlb", "alpha"),
-                 beta_max: float = default("mlb", "beta_max"), params=None,
-                 modulate: str = "grad", **kwargs):
+    def __init__(
+        self,
+        num_modalities: int,
+        *,
+        alpha: float = default("mlb", "alpha"),
+        beta_max: float = default("mlb", "beta_max"),
+        params=None,
+        modulate: str = "grad",
+        **kwargs,
+    ):
         super().__init__(num_modalities, **kwargs)
         check_hyperparameter(alpha, "alpha")
         check_hyperparameter(beta_max, "beta_max")
@@ -45,16 +53,21 @@ class MLB(ParameterModeMixin, Balancer):
         return {"alpha": self.alpha, "beta_max": self.beta_max}
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "mode": "tap" if self._params is None else "parameter",
-                "modulate": self._modulate}
+        return {
+            **super()._hparams_state(),
+            "mode": "tap" if self._params is None else "parameter",
+            "modulate": self._modulate,
+        }
 
     def loss(self, fused_logits: torch.Tensor, unimodal_logits, labels: torch.Tensor) -> torch.Tensor:
         """The multi-loss CE(fused) + sum_m CE(u_m) (Eq. 3, equal weights; mean over valid rows) and observe(u, y)."""
         _validate.check_float(fused_logits, "fused_logits")
         x = self._check_logits(unimodal_logits, labels)
         if fused_logits.dim() != 2 or tuple(fused_logits.shape) != tuple(x.shape[1:]):
-            raise ValueError(f"fused_logits must have shape [B, C] = {list(x.shape[1:])} like each unimodal logit, "
-                             f"got {tuple(fused_logits.shape)}")
+            raise ValueError(
+                f"fused_logits must have shape [B, C] = {list(x.shape[1:])} like each unimodal logit, "
+                f"got {tuple(fused_logits.shape)}"
+            )
         if fused_logits.device != x.device:
             raise ValueError(f"fused_logits is on {fused_logits.device} but unimodal_logits are on {x.device}")
         if self.enabled and self.training:

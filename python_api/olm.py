@@ -1,4 +1,5 @@
 """OLM balancer: online logit modulation (Zong et al. Eq. 5-9, Alg. 1)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ class OLM(Balancer):
     method = "olm"
     _optional_tensors = ("train_loss0", "dev_loss0")
 
-    def __init__(self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, target: str = "budget",
-                 **kwargs):
+    def __init__(
+        self, num_modalities: int, *, lr: float = 0.01, update_steps: int = 10, target: str = "budget", **kwargs
+    ):
         super().__init__(num_modalities, **kwargs)
         check_real(lr, "lr", low=0.0, low_open=True)
         check_int(update_steps, "update_steps", minimum=1)
@@ -54,8 +56,9 @@ class OLM(Balancer):
 
     def _move(self, device) -> None:
         super()._move(device)
-        self._w, self._norm_sum, self._norm_count = (t.to(self._device) for t in (self._w, self._norm_sum,
-                                                                                   self._norm_count))
+        self._w, self._norm_sum, self._norm_count = (
+            t.to(self._device) for t in (self._w, self._norm_sum, self._norm_count)
+        )
         if self._loss0 is not None:
             self._loss0 = tuple(t.to(self._device) for t in self._loss0)
 
@@ -89,8 +92,9 @@ class OLM(Balancer):
         """sum_m w_m s_m, [B, C] (Eq. 5), in training and eval mode (plain sum outside the window or disabled).
         Accumulates the branches' mean logit norms (detached) in training mode only."""
         if isinstance(logits_per_branch, (list, tuple)) and len(logits_per_branch) != self.num_modalities:
-            raise ValueError(f"len(logits_per_branch) must equal num_modalities={self.num_modalities}, "
-                             f"got {len(logits_per_branch)}")
+            raise ValueError(
+                f"len(logits_per_branch) must equal num_modalities={self.num_modalities}, got {len(logits_per_branch)}"
+            )
         x = _validate.as_stacked(logits_per_branch, "logits_per_branch", ndim=2)
         if x.shape[0] != self.num_modalities:
             raise ValueError(f"logits_per_branch has {x.shape[0]} branches but num_modalities={self.num_modalities}")
@@ -129,7 +133,7 @@ class OLM(Balancer):
             torch.distributed.all_reduce(packed)
             world = torch.distributed.get_world_size()
             norm_sum, norm_count = packed[:m], packed[m]
-            tr, dv = packed[m + 1:2 * m + 1] / world, packed[2 * m + 1:] / world
+            tr, dv = packed[m + 1 : 2 * m + 1] / world, packed[2 * m + 1 :] / world
         if self._loss0 is None:
             self._loss0 = (tr, dv)
             finite = torch.isfinite(tr).all() & torch.isfinite(dv).all()
@@ -140,12 +144,21 @@ class OLM(Balancer):
         norms = norm_sum / norm_count.clamp(min=1.0)
         w_new = reference.olm_update(self._w, norms, lam, lr=self.lr, steps=self.update_steps, target=self.target)
         # sign(NaN) = 0 would keep w silently: every input of the update must be finite too
-        ok = (torch.isfinite(w_new).all() & torch.isfinite(lam).all() & torch.isfinite(norms).all()
-              & torch.isfinite(tr).all() & torch.isfinite(dv).all())
+        ok = (
+            torch.isfinite(w_new).all()
+            & torch.isfinite(lam).all()
+            & torch.isfinite(norms).all()
+            & torch.isfinite(tr).all()
+            & torch.isfinite(dv).all()
+        )
         # no logits seen since the last report: keep w; a non-finite update: w falls back to 1 and the flag is set
         w = torch.where(norm_count > 0, w_new, self._w)
         self._w = torch.where(ok, w, torch.ones_like(w))
-        self._stats = {"scores": norms, "ratios": lam, "coefficients": self._w,
-                       "flag": torch.where(ok, 0.0, 1.0).to(device=self._device, dtype=torch.float32)}
+        self._stats = {
+            "scores": norms,
+            "ratios": lam,
+            "coefficients": self._w,
+            "flag": torch.where(ok, 0.0, 1.0).to(device=self._device, dtype=torch.float32),
+        }
         self._norm_sum = torch.zeros_like(self._norm_sum)
         self._norm_count = torch.zeros_like(self._norm_count)

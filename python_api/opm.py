@@ -1,4 +1,5 @@
 """OPM balancer: on-the-fly prediction modulation by modality drop (TPAMI 2024 Eq. 6-8, Alg. 1)."""
+
 from __future__ import annotations
 
 import weakref
@@ -35,9 +36,20 @@ class OPM(Balancer):
     coefficient_method = "opm"
     neutral = 0.0
 
-    def __init__(self, num_modalities: int, *, q_base: float = 0.5, lam: float = 0.5, z: str = "tanh",
-                 ratio: str = "ratio", p_exe: float | None = None, rescale: str | None = None,
-                 timing: str | None = None, official: bool = False, **kwargs):
+    def __init__(
+        self,
+        num_modalities: int,
+        *,
+        q_base: float = 0.5,
+        lam: float = 0.5,
+        z: str = "tanh",
+        ratio: str = "ratio",
+        p_exe: float | None = None,
+        rescale: str | None = None,
+        timing: str | None = None,
+        official: bool = False,
+        **kwargs,
+    ):
         super().__init__(num_modalities, official=official, **kwargs)
         check_hyperparameter(q_base, "q_base")
         check_hyperparameter(lam, "lam")
@@ -51,7 +63,7 @@ class OPM(Balancer):
         _validate.check_choice(rescale, ("official", "per_modality", "none"), "rescale")
         self.q_base, self.lam, self.z, self.ratio = float(q_base), float(lam), z, ratio
         self.p_exe, self.rescale, self.timing = float(p_exe), rescale, timing
-        self._q_prev = torch.zeros(self.num_modalities)   # q in force before this step's observe()
+        self._q_prev = torch.zeros(self.num_modalities)  # q in force before this step's observe()
         self._dropped = (-1, [], [])  # (step, weak references to the tensors drop() returned, their grad_fn nodes)
 
     def _hyperparameters(self) -> dict:
@@ -89,13 +101,21 @@ class OPM(Balancer):
         if not self._grad_step():
             return xs
         if self.timing == "same" and self._observed_step != self._step:
-            raise RuntimeError(f"OPM(timing='same') drops with the q of this batch: call observe() on the undropped "
-                               f"unimodal logits before drop() (step {self._step})")
+            raise RuntimeError(
+                f"OPM(timing='same') drops with the q of this batch: call observe() on the undropped "
+                f"unimodal logits before drop() (step {self._step})"
+            )
         self._to_device(xs[0].device)
-        out = _ops.modality_drop(xs, self.drop_probability, seed=self.seed,
-                                 offset=self._noise_offset(self._step, 0), rescale=self.rescale, p_exe=self.p_exe)
+        out = _ops.modality_drop(
+            xs,
+            self.drop_probability,
+            seed=self.seed,
+            offset=self._noise_offset(self._step, 0),
+            rescale=self.rescale,
+            p_exe=self.p_exe,
+        )
         self._mark_on_backward(out)
-        kept = [t for t, x in zip(out, xs) if t is not x]   # p_exe = 0 returns the inputs themselves
+        kept = [t for t, x in zip(out, xs) if t is not x]  # p_exe = 0 returns the inputs themselves
         # the nodes are held (not their ids): a released grad_fn's id can be reused by an unrelated node
         self._dropped = (self._step, [weakref.ref(t) for t in kept], [t.grad_fn for t in kept if t.grad_fn is not None])
         return out
@@ -113,7 +133,7 @@ class OPM(Balancer):
         res = self._run_coefficients(x, labels)
         self._store(res, modulate=self.enabled and self.in_window(self._time_next()))
 
-    _GRAPH_NODES = 32    # how far observe() looks back through the autograd graph of the logits (host time per step)
+    _GRAPH_NODES = 32  # how far observe() looks back through the autograd graph of the logits (host time per step)
 
     def _check_not_dropped(self, unimodal_logits) -> None:
         """Raise if unimodal_logits are (views of) this step's drop() outputs or were computed from them with autograd
@@ -142,9 +162,11 @@ class OPM(Balancer):
                     todo.extend(n for n, _ in node.next_functions)
             if hit:
                 where = "unimodal_logits" if isinstance(unimodal_logits, torch.Tensor) else f"unimodal_logits[{m}]"
-                raise ValueError(f"{where} comes from the features bal.drop() returned in step {self._step}: OPM "
-                                 f"scores the UNDROPPED features (TPAMI Alg. 1); compute the unimodal logits from the "
-                                 f"encoders' outputs before drop()")
+                raise ValueError(
+                    f"{where} comes from the features bal.drop() returned in step {self._step}: OPM "
+                    f"scores the UNDROPPED features (TPAMI Alg. 1); compute the unimodal logits from the "
+                    f"encoders' outputs before drop()"
+                )
 
     def _time_next(self) -> int:
         """Time of the drop that uses this observation's q."""

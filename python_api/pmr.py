@@ -1,11 +1,18 @@
 """PMR balancer: Prototypical Modal Rebalance (Fan et al., CVPR 2023; docs/methods/pmr.md, the authors' code)."""
+
 from __future__ import annotations
 
 import torch
 
 from mmkernels import _validate
-from mmkernels.pmr import (new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_,
-                           pmr_update_prototypes_, refresh_skipped)
+from mmkernels.pmr import (
+    new_refresh_buffers,
+    pmr_class_sums_,
+    pmr_loss,
+    pmr_refresh_,
+    pmr_update_prototypes_,
+    refresh_skipped,
+)
 from mmkernels.reference.pmr import pmr_pad
 
 from ._base import Balancer, check_int, check_label_values, check_real
@@ -60,8 +67,8 @@ class PMR(Balancer):
         self._pce = torch.zeros(self.num_modalities)
         self._protos: torch.Tensor | None = None  # [M, C, max D_m] fp32, zero-padded
         self._widths: list[int] | None = None
-        self.refreshes = 0                        # completed prototype refreshes
-        self._acc = None                          # (sums, counts) during a refresh pass
+        self.refreshes = 0  # completed prototype refreshes
+        self._acc = None  # (sums, counts) during a refresh pass
         self._refreshing = False
         self._pass_widths: list[int] | None = None
         self._refresh_skipped = torch.zeros(self.num_modalities)
@@ -138,8 +145,10 @@ class PMR(Balancer):
             raise RuntimeError("PMR.end_refresh() without begin_refresh()")
         if self._acc is None:
             if self._protos is None:
-                raise RuntimeError("PMR.end_refresh(): the first refresh saw no batch; call refresh(features, labels) "
-                                   "at least once (on every rank) before end_refresh()")
+                raise RuntimeError(
+                    "PMR.end_refresh(): the first refresh saw no batch; call refresh(features, labels) "
+                    "at least once (on every rank) before end_refresh()"
+                )
             self._acc = new_refresh_buffers(*self._protos.shape, self._device)  # this rank saw no batch
             self._pass_widths = self._widths
         sums, counts = self._acc
@@ -158,15 +167,21 @@ class PMR(Balancer):
         self._to_device(xs[0].device)
         self._pass_widths = [x.shape[1] for x in xs]
         z = [x.detach() for x in xs]
-        skipped = self._apply_refresh(lambda protos, first: pmr_update_prototypes_(
-            protos, z, labels, mu=self.mu, first=first, ignore_index=self.ignore_index, sync=self._sync()))
+        skipped = self._apply_refresh(
+            lambda protos, first: pmr_update_prototypes_(
+                protos, z, labels, mu=self.mu, first=first, ignore_index=self.ignore_index, sync=self._sync()
+            )
+        )
         self._refresh_skipped = skipped.clone()
 
     def _apply_refresh(self, run):
         first = self._protos is None
-        plain = first or (self.official and self.refreshes < 2)     # the authors' second refresh: a plain mean too
-        protos = (torch.zeros(self.num_modalities, self.num_classes, max(self._pass_widths), device=self._device)
-                  if first else self._protos)
+        plain = first or (self.official and self.refreshes < 2)  # the authors' second refresh: a plain mean too
+        protos = (
+            torch.zeros(self.num_modalities, self.num_classes, max(self._pass_widths), device=self._device)
+            if first
+            else self._protos
+        )
         with torch.no_grad():
             out = run(protos, plain)
         self._protos, self._widths = protos, list(self._pass_widths)
@@ -183,15 +198,23 @@ class PMR(Balancer):
         if not (self.enabled and self.training) or (self._protos is None and not modulate):
             return torch.zeros((), device=xs[0].device)
         if self._protos is None:
-            raise RuntimeError("PMR.loss() before any prototype exists: run a refresh first (begin_refresh(), "
-                               "refresh(...), end_refresh(), or update_prototypes(...))")
+            raise RuntimeError(
+                "PMR.loss() before any prototype exists: run a refresh first (begin_refresh(), "
+                "refresh(...), end_refresh(), or update_prototypes(...))"
+            )
         if self._refreshing:
             raise RuntimeError("PMR.loss() inside a refresh pass; call end_refresh() first")
         if xs[0].device != self._device:
             raise ValueError(f"features are on {xs[0].device} but the prototypes are on {self._device}")
         self._begin_observe("loss")
-        res = pmr_loss(pmr_pad(xs), self._protos, labels, alpha=self.alpha if modulate else 0.0,
-                       ignore_index=self.ignore_index, sync=self._sync())
+        res = pmr_loss(
+            pmr_pad(xs),
+            self._protos,
+            labels,
+            alpha=self.alpha if modulate else 0.0,
+            ignore_index=self.ignore_index,
+            sync=self._sync(),
+        )
         self._stats = {k: res[k] for k in ("scores", "ratios", "coefficients", "flag")}
         self._pce = res["pce"]
         self._mark_on_backward(xs)
@@ -224,24 +247,34 @@ class PMR(Balancer):
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         if not isinstance(state, dict) or any(k not in state for k in ("prototypes", "widths", "refreshes")):
-            raise ValueError("state must be a dict returned by PMR.state_dict() (with 'prototypes', 'widths' and "
-                             "'refreshes')")
+            raise ValueError(
+                "state must be a dict returned by PMR.state_dict() (with 'prototypes', 'widths' and 'refreshes')"
+            )
         protos, widths = state["prototypes"], state["widths"]
         check_int(state["refreshes"], "state['refreshes']")
         if protos is not None:
             m, c = self.num_modalities, self.num_classes
-            if not isinstance(protos, torch.Tensor) or protos.dtype != torch.float32 or protos.dim() != 3 \
-                    or tuple(protos.shape[:2]) != (m, c):
-                raise ValueError(f"state['prototypes'] must be a float32 tensor [{m}, {c}, D], got "
-                                 f"{getattr(protos, 'dtype', type(protos).__name__)} "
-                                 f"{tuple(protos.shape) if isinstance(protos, torch.Tensor) else ''}")
+            if (
+                not isinstance(protos, torch.Tensor)
+                or protos.dtype != torch.float32
+                or protos.dim() != 3
+                or tuple(protos.shape[:2]) != (m, c)
+            ):
+                raise ValueError(
+                    f"state['prototypes'] must be a float32 tensor [{m}, {c}, D], got "
+                    f"{getattr(protos, 'dtype', type(protos).__name__)} "
+                    f"{tuple(protos.shape) if isinstance(protos, torch.Tensor) else ''}"
+                )
             if protos.is_meta:
-                raise ValueError("state['prototypes'] is a meta tensor (no data); load a state_dict saved with its "
-                                 "values (e.g. torch.load(..., map_location='cpu'))")
+                raise ValueError(
+                    "state['prototypes'] is a meta tensor (no data); load a state_dict saved with its "
+                    "values (e.g. torch.load(..., map_location='cpu'))"
+                )
             if not isinstance(widths, list) or len(widths) != m or max(widths) != protos.shape[2]:
-                raise ValueError(f"state['widths'] must list {m} widths whose maximum is {protos.shape[2]}, "
-                                 f"got {widths!r}")
-        self._check_state(self._upgrade_state(state), strict)      # everything checked before anything changes
+                raise ValueError(
+                    f"state['widths'] must list {m} widths whose maximum is {protos.shape[2]}, got {widths!r}"
+                )
+        self._check_state(self._upgrade_state(state), strict)  # everything checked before anything changes
         new_protos = None if protos is None else protos.to(self._device).clone()
         super().load_state_dict(state, strict)
         self._protos = new_protos

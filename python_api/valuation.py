@@ -1,6 +1,7 @@
 """Sample-level and modality-level valuation balancers (Wei, Feng, Wang, Hu, CVPR 2024;
 docs/methods/sample_valuation.md) and the dataset wrapper that serves each epoch's rows (originals plus
 single-modality copies) with a per-row keep-mask."""
+
 from __future__ import annotations
 
 import math
@@ -34,18 +35,24 @@ def check_sample_indices(index: torch.Tensor, num_samples: int, name: str = "ind
     bad = (index < 0) | (index >= num_samples)
     if bool(bad.any()):  # sync-ok: CPU tensor, no device involved
         i = int(bad.nonzero()[0, 0])  # sync-ok: CPU tensor, error path
-        raise ValueError(f"{name} (the dataset indices of the rows) must lie in [0, num_samples={num_samples}); "
-                         f"{name}[{i}] = {int(index[i])}")  # sync-ok: error path
+        raise ValueError(
+            f"{name} (the dataset indices of the rows) must lie in [0, num_samples={num_samples}); "
+            f"{name}[{i}] = {int(index[i])}"
+        )  # sync-ok: error path
 
 
 def _check_rows(index, keep, num_modalities: int, num_samples: int, name: str) -> None:
     """index [R] integer in [0, num_samples) and keep [R, M] bool (CPU or device; read on the host, between epochs)."""
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32) or index.dim() != 1:
-        raise ValueError(f"{name} index must be an integer (int64) tensor [R], got "
-                         f"{tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__}")
+        raise ValueError(
+            f"{name} index must be an integer (int64) tensor [R], got "
+            f"{tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__}"
+        )
     if not isinstance(keep, torch.Tensor) or keep.shape != (index.shape[0], num_modalities):
-        raise ValueError(f"{name} index [R] and keep [R, {num_modalities}] expected, got {tuple(index.shape)} and "
-                         f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+        raise ValueError(
+            f"{name} index [R] and keep [R, {num_modalities}] expected, got {tuple(index.shape)} and "
+            f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}"
+        )
     check_sample_indices(index.cpu(), num_samples, f"{name} index")  # sync-ok: once per epoch, between epochs
 
 
@@ -69,8 +76,12 @@ class ValuationDataset(torch.utils.data.Dataset):
 
     def state_dict(self) -> dict:
         """The current rows (index, keep) and the sizes they belong to: a resume serves the same epoch."""
-        return {"num_modalities": self.num_modalities, "num_samples": len(self.dataset),
-                "index": self.index.clone(), "keep": self.keep.clone()}
+        return {
+            "num_modalities": self.num_modalities,
+            "num_samples": len(self.dataset),
+            "index": self.index.clone(),
+            "keep": self.keep.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore state_dict(); every entry is checked first (a rejected state changes nothing)."""
@@ -163,7 +174,7 @@ class SampleValuation(Balancer):
             return state
         old = t["phi_sum"]
         if not isinstance(old, torch.Tensor) or not old.is_floating_point() or old.is_meta:
-            return state                                     # _check_state names what is wrong
+            return state  # _check_state names what is wrong
         tensors = {k: v for k, v in t.items() if k != "phi_sum"}
         tensors["scaled_phi_sum"] = torch.round(old.float() * self._fact)
         tensors.setdefault("nonfinite", torch.zeros((), dtype=torch.float32))
@@ -171,7 +182,8 @@ class SampleValuation(Balancer):
 
     def _load_extra_tensors(self, tensors: dict) -> None:
         self._scaled_sum, self._count, self._nonfinite = (
-            tensors[k].float() for k in ("scaled_phi_sum", "count", "nonfinite"))
+            tensors[k].float() for k in ("scaled_phi_sum", "count", "nonfinite")
+        )
 
     @property
     def phi(self) -> torch.Tensor:
@@ -188,8 +200,10 @@ class SampleValuation(Balancer):
     def observe(self, unimodal_logits, labels) -> None:
         """Not a per-step method here (raises before changing anything): value the samples with value() in the
         no-grad pass after an epoch."""
-        raise RuntimeError(f"{type(self).__name__} does not observe logits per step; call value() on the subset "
-                           f"outputs in the valuation pass after an epoch (values_after(epoch))")
+        raise RuntimeError(
+            f"{type(self).__name__} does not observe logits per step; call value() on the subset "
+            f"outputs in the valuation pass after an epoch (values_after(epoch))"
+        )
 
     @staticmethod
     def subset_logits(feats, head, *, fill=None) -> torch.Tensor:
@@ -252,8 +266,12 @@ class SampleValuation(Balancer):
     def _record(self, phi, valued, copies) -> None:
         n = valued.sum().clamp(min=1)
         mean = (phi * valued).sum(1) / n
-        self._stats = {"scores": mean.float(), "ratios": (1 - mean).float(),
-                       "coefficients": copies.sum(1).float(), "flag": self._nonfinite.clone()}
+        self._stats = {
+            "scores": mean.float(),
+            "ratios": (1 - mean).float(),
+            "coefficients": copies.sum(1).float(),
+            "flag": self._nonfinite.clone(),
+        }
 
 
 class ModalityValuation(SampleValuation):
@@ -268,8 +286,17 @@ class ModalityValuation(SampleValuation):
 
     method = "modality_valuation"
 
-    def __init__(self, num_modalities: int, num_samples: int, *, alpha: float = 1.0, curve: str = "linear",
-                 rate: str = "authors", fraction: float = 0.2, **kwargs):
+    def __init__(
+        self,
+        num_modalities: int,
+        num_samples: int,
+        *,
+        alpha: float = 1.0,
+        curve: str = "linear",
+        rate: str = "authors",
+        fraction: float = 0.2,
+        **kwargs,
+    ):
         super().__init__(num_modalities, num_samples, **kwargs)
         check_real(alpha, "alpha", low=0.0)
         _validate.check_choice(curve, _ref_valuation.CURVES, "curve")
@@ -278,11 +305,16 @@ class ModalityValuation(SampleValuation):
         self.alpha, self.curve, self.rate, self.fraction = float(alpha), curve, rate, float(fraction)
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "alpha": self.alpha, "curve": self.curve, "rate": self.rate,
-                "fraction": self.fraction}
+        return {
+            **super()._hparams_state(),
+            "alpha": self.alpha,
+            "curve": self.curve,
+            "rate": self.rate,
+            "fraction": self.fraction,
+        }
 
     def _generator(self, epoch: int, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 2 + salt) % (2 ** 63))
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 2 + salt) % (2**63))
 
     def _draws(self, epoch: int) -> torch.Tensor:
         k = max(1, int(self.fraction * self.num_samples))
@@ -299,10 +331,12 @@ class ModalityValuation(SampleValuation):
         self._gathered()
         draws = self._draws(epoch - 1).to(self._device)
         # sync-ok: once per epoch, between epochs (the exact count needs the integer sums on the host)
-        gaps = _ref_valuation.modality_gaps_exact(self._scaled_sum[:, draws].round().cpu(),
-                                                  self._count[draws].round().cpu(), self._fact)
-        n_extra, p, keep = _ref_valuation.modality_extra_rows(gaps, self.num_samples, alpha=self.alpha,
-                                                              curve=self.curve, rate=self.rate)
+        gaps = _ref_valuation.modality_gaps_exact(
+            self._scaled_sum[:, draws].round().cpu(), self._count[draws].round().cpu(), self._fact
+        )
+        n_extra, p, keep = _ref_valuation.modality_extra_rows(
+            gaps, self.num_samples, alpha=self.alpha, curve=self.curve, rate=self.rate
+        )
         if not (self.enabled and self.in_window(epoch)):
             n_extra = 0
         extra = torch.randint(0, self.num_samples, (n_extra,), generator=self._generator(epoch, 1)).to(self._device)

@@ -1,5 +1,6 @@
 """One line per CUDA kernel from a build log made with -Xptxas=-v (MMKERNELS_PTXAS_VERBOSE=1): registers, spill
 bytes, stack and shared memory, demangled with c++filt when it is there.   python scripts/ptxas_report.py BUILD.log"""
+
 import re
 import shutil
 import subprocess

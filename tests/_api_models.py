@@ -1,4 +1,5 @@
 """Small multimodal models and reference helpers shared by the API tests (tests/test_*_api.py, tests/test_ddp.py)."""
+
 from __future__ import annotations
 
 import copy

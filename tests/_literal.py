@@ -3,6 +3,7 @@ math module, plain floats). The vectorised reference (mmkernels/reference/) is c
 
 Inputs are plain nested lists of floats (use `to_list`); outputs are floats / lists of floats.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -124,8 +125,10 @@ def mlb(r, alpha, beta_max=2.0):
 def shapley_phi(v, M):
     """Textbook Shapley value over all M! orderings: phi_m = 1/M! sum_pi [v(P_pi^m + m) - v(P_pi^m)], where P_pi^m is
     the set of players before m in ordering pi; v maps a frozenset of modalities to a value, v(empty) = 0."""
+
     def val(S):
         return 0.0 if not S else v[frozenset(S)]
+
     phi = [0.0] * M
     perms = list(itertools.permutations(range(M)))
     for pi in perms:
@@ -138,8 +141,10 @@ def shapley_phi(v, M):
 
 def shapley_phi_subsets(v, M):
     """The subset form (AGM Eq. 1 with v(empty) = 0): phi_m = sum_{T not containing m} |T|!(M-|T|-1)!/M! [v(T+m) - v(T)]."""
+
     def val(S):
         return 0.0 if not S else v[frozenset(S)]
+
     phi = []
     for m in range(M):
         others = [j for j in range(M) if j != m]

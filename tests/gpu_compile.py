@@ -12,6 +12,7 @@ Usage: python tests/gpu_compile.py [--targets 90,80] [--jobs 2]
 One worker process per target (each with a fresh TRITON_CACHE_DIR, so everything really compiles). Prints a table per
 target and a summary line; exits 1 on a compile error, any register spill, or shared memory over 48 KiB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,17 @@ def fake_process_group():
 # Checked against a recording of every launcher call those tests make (run in the interpreter, replayed through
 # Triton's binder): the same set of specializations, and no call below that adds none. A new test shape, dtype or
 # layout that changes a specialization needs its call here.
-COEF_ALL = ("ogm_ge", "ogm", "ogm:sigmoid", "ogm:difference", "opm", "opm:sigmoid:difference", "agm", "agm:clip",
-            "mlb")  # the nine constexpr variants of test_coefficients_triton.py's HP
+COEF_ALL = (
+    "ogm_ge",
+    "ogm",
+    "ogm:sigmoid",
+    "ogm:difference",
+    "opm",
+    "opm:sigmoid:difference",
+    "agm",
+    "agm:clip",
+    "mlb",
+)  # the nine constexpr variants of test_coefficients_triton.py's HP
 COEF_DEFAULTS = ("ogm_ge", "ogm", "opm", "agm", "mlb")  # methods with default options
 
 
@@ -113,8 +123,13 @@ def _strided(shape, stride, dtype, *, misaligned=False):
 def _logits(m, b, c, dtype, layout):
     """[M, B, C] logits. Layouts: mbc contiguous; bmc a [B, M, C] buffer; mcb a [M, C, B] buffer; c2 every other
     class; row1 rows 1.. of [M, B + 1, C]; expand one modality repeated (stride 0)."""
-    strides = {"mbc": (b * c, c, 1), "bmc": (c, m * c, 1), "mcb": (c * b, 1, b), "c2": (2 * b * c, 2 * c, 2),
-               "expand": (0, c, 1)}
+    strides = {
+        "mbc": (b * c, c, 1),
+        "bmc": (c, m * c, 1),
+        "mcb": (c * b, 1, b),
+        "c2": (2 * b * c, 2 * c, 2),
+        "expand": (0, c, 1),
+    }
     if layout == "row1":
         return _strided((m, b + 1, c), ((b + 1) * c, c, 1), dtype)[:, 1:]
     return _strided((m, b, c), strides[layout], dtype)
@@ -129,15 +144,30 @@ def coef_call(m, b, c, variant, *, dtype="float32", layout="mbc", labels="int64"
 
     method, *opts = variant.split(":")
     x = _logits(m, b, c, getattr(torch, dtype), layout)
-    y = torch.empty(b + 1, dtype=getattr(torch, labels.split("+")[0]))[1:] if "+1" in labels else \
-        torch.empty(b, dtype=getattr(torch, labels))
+    y = (
+        torch.empty(b + 1, dtype=getattr(torch, labels.split("+")[0]))[1:]
+        if "+1" in labels
+        else torch.empty(b, dtype=getattr(torch, labels))
+    )
     state = (torch.empty(m), torch.empty(())) if method == "agm" else (None, None)
     tie = {"tie": 1} if "tie1" in opts else {}  # ogm_ge's tie rule: an int argument, specialized when it is 1
     with fake_process_group() if sync else contextlib.nullcontext():
-        balance_coefficients_launch(x, y, *state, method, ignore_index=-100, alpha=1.0, q_base=0.5, lam=0.5,
-                                    beta_max=2.0, clip=0.05 if "clip" in opts else None,
-                                    z="sigmoid" if "sigmoid" in opts else "tanh",
-                                    ratio="difference" if "difference" in opts else "ratio", sync=sync, **tie)
+        balance_coefficients_launch(
+            x,
+            y,
+            *state,
+            method,
+            ignore_index=-100,
+            alpha=1.0,
+            q_base=0.5,
+            lam=0.5,
+            beta_max=2.0,
+            clip=0.05 if "clip" in opts else None,
+            z="sigmoid" if "sigmoid" in opts else "tanh",
+            ratio="difference" if "difference" in opts else "ratio",
+            sync=sync,
+            **tie,
+        )
 
 
 def grad_scale_call(shape, stride, dtype, k, *, misaligned=False):
@@ -189,11 +219,22 @@ def _coefficient_plan():
 
     def add(note, m, b, c, variants, **kw):
         for v in variants:
-            plan.append((f"coef {v} M={m} B={b} C={c}{_options(kw)} [{note}]",
-                         lambda v=v: coef_call(m, b, c, v, **kw)))
+            plan.append((f"coef {v} M={m} B={b} C={c}{_options(kw)} [{note}]", lambda v=v: coef_call(m, b, c, v, **kw)))
 
-    for m, b, c in [(2, 1, 1), (3, 7, 6), (5, 64, 31), (8, 1000, 6), (2, 64, 309), (3, 1000, 31), (8, 7, 1000),
-                    (2, 7, 4097), (5, 1, 309), (3, 64, 1000), (2, 1000, 1), (8, 64, 6)]:
+    for m, b, c in [
+        (2, 1, 1),
+        (3, 7, 6),
+        (5, 64, 31),
+        (8, 1000, 6),
+        (2, 64, 309),
+        (3, 1000, 31),
+        (8, 7, 1000),
+        (2, 7, 4097),
+        (5, 1, 309),
+        (3, 64, 1000),
+        (2, 1000, 1),
+        (8, 64, 6),
+    ]:
         add("fp32 grid", m, b, c, COEF_ALL)
     for m, b, c in [(3, 64, 31), (2, 1000, 309), (8, 7, 4097)]:
         add("fp16", m, b, c, COEF_ALL, dtype="float16")
@@ -227,8 +268,12 @@ def _grad_scale_plan():
     plan = []
 
     def add(note, shape, stride, dtype, k, **kw):
-        plan.append((f"grad_scale {dtype} {shape} k={k}{_options(kw)} [{note}]",
-                     lambda: grad_scale_call(shape, stride, dtype, k, **kw)))
+        plan.append(
+            (
+                f"grad_scale {dtype} {shape} k={k}{_options(kw)} [{note}]",
+                lambda: grad_scale_call(shape, stride, dtype, k, **kw),
+            )
+        )
 
     for dtype in ("float32", "float16"):
         for k in ("float32", "value"):
@@ -244,15 +289,15 @@ def _drop_plan():
     plan = []
 
     def add(note, b, d, dtype="float32", **kw):
-        plan.append((f"drop {dtype} B={b} D={d}{_options(kw)} [{note}]",
-                     lambda: drop_call(b, d, dtype, **kw)))
+        plan.append((f"drop {dtype} B={b} D={d}{_options(kw)} [{note}]", lambda: drop_call(b, d, dtype, **kw)))
 
     for dtype in ("float32", "float16"):
         for rescale in (0, 1, 2):
-            for offset in (5, 2 ** 33 + 17):
+            for offset in (5, 2**33 + 17):
                 for m_base, d in ((0, 5), (1, 6), (2, 1)):
-                    add("forward/backward", 9, d, dtype, rescale=rescale, offset=offset, m_base=m_base,
-                        widths=(5, 6, 1))
+                    add(
+                        "forward/backward", 9, d, dtype, rescale=rescale, offset=offset, m_base=m_base, widths=(5, 6, 1)
+                    )
     add("stacked [B, M, D] buffer", 4, 16, rescale=1, mx=3, layout="b-major", widths=(16, 16, 16))
     for m_base, d in ((0, 5), (1, 6), (2, 1)):
         add("q detached: zero-stride gradient", 9, d, layout="zeros", m_base=m_base, widths=(5, 6, 1))
@@ -263,12 +308,20 @@ def _drop_plan():
         add("p_exe gate", 4, 1, rescale=1, m_base=m_base, widths=(1, 1))
     for rescale in (0, 1, 2):
         for m_base, d in ((0, 5), (1, 6), (2, 1)):
-            add("philox parity", 16, d, rescale=rescale, offset=2 ** 32 - 20, m_base=m_base, widths=(5, 6, 1))
+            add("philox parity", 16, d, rescale=rescale, offset=2**32 - 20, m_base=m_base, widths=(5, 6, 1))
     for m_base in (0, 1):
         add("sync-free steps", 16, 6, rescale=1, m_base=m_base, widths=(6, 6))
-    for offset in (0, 2 ** 33):
-        add("sync-free steps: concatenation's gradient", 16, 6, rescale=1, offset=offset, m_base=1, widths=(6, 6),
-            layout="second-half")
+    for offset in (0, 2**33):
+        add(
+            "sync-free steps: concatenation's gradient",
+            16,
+            6,
+            rescale=1,
+            offset=offset,
+            m_base=1,
+            widths=(6, 6),
+            layout="second-half",
+        )
     for d in (1, 3):  # B = 65536 is the same specialization (B % 16 == 0, BLOCK_B = 128)
         add("narrow rows", 4096, d)
     for dtype in ("float32", "bfloat16"):  # (4096, 4096), (64, 512, 14, 14) and M = 4: as (256, 2048) and M = 2
@@ -279,14 +332,19 @@ def _drop_plan():
 
 
 def _uniforms_plan():
-    return [(f"drop_uniforms seed={seed} offset={offset}", lambda seed=seed, offset=offset: uniforms_call(seed, offset))
-            for seed, offset in ((0, 0), (11, 2 ** 33 + 17), (2 ** 31 + 5, 2 ** 31 - 10), (2 ** 40 + 7, 2 ** 32 - 3))]
+    return [
+        (f"drop_uniforms seed={seed} offset={offset}", lambda seed=seed, offset=offset: uniforms_call(seed, offset))
+        for seed, offset in ((0, 0), (11, 2**33 + 17), (2**31 + 5, 2**31 - 10), (2**40 + 7, 2**32 - 3))
+    ]
 
 
 # the test modules that carry their kernels' launch plan, next to the tests it mirrors: gpu_compile_plan() ->
 # [(label, call)]
-PLAN_MODULES = (("test_pmr_triton", "gpu_compile_plan"), ("test_mmpareto_triton", "gpu_compile_plan"),
-                ("test_valuation_triton", "gpu_compile_plan"))
+PLAN_MODULES = (
+    ("test_pmr_triton", "gpu_compile_plan"),
+    ("test_mmpareto_triton", "gpu_compile_plan"),
+    ("test_valuation_triton", "gpu_compile_plan"),
+)
 
 
 def _method_plans() -> list:
@@ -337,9 +395,16 @@ def _param_tokens(kernel) -> list:
 
 def _row(kernel, report: str, label: str) -> dict:
     usage = _ptxas_usage(report)
-    return dict(kernel=kernel.name, params=_param_tokens(kernel), warps=kernel.metadata.num_warps,
-                smem=kernel.metadata.shared, regs=usage and usage[0], spill_st=usage and usage[1],
-                spill_ld=usage and usage[2], label=label)
+    return dict(
+        kernel=kernel.name,
+        params=_param_tokens(kernel),
+        warps=kernel.metadata.num_warps,
+        smem=kernel.metadata.shared,
+        regs=usage and usage[0],
+        spill_st=usage and usage[1],
+        spill_ld=usage and usage[2],
+        label=label,
+    )
 
 
 def _error_text(exc: BaseException) -> str:
@@ -370,15 +435,20 @@ def compile_for_target(arch: int, cache_dir: str) -> dict:
         for kernel, report in compiled:
             if kernel is not None and kernel.hash not in rows:
                 rows[kernel.hash] = _row(kernel, report, label)
-    return dict(arch=arch, rows=list(rows.values()), errors=errors, calls=calls, seconds=time.time() - start,
-                triton=triton.__version__)
+    return dict(
+        arch=arch,
+        rows=list(rows.values()),
+        errors=errors,
+        calls=calls,
+        seconds=time.time() - start,
+        triton=triton.__version__,
+    )
 
 
 # ============================================================================================== report
 def _spec_text(row: dict, varying: set) -> str:
     """Declared constexprs, plus the other parameters whose specialization differs between this kernel's rows."""
-    return " ".join(f"{name}={token}" for name, token, is_constexpr in row["params"]
-                    if is_constexpr or name in varying)
+    return " ".join(f"{name}={token}" for name, token, is_constexpr in row["params"] if is_constexpr or name in varying)
 
 
 def _varying_params(rows: list) -> dict:
@@ -405,13 +475,17 @@ def problems_of(result: dict) -> list:
 def print_table(result: dict) -> None:
     rows = sorted(result["rows"], key=lambda r: (r["kernel"], [t for _, t, _ in r["params"]], r["warps"]))
     varying = _varying_params(rows)
-    print(f"\n== GPUTarget('cuda', {result['arch']}, 32): {len(rows)} specializations from {result['calls']} launcher "
-          f"calls, compiled in {result['seconds']:.0f} s (triton {result['triton']})")
+    print(
+        f"\n== GPUTarget('cuda', {result['arch']}, 32): {len(rows)} specializations from {result['calls']} launcher "
+        f"calls, compiled in {result['seconds']:.0f} s (triton {result['triton']})"
+    )
     print(f"{'kernel':<28} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'warps':>5}  specialization")
     for r in rows:
         spill = "?" if r["regs"] is None else f"{r['spill_st']}/{r['spill_ld']}"
-        print(f"{r['kernel']:<28} {r['regs'] if r['regs'] is not None else '?':>4} {spill:>11} {r['smem']:>6} "
-              f"{r['warps']:>5}  {_spec_text(r, varying[r['kernel']])}")
+        print(
+            f"{r['kernel']:<28} {r['regs'] if r['regs'] is not None else '?':>4} {spill:>11} {r['smem']:>6} "
+            f"{r['warps']:>5}  {_spec_text(r, varying[r['kernel']])}"
+        )
 
 
 def summary_line(results: list, seconds: float, n_problems: int) -> str:
@@ -422,8 +496,10 @@ def summary_line(results: list, seconds: float, n_problems: int) -> str:
     errors = sum(len(res["errors"]) for res in results)
     smem = max((r["smem"] for r in rows), default=0)
     verdict = "" if n_problems == 0 else f"{n_problems} PROBLEMS (listed above): "
-    return (f"{verdict}{len(rows)} specializations ({per_target}), max regs {regs}, {spilling} spills, "
-            f"max smem {smem} B, {errors} compile errors, in {seconds:.0f} s")
+    return (
+        f"{verdict}{len(rows)} specializations ({per_target}), max regs {regs}, {spilling} spills, "
+        f"max smem {smem} B, {errors} compile errors, in {seconds:.0f} s"
+    )
 
 
 def main(argv: list) -> int:
@@ -436,8 +512,9 @@ def main(argv: list) -> int:
     start = time.time()
     cache_root = tempfile.mkdtemp(prefix="mmkernels-gpu-compile-")
     try:
-        with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(archs))),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=max(1, min(args.jobs, len(archs))), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             results = list(pool.map(compile_for_target, archs, [os.path.join(cache_root, f"sm{a}") for a in archs]))
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)

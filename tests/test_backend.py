@@ -1,4 +1,5 @@
 """Backend selection and the import-never-fails promise (docs/architecture.md)."""
+
 import os
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """Balancer behaviour: the gradient each encoder receives equals (reference coefficient x plain gradient), windows,
 state_dict resume, non-finite and empty batches. CPU, reference lane."""
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,7 @@ def test_ogmge_official_coefficient_and_zero_sigma():
     xs, y = batch(2)
     plain = plain_grads(model, xs, y)
     k = ref_coefficients(model, xs, y, "ogm_ge", alpha=0.8)["coefficients"]
-    bal = api.OGMGE(2, alpha=0.8, official=True, noise="covariance", sigma=0.0)   # authors' k via taps, no noise
+    bal = api.OGMGE(2, alpha=0.8, official=True, noise="covariance", sigma=0.0)  # authors' k via taps, no noise
     tap_step(bal, model, xs, y, observe_first=True)
     assert_scaled(grads(model), plain, k)
 
@@ -74,9 +75,9 @@ def test_ogmge_covariance_noise_reproducible_and_same_in_both_orders():
         torch.testing.assert_close(runs[0][name], runs[1][name], atol=1e-6, rtol=1e-5)
         assert torch.equal(runs[0][name], runs[2][name])
         if modality_of(name) is None:
-            torch.testing.assert_close(runs[0][name], plain[name])   # noise only enters the encoders
+            torch.testing.assert_close(runs[0][name], plain[name])  # noise only enters the encoders
     noise = runs[0]["encoders.0.0.weight"] - k[0] * plain["encoders.0.0.weight"]
-    assert noise.abs().max() > 1e-4                                   # the GE noise is really there
+    assert noise.abs().max() > 1e-4  # the GE noise is really there
 
 
 def test_ogmge_parameter_mode_official():
@@ -99,9 +100,9 @@ def test_ogmge_parameter_mode_official():
             m = modality_of(name)
             g0 = plain[name]
             n = (got[name] - k[m] * g0) / (g0.std() + 1e-8)
-            assert n.abs().max() > 0.05 and n.abs().max() < 6.0    # N(0, 1) draws scaled by the grad's std
+            assert n.abs().max() > 0.05 and n.abs().max() < 6.0  # N(0, 1) draws scaled by the grad's std
         else:
-            torch.testing.assert_close(got[name], plain[name])     # unlisted tensors untouched
+            torch.testing.assert_close(got[name], plain[name])  # unlisted tensors untouched
 
 
 def test_ogm_parameter_mode_without_noise_is_exact_scaling():
@@ -123,7 +124,7 @@ def test_opm_drop_uses_previous_q_and_matches_reference():
     xs, y = batch(2)
     bal = api.OPM(2, q_base=0.5, lam=0.5, seed=11)
     feats = model.feats(xs)
-    out0 = bal.drop(feats)                                           # step 0: q = 0 -> identity
+    out0 = bal.drop(feats)  # step 0: q = 0 -> identity
     assert all(torch.equal(a, b) for a, b in zip(out0, feats))
     bal.observe(api.concat_unimodal_logits(feats, model.head), y)
     q = ref_coefficients(model, xs, y, "opm")["coefficients"]
@@ -136,7 +137,7 @@ def test_opm_drop_uses_previous_q_and_matches_reference():
     expect = reference.modality_drop_ref([f.detach() for f in feats], q, u, rescale="per_modality")
     for a, b in zip(dropped, expect):
         torch.testing.assert_close(a.detach(), b)
-    bal.observe(api.concat_unimodal_logits(feats, model.head), y)   # observe after drop: drop_probability unchanged
+    bal.observe(api.concat_unimodal_logits(feats, model.head), y)  # observe after drop: drop_probability unchanged
     torch.testing.assert_close(bal.drop_probability, q)
     bal.eval()
     assert all(torch.equal(a, b) for a, b in zip(bal.drop(feats), feats))
@@ -158,7 +159,9 @@ def test_mlb_scales_encoders_by_k():
 
     ref_model, ref_heads = copy.deepcopy(model), copy.deepcopy(heads)
     feats = ref_model.feats(xs)
-    (F.cross_entropy(ref_model.fuse(feats), y) + sum(F.cross_entropy(h(f), y) for h, f in zip(ref_heads, feats))).backward()
+    (
+        F.cross_entropy(ref_model.fuse(feats), y) + sum(F.cross_entropy(h(f), y) for h, f in zip(ref_heads, feats))
+    ).backward()
     plain = grads(ref_model)
     with torch.no_grad():
         u = torch.stack([h(f) for h, f in zip(heads, model.feats(xs))])
@@ -167,7 +170,7 @@ def test_mlb_scales_encoders_by_k():
     loss = multi_loss(bal.tap(model.feats(xs)), bal)
     loss.backward()
     torch.testing.assert_close(bal.coefficients, k)
-    assert (k > 1).any() and (k < 1).any()                          # one accelerated, one decelerated
+    assert (k > 1).any() and (k < 1).any()  # one accelerated, one decelerated
     assert_scaled(grads(model), plain, k)
 
 
@@ -177,7 +180,7 @@ def _agm_reference_grads(model, xs, y, kappa):
     ref = copy.deepcopy(model)
     m, b = len(xs), xs[0].shape[0]
     outs = []
-    for s in range(1, 2 ** m):
+    for s in range(1, 2**m):
         masked = [x if (s >> j) & 1 else torch.zeros_like(x) for j, x in enumerate(xs)]
         outs.append(ref(*masked))
     phi = reference.shapley_combine(torch.stack(outs))
@@ -195,7 +198,7 @@ def test_agm_gradient_carries_kappa(mode):
     kw = dict(model=model) if mode == "model" else dict(encoders=list(model.encoders), head=model.fuse)
     bal = api.AGM(m, alpha=1.5, muted_mode="reuse" if mode == "split-reuse" else "eval")
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(2):   # step 0 primes the running mean (kappa = 1), step 1 has kappa != 1
+    for _ in range(2):  # step 0 primes the running mean (kappa = 1), step 1 has kappa != 1
         opt.zero_grad()
         F.cross_entropy(bal(xs, y, **kw), y).backward()
         opt.step()
@@ -203,8 +206,11 @@ def test_agm_gradient_carries_kappa(mode):
     state = {k: v.clone() for k, v in bal._agm.items()}
     opt.zero_grad()
     with torch.no_grad():
-        phi = reference.shapley_combine(torch.stack([model(*[x if (s >> j) & 1 else torch.zeros_like(x)
-                                                              for j, x in enumerate(xs)]) for s in range(1, 2 ** m)]))
+        phi = reference.shapley_combine(
+            torch.stack(
+                [model(*[x if (s >> j) & 1 else torch.zeros_like(x) for j, x in enumerate(xs)]) for s in range(1, 2**m)]
+            )
+        )
     expect = reference.balance_coefficients_ref(phi, y, "agm", state=state, alpha=1.5)
     out = bal(xs, y, **kw)
     torch.testing.assert_close(out, model(*xs), atol=1e-5, rtol=1e-5)  # forward = f(all)
@@ -224,10 +230,10 @@ def test_agm_eval_mode_uses_running_batchnorm_stats():
     head = torch.nn.Linear(12, 4)
     xs, y = batch(2)
     twin = copy.deepcopy(enc[0])
-    twin(xs[0])                                                      # one training-mode pass
+    twin(xs[0])  # one training-mode pass
     bal = api.AGM(2)
     out = bal(xs, y, encoders=enc, head=lambda f: head(torch.cat(f, 1)))
-    assert enc[0].training and enc[0][1].training                    # modes restored
+    assert enc[0].training and enc[0][1].training  # modes restored
     assert torch.equal(enc[0][1].running_mean, twin[1].running_mean)  # only the training pass updated the stats
     assert torch.equal(enc[0][1].num_batches_tracked, twin[1].num_batches_tracked)
     torch.testing.assert_close(out, head(torch.cat([twin(xs[0]) * 0 + enc[0](xs[0]), enc[1](xs[1])], 1)))
@@ -239,13 +245,17 @@ def test_olm_combine_and_report_match_reference():
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(8, 4, generator=g) * s for s in (1.0, 2.0, 3.0)]
     torch.testing.assert_close(bal.combine(logits), sum(logits))
-    bal.report([1.0, 1.2, 0.9], [1.1, 1.3, 1.0])                        # first report: L0 only
+    bal.report([1.0, 1.2, 0.9], [1.1, 1.3, 1.0])  # first report: L0 only
     torch.testing.assert_close(bal.coefficients, torch.ones(3))
     bal.combine(logits)
     bal.report([0.5, 1.0, 0.4], [0.8, 1.2, 0.9])
     norms = (reference.logit_norms(torch.stack(logits)) * 2) / 2
-    gr, cr = reference.olm_rates(torch.tensor([1.0, 1.2, 0.9]), torch.tensor([1.1, 1.3, 1.0]),
-                                 torch.tensor([0.5, 1.0, 0.4]), torch.tensor([0.8, 1.2, 0.9]))
+    gr, cr = reference.olm_rates(
+        torch.tensor([1.0, 1.2, 0.9]),
+        torch.tensor([1.1, 1.3, 1.0]),
+        torch.tensor([0.5, 1.0, 0.4]),
+        torch.tensor([0.8, 1.2, 0.9]),
+    )
     w = reference.olm_update(torch.ones(3), norms, reference.olm_rebalance_factors(gr, cr), lr=0.05, steps=4)
     torch.testing.assert_close(bal.coefficients, w)
     assert not torch.allclose(w, torch.ones(3))
@@ -273,7 +283,7 @@ def test_olm_eval_mode_uses_w_and_does_not_accumulate():
     with torch.no_grad():
         out = bal.combine(logits)
     torch.testing.assert_close(out, w[0] * logits[0] + w[1] * logits[1])
-    assert torch.equal(bal._norm_sum, before[0]) and torch.equal(bal._norm_count, before[1])   # no eval statistics
+    assert torch.equal(bal._norm_sum, before[0]) and torch.equal(bal._norm_count, before[1])  # no eval statistics
     bal.train()
     bal.combine(logits)
     assert bal._norm_count == before[1] + 1
@@ -294,14 +304,15 @@ def test_olm_w_never_negative(target):
     g = torch.Generator().manual_seed(2)
     logits = [torch.randn(16, 5, generator=g) * s for s in (0.5, 6.0, 2.0)]
     bal = api.OLM(3, lr=0.3, update_steps=20, target=target)
-    reports = [([1.0, 1.0, 1.0], [1.1, 1.0, 1.2])] + [([0.9 - 0.1 * i, 0.5, 0.8], [1.0, 0.9 - 0.1 * i, 1.1])
-                                                       for i in range(5)]
+    reports = [([1.0, 1.0, 1.0], [1.1, 1.0, 1.2])] + [
+        ([0.9 - 0.1 * i, 0.5, 0.8], [1.0, 0.9 - 0.1 * i, 1.1]) for i in range(5)
+    ]
     zero = False
     for tr, dv in reports:
         _olm_fit(bal, logits, [(tr, dv)])
         assert (bal.coefficients >= 0).all(), bal.coefficients
         zero |= bool((bal.coefficients == 0).any())
-    assert zero                                                   # the clamp was exercised
+    assert zero  # the clamp was exercised
 
 
 def test_olm_budget_is_kept_paper_shrinks():
@@ -310,7 +321,7 @@ def test_olm_budget_is_kept_paper_shrinks():
     target="paper" the targets sum to half the total and it collapses towards 0. (With M > 2 or unequal norms the
     budget target is still the fixed point, but the sign steps can move the total on the way: reference tests.)"""
     base = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
-    logits = [base, base.flip(0)]                                # the same row norms in both branches
+    logits = [base, base.flip(0)]  # the same row norms in both branches
     n = float(reference.logit_norms(torch.stack(logits))[0])
     reports = [([1.0, 1.0], [1.2, 1.1])] + [([0.9, 0.6 - 0.05 * i], [1.1 - 0.03 * i, 1.0 - 0.02 * i]) for i in range(8)]
     totals = {"budget": [], "paper": []}
@@ -342,7 +353,7 @@ def test_window_gives_exactly_neutral_coefficients():
         else:
             assert torch.equal(bal.coefficients, torch.ones(2))
             for name, g in grads(model).items():
-                assert torch.equal(g, plain[name]), name             # bit-identical: taps are the identity
+                assert torch.equal(g, plain[name]), name  # bit-identical: taps are the identity
         bal.step()
 
 
@@ -402,9 +413,11 @@ def _run(bal, model, xs, y, steps, kind):
 
 @pytest.mark.parametrize("kind", ["ogmge", "opm", "agm"])
 def test_state_dict_resume_is_bit_identical(kind):
-    make = {"ogmge": lambda: api.OGMGE(2, alpha=1.0, seed=5),
-            "opm": lambda: api.OPM(2, seed=5, q_base=0.6),
-            "agm": lambda: api.AGM(2, alpha=2.0)}[kind]
+    make = {
+        "ogmge": lambda: api.OGMGE(2, alpha=1.0, seed=5),
+        "opm": lambda: api.OPM(2, seed=5, q_base=0.6),
+        "agm": lambda: api.AGM(2, alpha=2.0),
+    }[kind]
     xs, y = batch(2)
     model, bal = TinyModel(2), make()
     _run(bal, model, xs, y, 3, kind)
@@ -455,7 +468,7 @@ def test_nonfinite_logits_fall_back(cls):
         out = model.fuse(bal.drop(feats))
     elif cls is api.MLB:
         feats = bal.tap(feats)
-        bal.loss(model.fuse(feats), u, y)      # the multi-loss of NaN logits is NaN: only the balancer is checked here
+        bal.loss(model.fuse(feats), u, y)  # the multi-loss of NaN logits is NaN: only the balancer is checked here
         out = model.fuse(feats)
     else:
         feats = bal.tap(feats)

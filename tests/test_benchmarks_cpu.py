@@ -1,6 +1,7 @@
 """The benchmark pieces that are not timings: the authors'-style baselines compute the methods' math, and the
 renderer turns pytest-benchmark JSON into the table. (The benchmark files themselves run in the `benchmarks` lane,
 reduced and untimed: `pytest benchmarks --benchmark-disable`.)"""
+
 import json
 import math
 import os
@@ -48,7 +49,7 @@ def test_authors_agm_shapley_and_kappa(M):
     with torch.no_grad():
         full = torch.nn.functional.cross_entropy(model(x), y)
         outs = []
-        for S in range(1, 2 ** M):
+        for S in range(1, 2**M):
             outs.append(model([xi if (S >> m) & 1 else torch.zeros_like(xi) for m, xi in enumerate(x)]))
         phi = ref.shapley_combine(torch.stack(outs))
     assert torch.allclose(loss, full, atol=1e-5)
@@ -67,6 +68,7 @@ def test_authors_ogm_ge_and_mlb_and_opm_steps_run():
     opt = torch.optim.SGD(list(model.parameters()) + list(heads.parameters()), lr=0.1)
     assert torch.isfinite(authors_style.mlb_step(model, heads, x, y, opt))
     import random
+
     assert torch.isfinite(authors_style.opm_step(model, x, y, opt, p_exe=1.0, rng=random.Random(0)))
 
 
@@ -76,7 +78,9 @@ def test_authors_mlb_scales_encoder_grads_by_k():
     heads = torch.nn.ModuleList([torch.nn.Linear(4, 3) for _ in range(2)])
     feats = model.encode(x)
     uni = [h(f) for h, f in zip(heads, feats)]
-    loss = torch.nn.functional.cross_entropy(model.fuse(feats), y) + sum(torch.nn.functional.cross_entropy(u, y) for u in uni)
+    loss = torch.nn.functional.cross_entropy(model.fuse(feats), y) + sum(
+        torch.nn.functional.cross_entropy(u, y) for u in uni
+    )
     w0 = model.encoders[0].net[0].weight
     (g,) = torch.autograd.grad(loss, w0)
     s = ref.scores(torch.stack([u.detach() for u in uni]), y, kind="prob") / y.shape[0]
@@ -88,17 +92,40 @@ def test_authors_mlb_scales_encoder_grads_by_k():
 
 
 def _fake_bench(name, method, impl, M, median):
-    return {"name": name, "group": f"train_step M={M}", "stats": {"median": median, "mean": median, "stddev": 0.0, "rounds": 3},
-            "extra_info": {"impl": impl, "method": method, "M": M, "device": "cpu", "batch": 4, "shapes": [[1, 8, 8]],
-                           "full": False, "host_syncs": None, "kernels": None, "peak_mib": None}}
+    return {
+        "name": name,
+        "group": f"train_step M={M}",
+        "stats": {"median": median, "mean": median, "stddev": 0.0, "rounds": 3},
+        "extra_info": {
+            "impl": impl,
+            "method": method,
+            "M": M,
+            "device": "cpu",
+            "batch": 4,
+            "shapes": [[1, 8, 8]],
+            "full": False,
+            "host_syncs": None,
+            "kernels": None,
+            "peak_mib": None,
+        },
+    }
 
 
 def test_render_table_and_png(tmp_path):
-    data = {"machine_info": {"node": "n", "cpu": {"brand_raw": "c"}, "python_version": "3"},
-            "benchmarks": [_fake_bench("a", "joint", "mmkernels", 2, 0.010), _fake_bench("b", "agm", "mmkernels", 2, 0.012),
-                           _fake_bench("c", "agm", "authors", 2, 0.020),
-                           {"name": "test_coef[B32]", "group": "coefficients", "stats": {"median": 1e-4, "mean": 1e-4, "stddev": 0, "rounds": 5},
-                            "extra_info": {"B": 32}}]}
+    data = {
+        "machine_info": {"node": "n", "cpu": {"brand_raw": "c"}, "python_version": "3"},
+        "benchmarks": [
+            _fake_bench("a", "joint", "mmkernels", 2, 0.010),
+            _fake_bench("b", "agm", "mmkernels", 2, 0.012),
+            _fake_bench("c", "agm", "authors", 2, 0.020),
+            {
+                "name": "test_coef[B32]",
+                "group": "coefficients",
+                "stats": {"median": 1e-4, "mean": 1e-4, "stddev": 0, "rounds": 5},
+                "extra_info": {"B": 32},
+            },
+        ],
+    }
     p = tmp_path / "r.json"
     p.write_text(json.dumps(data))
     md, png = tmp_path / "r.md", tmp_path / "r.png"

@@ -1,4 +1,5 @@
 """Reference lane: balance_coefficients' validation, dispatch and reference path (CPU, no Triton)."""
+
 import pytest
 import torch
 
@@ -47,24 +48,30 @@ def test_forced_backend_without_implementation_raises(batch, monkeypatch):
         modality_drop([torch.randn(4, 3), torch.randn(4, 3)], torch.tensor([0.5, 0.0]), seed=0, offset=0)
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda x, y: balance_coefficients(x, y, "ogmge"), ValueError, "method must be one of"),
-    (lambda x, y: balance_coefficients(x, y, "ogm_ge", lam=0.5), TypeError, "unknown hyperparameter"),
-    (lambda x, y: balance_coefficients(x, y, "ogm", z="relu"), ValueError, "z must be one of"),
-    (lambda x, y: balance_coefficients(x, y, "ogm", ratio="log"), ValueError, "ratio must be one of"),
-    (lambda x, y: balance_coefficients(x, y, "ogm", alpha=float("nan")), ValueError, "alpha must be a finite"),
-    (lambda x, y: balance_coefficients(x, y, "agm", clip="10"), ValueError, "clip must be a finite"),
-    (lambda x, y: balance_coefficients(x, y[:-1], "ogm"), ValueError, "labels must have shape"),
-    (lambda x, y: balance_coefficients(x, y.float(), "ogm"), TypeError, "labels must be an integer"),
-    (lambda x, y: balance_coefficients(x[:1], y, "ogm"), ValueError, "number of modalities"),
-    (lambda x, y: balance_coefficients(x[0], y, "ogm"), ValueError, "3 dims"),
-    (lambda x, y: balance_coefficients(x.long(), y, "ogm"), TypeError, "floating"),
-    (lambda x, y: balance_coefficients(x[:, :, :0], y, "ogm"), ValueError, "at least one class"),
-    (lambda x, y: balance_coefficients(x, y, "ogm", ignore_index=1.5), TypeError, "ignore_index"),
-    (lambda x, y: balance_coefficients(x, y, "agm", state={"s_hat": torch.zeros(2), "steps": torch.zeros(())}),
-     ValueError, "s_hat"),
-    (lambda x, y: balance_coefficients(x, y, "agm", state={"s_hat": torch.zeros(3)}), TypeError, "state must be"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, y: balance_coefficients(x, y, "ogmge"), ValueError, "method must be one of"),
+        (lambda x, y: balance_coefficients(x, y, "ogm_ge", lam=0.5), TypeError, "unknown hyperparameter"),
+        (lambda x, y: balance_coefficients(x, y, "ogm", z="relu"), ValueError, "z must be one of"),
+        (lambda x, y: balance_coefficients(x, y, "ogm", ratio="log"), ValueError, "ratio must be one of"),
+        (lambda x, y: balance_coefficients(x, y, "ogm", alpha=float("nan")), ValueError, "alpha must be a finite"),
+        (lambda x, y: balance_coefficients(x, y, "agm", clip="10"), ValueError, "clip must be a finite"),
+        (lambda x, y: balance_coefficients(x, y[:-1], "ogm"), ValueError, "labels must have shape"),
+        (lambda x, y: balance_coefficients(x, y.float(), "ogm"), TypeError, "labels must be an integer"),
+        (lambda x, y: balance_coefficients(x[:1], y, "ogm"), ValueError, "number of modalities"),
+        (lambda x, y: balance_coefficients(x[0], y, "ogm"), ValueError, "3 dims"),
+        (lambda x, y: balance_coefficients(x.long(), y, "ogm"), TypeError, "floating"),
+        (lambda x, y: balance_coefficients(x[:, :, :0], y, "ogm"), ValueError, "at least one class"),
+        (lambda x, y: balance_coefficients(x, y, "ogm", ignore_index=1.5), TypeError, "ignore_index"),
+        (
+            lambda x, y: balance_coefficients(x, y, "agm", state={"s_hat": torch.zeros(2), "steps": torch.zeros(())}),
+            ValueError,
+            "s_hat",
+        ),
+        (lambda x, y: balance_coefficients(x, y, "agm", state={"s_hat": torch.zeros(3)}), TypeError, "state must be"),
+    ],
+)
 def test_validation_errors(call, exc, match, batch):
     x, y = batch
     with pytest.raises(exc, match=match):

@@ -1,6 +1,7 @@
 """Extension lane: the C++ CPU twin of the fused coefficient op (csrc/coefficients.cpp, csrc/coefficients_math.h)
 against the reference pipeline: every method and option, fp32 / fp16 / bf16 / fp64 logits, odd shapes (B = 1, C = 1,
 C = 1000, non-powers of two, M = 2..8), strided and list inputs, ignore_index rows, the flags and the AGM state."""
+
 import pytest
 import torch
 
@@ -17,7 +18,15 @@ HP = {  # non-default hyperparameters so a mix-up between names would show
     "mlb": [{"alpha": 0.8, "beta_max": 3.0}],
 }
 CASES = [  # (M, B, C)
-    (2, 1, 1), (3, 7, 6), (5, 64, 31), (8, 100, 6), (2, 64, 309), (4, 33, 1000), (6, 5, 17), (7, 3, 1), (2, 130, 47),
+    (2, 1, 1),
+    (3, 7, 6),
+    (5, 64, 31),
+    (8, 100, 6),
+    (2, 64, 309),
+    (4, 33, 1000),
+    (6, 5, 17),
+    (7, 3, 1),
+    (2, 130, 47),
 ]
 AGM_COEF_RTOL = 1e-4  # kappa = exp(alpha (tau - r)): an fp32 rounding difference in tau - r, times alpha
 
@@ -27,8 +36,9 @@ def _close(got: dict, want: dict, *, rtol=2e-5, atol=1e-6, msg="", method=None):
     for key in want:
         assert got[key].dtype == torch.float32 and got[key].shape == want[key].shape, key
         r = AGM_COEF_RTOL if method == "agm" and key == "coefficients" else rtol
-        torch.testing.assert_close(got[key], want[key], rtol=r, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{msg} key={key}: {m}")
+        torch.testing.assert_close(
+            got[key], want[key], rtol=r, atol=atol, equal_nan=True, msg=lambda m: f"{msg} key={key}: {m}"
+        )
 
 
 def _logits(M, B, C, dtype=torch.float32, scale=2.0, seed=0):
@@ -194,7 +204,10 @@ def test_zero_prob_sums_flag_1_like_reference(zeros):
         got = balance_coefficients(x, y, method)
         _close(got, R.balance_coefficients_ref(x, y, method), msg=method)
         assert got["flag"].item() == 1 and torch.equal(got["coefficients"], torch.full((2,), neutral)), method
-    _close(balance_coefficients(x, y, "ogm", ratio="difference"), R.balance_coefficients_ref(x, y, "ogm", ratio="difference"))
+    _close(
+        balance_coefficients(x, y, "ogm", ratio="difference"),
+        R.balance_coefficients_ref(x, y, "ogm", ratio="difference"),
+    )
 
 
 def test_agm_kappa_overflow_flag_1_like_reference():
@@ -211,7 +224,7 @@ def test_agm_kappa_overflow_flag_1_like_reference():
     assert got["flag"].item() == 0 and st_k["steps"].item() == 2.0
 
 
-@pytest.mark.parametrize("label", [6, -1, 2 ** 40])
+@pytest.mark.parametrize("label", [6, -1, 2**40])
 def test_label_out_of_range_flag_1(label):
     x, y = _logits(2, 7, 6)
     y[2] = label

@@ -1,6 +1,7 @@
 """CoefficientPlan (mmkernels/coefficients.py): balance_coefficients with the batch-independent checks done once and
 each input layout's launch prepared once. The same numbers as balance_coefficients on every backend, fresh outputs
 per call, the same errors, and a rejected call keeps nothing."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,11 +11,18 @@ from mmkernels import reference as R
 from mmkernels.coefficients import CoefficientPlan, balance_coefficients
 
 METHODS = ["ogm_ge", "ogm", "opm", "agm", "mlb"]
-BACKENDS = [pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
-            pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend("ext")], id="ext"),
-            pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")], id="triton")]
-HP = {"ogm_ge": {"alpha": 0.8}, "ogm": {"alpha": 0.5, "z": "sigmoid"}, "opm": {"q_base": 0.3, "lam": 2.0},
-      "agm": {"alpha": 1.0, "clip": 2.0}, "mlb": {"alpha": 1.0, "beta_max": 1.5}}
+BACKENDS = [
+    pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
+    pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend("ext")], id="ext"),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")], id="triton"),
+]
+HP = {
+    "ogm_ge": {"alpha": 0.8},
+    "ogm": {"alpha": 0.5, "z": "sigmoid"},
+    "opm": {"q_base": 0.3, "lam": 2.0},
+    "agm": {"alpha": 1.0, "clip": 2.0},
+    "mlb": {"alpha": 1.0, "beta_max": 1.5},
+}
 
 
 def inputs(m, b, c, device, seed=0, ignore=0):
@@ -31,8 +39,9 @@ def test_plan_matches_balance_coefficients(method, backend, device):
     """Three steps over two layouts (B = 7, then B = 1, then B = 7 again, a non-contiguous view) with ignored rows:
     every output equal to balance_coefficients', AGM's state advanced identically."""
     plan = CoefficientPlan(method, **HP[method])
-    state_p, state_r = (R.new_agm_state(3, device=device), R.new_agm_state(3, device=device)) \
-        if method == "agm" else (None, None)
+    state_p, state_r = (
+        (R.new_agm_state(3, device=device), R.new_agm_state(3, device=device)) if method == "agm" else (None, None)
+    )
     for step, (b, ignore) in enumerate([(7, 2), (1, 0), (7, 0)]):
         x, y = inputs(3, b, 5, device, seed=step, ignore=ignore)
         if step == 2:
@@ -44,7 +53,7 @@ def test_plan_matches_balance_coefficients(method, backend, device):
         if method == "agm":
             for k in ("s_hat", "steps"):
                 torch.testing.assert_close(state_p[k], state_r[k], rtol=0, atol=0)
-    assert len(plan._layouts) == 3                # B = 7, B = 1, and B = 7 with other strides
+    assert len(plan._layouts) == 3  # B = 7, B = 1, and B = 7 with other strides
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,7 +119,12 @@ def test_plan_raw_is_the_packed_output(method, backend, device):
     out = plan.raw(x, y)
     want = balance_coefficients(x, y, method)
     assert out.shape == (7,) and out.dtype == torch.float32
-    torch.testing.assert_close(out, torch.cat([want["scores"], want["ratios"], want["coefficients"],
-                                               want["flag"].view(1)]), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        out,
+        torch.cat([want["scores"], want["ratios"], want["coefficients"], want["flag"].view(1)]),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
     with pytest.raises(TypeError, match="one tensor"):
         plan.raw(list(x.unbind(0)), y)

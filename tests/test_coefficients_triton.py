@@ -3,13 +3,17 @@
 Shape grid: B in {1, 7, 64, 1000} x C in {1, 6, 31, 309, 1000, 4097} sampled (not the full product, the
 interpreter is slow), M cycling over {2, 3, 5, 8}; every method (and the z / ratio / clip options) on each.
 """
+
 import pytest
 import torch
 
 from mmkernels import reference as R
 from mmkernels.coefficients import balance_coefficients
 
-pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]  # numpy, interpreter
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]  # numpy, interpreter
 
 HP = {  # non-default hyperparameters so a mix-up between names would show
     "ogm_ge": [{"alpha": 0.8}],
@@ -19,8 +23,18 @@ HP = {  # non-default hyperparameters so a mix-up between names would show
     "mlb": [{"alpha": 0.8, "beta_max": 3.0}],
 }
 CASES = [  # (M, B, C)
-    (2, 1, 1), (3, 7, 6), (5, 64, 31), (8, 1000, 6), (2, 64, 309), (3, 1000, 31),
-    (8, 7, 1000), (2, 7, 4097), (5, 1, 309), (3, 64, 1000), (2, 1000, 1), (8, 64, 6),
+    (2, 1, 1),
+    (3, 7, 6),
+    (5, 64, 31),
+    (8, 1000, 6),
+    (2, 64, 309),
+    (3, 1000, 31),
+    (8, 7, 1000),
+    (2, 7, 4097),
+    (5, 1, 309),
+    (3, 64, 1000),
+    (2, 1000, 1),
+    (8, 64, 6),
 ]
 
 
@@ -41,8 +55,9 @@ def _close(got: dict, want: dict, *, rtol=2e-5, atol=1e-6, msg="", method=None):
         assert got[key].dtype == torch.float32, key
         assert got[key].shape == want[key].shape, key
         r = AGM_COEF_RTOL if method == "agm" and key == "coefficients" else rtol
-        torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=r, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{msg} key={key}: {m}")
+        torch.testing.assert_close(
+            got[key].cpu(), want[key].cpu(), rtol=r, atol=atol, equal_nan=True, msg=lambda m: f"{msg} key={key}: {m}"
+        )
 
 
 def _logits(M, B, C, device, dtype=torch.float32, scale=2.0, seed=0):
@@ -132,8 +147,10 @@ def test_all_rows_ignored(device):
         assert torch.equal(got["coefficients"].cpu(), torch.full((M,), neutral))
         assert torch.equal(st["s_hat"].cpu(), torch.full((M,), 0.7)) and st["steps"].item() == 3.0
         want = R.balance_coefficients_ref(x, y, method, state=R.new_agm_state(M, device) if method == "agm" else None)
-        _close({k: v for k, v in got.items() if k in ("flag", "coefficients")},
-               {k: v for k, v in want.items() if k in ("flag", "coefficients")})
+        _close(
+            {k: v for k, v in got.items() if k in ("flag", "coefficients")},
+            {k: v for k, v in want.items() if k in ("flag", "coefficients")},
+        )
 
 
 def test_agm_state_parity_20_steps(device):
@@ -208,7 +225,10 @@ def test_zero_prob_sums_flag_1_like_reference(zeros, device):
         assert torch.equal(got["coefficients"].cpu(), torch.full((2,), neutral)), method
         assert not torch.isfinite(got["ratios"]).all(), method
     # the difference-of-scores ratio is finite on the same batch: flag 0, same numbers as the reference
-    _close(balance_coefficients(x, y, "ogm", ratio="difference"), R.balance_coefficients_ref(x, y, "ogm", ratio="difference"))
+    _close(
+        balance_coefficients(x, y, "ogm", ratio="difference"),
+        R.balance_coefficients_ref(x, y, "ogm", ratio="difference"),
+    )
     # the workspace is clean afterwards: a finite batch gives the reference numbers again
     x2, y2 = _logits(3, 7, 6, device, seed=6)
     _close(balance_coefficients(x2, y2, "mlb"), R.balance_coefficients_ref(x2, y2, "mlb"))

@@ -1,5 +1,6 @@
 """torch.compile and AMP (issue 5, item 4): a training step with each balancer under torch.compile matches eager;
 a bf16 autocast step works. Compiles are few and small (the first costs ~10 s on this CPU)."""
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,7 @@ from _api_models import TinyModel, batch, grads
 def _step(kind, model, bal, xs, y, feats_fn, fuse_fn):
     """One training step (forward, balancer, backward) of `kind`; feats_fn / fuse_fn may be compiled."""
     if kind == "agm":
-        out = bal(xs, y, model=lambda *a: fuse_fn(feats_fn(*a)))   # TinyModel has no BatchNorm: train == eval
+        out = bal(xs, y, model=lambda *a: fuse_fn(feats_fn(*a)))  # TinyModel has no BatchNorm: train == eval
         loss = F.cross_entropy(out, y)
     elif kind == "opm":
         feats = feats_fn(*xs)

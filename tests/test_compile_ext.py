@@ -1,4 +1,5 @@
 """The extension's ops under torch.compile (their fake implementations trace; the kernels run as opaque calls)."""
+
 import pytest
 import torch
 
@@ -36,5 +37,6 @@ def test_step_compiles_and_matches_eager(device):
     expect = [g.clone() for g in grads]
     ge_isotropic_(expect, torch.ones(2, device=device), seed=2, offset=0)
     torch.compile(lambda gs, kk: ge_isotropic_(gs, kk, seed=2, offset=0), backend="aot_eager", fullgraph=True)(
-        grads, torch.ones(2, device=device))
+        grads, torch.ones(2, device=device)
+    )
     assert all(torch.equal(a, b) for a, b in zip(grads, expect))

@@ -4,14 +4,18 @@ Triton lane (TRITON_INTERPRET=1 on CPU tensors, or CUDA). The compiled function 
 of the op (fullgraph=True: no graph break into the launcher's workspace cache) and give the eager numbers,
 including AGM's running state mutated in place over several steps.
 """
+
 import pytest
 import torch
 
 from mmkernels import reference as R
 from mmkernels.coefficients import balance_coefficients
 
-pytestmark = [pytest.mark.triton, pytest.mark.backend("triton"),
-              pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]  # numpy, interpreter
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.backend("triton"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]  # numpy, interpreter
 
 OP = "mmkernels.balance_coefficients"
 
@@ -41,11 +45,15 @@ def _assert_same(got: dict, want: dict, msg):
     assert set(got) == set(want)
     for key in want:
         assert got[key].dtype == torch.float32 and got[key].shape == want[key].shape, (msg, key)
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{msg} {key}: {m}")
+        torch.testing.assert_close(
+            got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{msg} {key}: {m}"
+        )
 
 
-@pytest.mark.parametrize("method,hp", [("ogm", {"alpha": 0.6, "z": "sigmoid"}), ("agm", {"alpha": 1.5, "clip": 2.0}),
-                                       ("agm", {"alpha": 0.7})])
+@pytest.mark.parametrize(
+    "method,hp",
+    [("ogm", {"alpha": 0.6, "z": "sigmoid"}), ("agm", {"alpha": 1.5, "clip": 2.0}), ("agm", {"alpha": 0.7})],
+)
 def test_compiled_matches_eager(method, hp, device):
     torch._dynamo.reset()
     M, B, C = 3, 24, 7
@@ -99,16 +107,34 @@ def test_opcheck(method, device):
     state["s_hat"].copy_(torch.tensor([1.2, 0.9, 1.5]))
     state["steps"].fill_(2.0)
     s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" else (None, None)
-    args = (x.transpose(1, 2).contiguous().transpose(1, 2), y, s_hat, steps, method, -100,
-            1.3, 0.5, 0.5, 2.5, 1.0 if method == "agm" else None, "tanh", "ratio")
+    args = (
+        x.transpose(1, 2).contiguous().transpose(1, 2),
+        y,
+        s_hat,
+        steps,
+        method,
+        -100,
+        1.3,
+        0.5,
+        0.5,
+        2.5,
+        1.0 if method == "agm" else None,
+        "tanh",
+        "ratio",
+    )
     # test_autograd_registration is left out: the op is never differentiated (balance_coefficients passes
     # detached logits; the outputs are statistics), so it has no autograd formula to check.
-    torch.library.opcheck(torch.ops.mmkernels.balance_coefficients.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.balance_coefficients.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_op_schema():
     schema = str(torch.ops.mmkernels.balance_coefficients.default._schema)
-    assert schema == ("mmkernels::balance_coefficients(Tensor logits, Tensor labels, Tensor(a2!)? s_hat, "
-                      "Tensor(a3!)? steps, str method, SymInt ignore_index, float alpha, float q_base, float lam, "
-                      "float beta_max, float? clip, str z, str ratio, SymInt tie=0) -> Tensor"), schema
+    assert schema == (
+        "mmkernels::balance_coefficients(Tensor logits, Tensor labels, Tensor(a2!)? s_hat, "
+        "Tensor(a3!)? steps, str method, SymInt ignore_index, float alpha, float q_base, float lam, "
+        "float beta_max, float? clip, str z, str ratio, SymInt tie=0) -> Tensor"
+    ), schema

@@ -1,6 +1,7 @@
 """Distributed (issue 5, item 3): 2 CPU processes, gloo, DistributedDataParallel, 5 steps of OGM-GE (covariance taps
 and the authors' isotropic parameter mode), OPM and AGM. Each rank sees different data; afterwards the coefficients
 of every step are identical on both ranks (scores from the global batch) and so are the replicas' parameters."""
+
 from __future__ import annotations
 
 import os
@@ -33,11 +34,12 @@ class Wrapped(nn.Module):
         enc = self.net.encoders
         self.bal = {
             "ogmge_cov": lambda: api.OGMGE(2, alpha=2.0, seed=4),
-            "ogmge_iso": lambda: api.OGMGE(2, alpha=2.0, official=True, seed=4,
-                                           params=[enc[0].parameters(), enc[1].parameters()]),
+            "ogmge_iso": lambda: api.OGMGE(
+                2, alpha=2.0, official=True, seed=4, params=[enc[0].parameters(), enc[1].parameters()]
+            ),
             "opm": lambda: api.OPM(2, seed=4, q_base=0.6),
             "agm": lambda: api.AGM(2, alpha=2.0),
-            "ogmge_update": lambda: None,   # made in _worker: modulate="update" needs the optimizer
+            "ogmge_update": lambda: None,  # made in _worker: modulate="update" needs the optimizer
         }[kind]()
 
     def forward(self, xa, xv, y):
@@ -63,20 +65,27 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
             model = Wrapped(kind)
             ddp = nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
-            if kind == "ogmge_update":   # Adam, the update scaled by k (issue 13), GE noise on the gradient
+            if kind == "ogmge_update":  # Adam, the update scaled by k (issue 13), GE noise on the gradient
                 opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
                 enc = model.net.encoders
-                model.bal = api.OGMGE(2, alpha=2.0, official=True, seed=4, modulate="update", optimizer=opt,
-                                      params=[list(enc[0].parameters()), list(enc[1].parameters())])
+                model.bal = api.OGMGE(
+                    2,
+                    alpha=2.0,
+                    official=True,
+                    seed=4,
+                    modulate="update",
+                    optimizer=opt,
+                    params=[list(enc[0].parameters()), list(enc[1].parameters())],
+                )
             coefs = []
             for step in range(STEPS):
-                xs, y = batch(2, b=8, seed=1000 * rank + step)               # different data on each rank
+                xs, y = batch(2, b=8, seed=1000 * rank + step)  # different data on each rank
                 opt.zero_grad()
                 F.cross_entropy(ddp(xs[0], xs[1], y), y).backward()
                 if kind in ("ogmge_iso", "ogmge_update"):
-                    model.bal.modulate_grads()                               # after backward: grads are synced
+                    model.bal.modulate_grads()  # after backward: grads are synced
                 opt.step()
-                if kind != "ogmge_update":                                   # optimizer= steps it
+                if kind != "ogmge_update":  # optimizer= steps it
                     model.bal.step()
                 coefs.append(model.bal.coefficients.clone())
             result[kind] = {"coefs": torch.stack(coefs), "params": [p.detach().clone() for p in model.parameters()]}

@@ -1,5 +1,6 @@
 """`python -m mmkernels demo --quick` end to end on the synthetic set, its properties, and the training code with any
 number of views (M = 8 on random data)."""
+
 import json
 import os
 import subprocess
@@ -38,8 +39,13 @@ def test_visual_has_no_linear_signal_audio_has():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-m", "mmkernels", "demo", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmkernels", "demo", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, out
 
 
@@ -128,6 +134,6 @@ def test_update_mode_rows_measure_the_update_ratio_achieved(one_thread, optimize
     grad, update = runs[0], runs[1]
     torch.testing.assert_close(torch.tensor(update.update_ratio), torch.tensor(update.update_coef), rtol=1e-4, atol=0)
     ratio, k = torch.tensor(grad.update_ratio), torch.tensor(grad.update_coef)
-    assert ((ratio - 1).abs() < 0.5 * (k - 1).abs()).all(), (ratio, k)   # Adam divides most of k out
+    assert ((ratio - 1).abs() < 0.5 * (k - 1).abs()).all(), (ratio, k)  # Adam divides most of k out
     text = format_update_ratios(summarize(runs, splits.names), splits.names)
     assert "achieved / k" in text.splitlines()[0] and len(text.splitlines()) == 2 + 3

@@ -6,6 +6,7 @@ for the 20 untimed warm-up steps. So the CLI runs in-process (cli.main) with mak
 and warmup_steps=1 (so that --steps 3 still times two steps); the model building, the runners, the training loop,
 the probes and the report are the demo's own code.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,22 @@ def resnet_run(tmp_path_factory):
     mp.setattr(train, "make_method", recording_make_method)
     mp.setattr(train, "build_model", recording_build_model)
     try:
-        rc = cli.main(["--backbone", "resnet18", "--steps", str(STEPS), "--seeds", "1", "--batch-size", str(BATCH),
-                       "--methods", ",".join(METHODS), "--out", str(out)])
+        rc = cli.main(
+            [
+                "--backbone",
+                "resnet18",
+                "--steps",
+                str(STEPS),
+                "--seeds",
+                "1",
+                "--batch-size",
+                str(BATCH),
+                "--methods",
+                ",".join(METHODS),
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         mp.undo()
     return rc, out, runners, models
@@ -71,12 +86,12 @@ def test_resnet18_results_json(resnet_run):
     assert set(runs) == set(METHODS) | {"audio alone", "visual alone"}
     for name, r in runs.items():
         assert 0.0 <= r["fused_acc"] <= 1.0, name
-        assert r["ms_per_step"] > 0.0, name          # two timed steps after the one warm-up step
+        assert r["ms_per_step"] > 0.0, name  # two timed steps after the one warm-up step
         probes = [a for a in r["modality_acc"] if not math.isnan(a)]
         assert len(probes) == (1 if name.endswith("alone") else 2) and all(0.0 <= a <= 1.0 for a in probes), name
     for name in METHODS:
         r = runs[name]
-        assert r["trace_steps"] == [0, STEPS - 1], name   # trace_every 10: the first and the last step
+        assert r["trace_steps"] == [0, STEPS - 1], name  # trace_every 10: the first and the last step
         if name != "joint":  # every balancer traces M = 2 finite coefficients
             assert all(len(c) == 2 and all(math.isfinite(v) for v in c) for c in r["coef_trace"]), name
 

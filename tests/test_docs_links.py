@@ -10,6 +10,7 @@ one test per file. Flagged:
 Raw logs under benchmarks/results/ (.txt, .jsonl: recorded tool output, e.g. a debugger backtrace) are not
 documentation and are skipped; their README and tables are scanned.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,22 +43,31 @@ INSTALLED = {"mmkernels/api"}
 
 @functools.lru_cache(maxsize=1)
 def repo_files() -> tuple:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     return tuple(sorted(f for f in out if f and os.path.exists(os.path.join(ROOT, f))))
 
 
 def scanned_files() -> list:
-    return [f for f in repo_files() if f.endswith(TEXT_EXT)
-            and not (f.startswith(SKIP_PREFIXES) and not f.endswith(".md"))]
+    return [
+        f for f in repo_files() if f.endswith(TEXT_EXT) and not (f.startswith(SKIP_PREFIXES) and not f.endswith(".md"))
+    ]
 
 
 def _expand_braces(path: str) -> list:
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
-    return list(itertools.chain.from_iterable(
-        _expand_braces(path[:m.start()] + alt + path[m.end():]) for alt in m.group(1).split(",")))
+    return list(
+        itertools.chain.from_iterable(
+            _expand_braces(path[: m.start()] + alt + path[m.end() :]) for alt in m.group(1).split(",")
+        )
+    )
 
 
 def _exists(rel: str) -> bool:
@@ -99,11 +109,11 @@ def test_the_scan_sees_the_repository():
     files = scanned_files()
     assert "README.md" in files and "mmkernels/reference/__init__.py" in files and "tests/test_docs_links.py" in files
     # the checks themselves work: a made-up note, path and link are each caught
-    top, missing = "mmkernels", "no" + "pe"   # split so that the scan of this file does not see made-up paths
+    top, missing = "mmkernels", "no" + "pe"  # split so that the scan of this file does not see made-up paths
     assert _exists(top + "/{coefficients,taps}.py") and not _exists(top + "/{coefficients,%s}.py" % missing)
     assert _exists("benchmarks/results/*/benchmarks.md") and not _exists("docs" + "/methods/%s.md" % missing)
     assert problems_in("docs/architecture.md") == []
-    assert problems_in("tests/test_docs_links.py") == []   # the patterns above are built so as not to match here
+    assert problems_in("tests/test_docs_links.py") == []  # the patterns above are built so as not to match here
 
 
 @pytest.mark.parametrize("rel", scanned_files())

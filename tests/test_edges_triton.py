@@ -6,6 +6,7 @@ finalising). Run on CPU with TRITON_INTERPRET=1, or on CUDA in the cuda lane (th
 Tolerances are those of tests/test_coefficients_triton.py: rtol 2e-5, atol 1e-6 on scores, ratios, coefficients,
 the flag and the AGM running state (fp16 logits: the same, as both sides read the fp16 values and accumulate in fp32).
 """
+
 import pytest
 import torch
 
@@ -51,8 +52,14 @@ def _check_all_methods(x, y, device, msg):
             assert set(got) == set(want) == {"scores", "ratios", "coefficients", "flag"}
             for key in want:
                 assert got[key].dtype == torch.float32 and got[key].shape == want[key].shape, (msg, method, key)
-                torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=RTOL, atol=ATOL, equal_nan=True,
-                                           msg=lambda m: f"{msg} {method} {key}: {m}")
+                torch.testing.assert_close(
+                    got[key].cpu(),
+                    want[key].cpu(),
+                    rtol=RTOL,
+                    atol=ATOL,
+                    equal_nan=True,
+                    msg=lambda m: f"{msg} {method} {key}: {m}",
+                )
             assert got["flag"].item() == 0, (msg, method)
         if method == "agm":
             torch.testing.assert_close(st_k["s_hat"], st_r["s_hat"], rtol=RTOL, atol=ATOL)

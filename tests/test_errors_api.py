@@ -1,4 +1,5 @@
 """Bad input: each case raises a clear error naming the argument (issue 5, item 5)."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,7 @@ def test_labels_out_of_range_and_float():
     y[2] = -3
     with pytest.raises(ValueError, match=r"labels"):
         api.OPM(2).observe(u, y)
-    y[2] = -100                                                          # ignore_index is fine
+    y[2] = -100  # ignore_index is fine
     api.OPM(2).observe(u, y)
     with pytest.raises(TypeError, match="labels.*dtype"):
         api.MLB(2).loss(u[0], u, y.float())
@@ -70,24 +71,27 @@ def test_features_and_labels_on_different_devices():
         api.OGMGE(2).tap([torch.randn(4, 3), torch.randn(4, 3, device="meta")])
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: api.OGMGE(2, alpha=-0.1), "alpha"),
-    (lambda: api.OGM(2, alpha=float("nan")), "alpha"),
-    (lambda: api.AGM(2, alpha=-1.0), "alpha"),
-    (lambda: api.MLB(2, alpha=-1.0), "alpha"),
-    (lambda: api.OPM(2, q_base=0.0), "q_base"),
-    (lambda: api.OPM(2, q_base=1.0), "q_base"),
-    (lambda: api.OPM(2, q_base=1.5), "q_base"),
-    (lambda: api.OPM(2, p_exe=1.5), "p_exe"),
-    (lambda: api.MLB(2, beta_max=0.5), "beta_max"),
-    (lambda: api.AGM(2, clip=0.0), "clip"),
-    (lambda: api.AGM(2, muted_mode="fast"), "muted_mode"),
-    (lambda: api.OGMGE(2, noise="gaussian"), "noise"),
-    (lambda: api.OGMGE(2, noise="isotropic"), "params"),
-    (lambda: api.OGMGE(2, start=5, end=5), "end"),
-    (lambda: api.OGMGE(2, unit="batch"), "unit"),
-    (lambda: api.OLM(2, lr=0.0), "lr"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: api.OGMGE(2, alpha=-0.1), "alpha"),
+        (lambda: api.OGM(2, alpha=float("nan")), "alpha"),
+        (lambda: api.AGM(2, alpha=-1.0), "alpha"),
+        (lambda: api.MLB(2, alpha=-1.0), "alpha"),
+        (lambda: api.OPM(2, q_base=0.0), "q_base"),
+        (lambda: api.OPM(2, q_base=1.0), "q_base"),
+        (lambda: api.OPM(2, q_base=1.5), "q_base"),
+        (lambda: api.OPM(2, p_exe=1.5), "p_exe"),
+        (lambda: api.MLB(2, beta_max=0.5), "beta_max"),
+        (lambda: api.AGM(2, clip=0.0), "clip"),
+        (lambda: api.AGM(2, muted_mode="fast"), "muted_mode"),
+        (lambda: api.OGMGE(2, noise="gaussian"), "noise"),
+        (lambda: api.OGMGE(2, noise="isotropic"), "params"),
+        (lambda: api.OGMGE(2, start=5, end=5), "end"),
+        (lambda: api.OGMGE(2, unit="batch"), "unit"),
+        (lambda: api.OLM(2, lr=0.0), "lr"),
+    ],
+)
 def test_bad_hyperparameters(make, name):
     with pytest.raises(ValueError, match=name):
         make()
@@ -100,7 +104,7 @@ def test_observe_twice_in_a_step():
     with pytest.raises(RuntimeError, match="twice in step 0.*bal.step"):
         bal.observe(u, y)
     bal.step()
-    bal.observe(u, y)                                                    # fine in the next step
+    bal.observe(u, y)  # fine in the next step
     mlb = api.MLB(2)
     mlb.loss(u[0], u, y)
     with pytest.raises(RuntimeError, match="twice"):
@@ -162,8 +166,9 @@ def test_wrong_entry_point():
     with pytest.raises(ValueError, match="model=.*encoders="):
         api.AGM(2)([torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="reuse"):
-        api.AGM(2, muted_mode="reuse")([torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long),
-                                       model=TinyModel(2))
+        api.AGM(2, muted_mode="reuse")(
+            [torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long), model=TinyModel(2)
+        )
 
 
 def test_unimodal_helper_errors():

@@ -1,4 +1,5 @@
 """examples/cremad_train.py end to end on a tiny generated folder in CREMA-D's layout."""
+
 import importlib.util
 import math
 import os
@@ -78,8 +79,28 @@ def test_cremad_trainer_end_to_end(tmp_path, method, capsys):
     _make_cremad(tmp_path / "crema")
     torch.set_num_threads(1)
     out = tmp_path / "model.pt"
-    rc = cremad.main(["--root", str(tmp_path / "crema"), "--method", method, "--epochs", "2", "--batch-size", "3",
-                      "--image-size", "32", "--workers", "0", "--device", "cpu", "--max-steps", "4", "--save", str(out)])
+    rc = cremad.main(
+        [
+            "--root",
+            str(tmp_path / "crema"),
+            "--method",
+            method,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "3",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "4",
+            "--save",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "6 train / 6 test clips" in text and "epoch 2:" in text and "test acc fused" in text

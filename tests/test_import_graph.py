@@ -1,6 +1,7 @@
 """The package's import graph has no circle (docs/architecture.md, layers): every module-level import of mmkernels/
 and python_api/ (installed as mmkernels.api) is an edge; imports inside functions (the lazy imports of optional
 backends) are not. `from package import name` is an edge to package.name when that is a module, else to package."""
+
 from __future__ import annotations
 
 import ast
@@ -36,14 +37,14 @@ def edges(mods: dict) -> dict:
     graph = {name: set() for name in mods}
     for name, f in mods.items():
         is_package = f.name == "__init__.py"
-        for node in ast.parse(f.read_text()).body:          # module level only: lazy imports are not edges
+        for node in ast.parse(f.read_text()).body:  # module level only: lazy imports are not edges
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(name, is_package, node.level, node.module)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
-            elif isinstance(node, ast.If | ast.Try):           # guarded imports at module level still run
+            elif isinstance(node, ast.If | ast.Try):  # guarded imports at module level still run
                 for sub in ast.walk(node):
                     if isinstance(sub, ast.ImportFrom):
                         base = _resolve(name, is_package, sub.level, sub.module)
@@ -61,7 +62,7 @@ def cycles(graph: dict) -> list:
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                found.append(stack[stack.index(m):] + [m])
+                found.append(stack[stack.index(m) :] + [m])
             elif m not in state:
                 visit(m)
         stack.pop()
@@ -77,7 +78,7 @@ def test_the_import_graph_has_no_circle():
     mods = modules()
     assert "mmkernels.reference.valuation" in mods and "mmkernels.api.pmr" in mods
     graph = edges(mods)
-    assert sum(len(v) for v in graph.values()) > 50                      # the graph is really built
+    assert sum(len(v) for v in graph.values()) > 50  # the graph is really built
     assert cycles(graph) == []
 
 

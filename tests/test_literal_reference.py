@@ -1,4 +1,5 @@
 """The vectorised reference against a literal, loop-by-loop transcription of the papers (tests/_literal.py)."""
+
 import itertools
 
 import pytest
@@ -56,7 +57,10 @@ def test_ratios_and_coefficients_literal(M, seed):
         for q_base, lam in ((0.5, 0.5), (0.3, 2.0), (0.9, 1.0)):
             rho_t = L.ratio_tpami(sl)
             for z in ("tanh", "sigmoid"):
-                close(R.opm_drop_probability(torch.tensor(rho_t), q_base=q_base, lam=lam, z=z), L.opm(rho_t, q_base, lam, z))
+                close(
+                    R.opm_drop_probability(torch.tensor(rho_t), q_base=q_base, lam=lam, z=z),
+                    L.opm(rho_t, q_base, lam, z),
+                )
 
 
 @pytest.mark.parametrize("M,seed", [(2, 20), (3, 21), (6, 22)])
@@ -82,8 +86,13 @@ def test_pipeline_literal(method, M):
     for step in range(4):
         logits, labels = make_batch(M, 11, 4, 100 * M + step, scale=2.5)
         ll, yl = L.to_list(logits), labels.tolist()
-        hp = {"ogm": dict(alpha=0.7, z="sigmoid"), "opm": dict(q_base=0.4, lam=1.0), "mlb": dict(alpha=0.9, beta_max=2.5),
-              "agm": dict(alpha=1.3), "ogm_ge": dict(alpha=0.6)}[method]
+        hp = {
+            "ogm": dict(alpha=0.7, z="sigmoid"),
+            "opm": dict(q_base=0.4, lam=1.0),
+            "mlb": dict(alpha=0.9, beta_max=2.5),
+            "agm": dict(alpha=1.3),
+            "ogm_ge": dict(alpha=0.6),
+        }[method]
         out = R.balance_coefficients_ref(logits, labels, method, state=state, **hp)
         assert float(out["flag"]) == 0.0
         if method == "agm":
@@ -91,8 +100,11 @@ def test_pipeline_literal(method, M):
             r, _, kappa = L.agm(s, history, 1.3)
             history.append(s)
             exp_ratio, exp_coef = r, kappa
-            torch.testing.assert_close(state["s_hat"].double(),
-                                       torch.tensor([sum(h[m] for h in history) / len(history) for m in range(M)], dtype=torch.float64), **TOL)
+            torch.testing.assert_close(
+                state["s_hat"].double(),
+                torch.tensor([sum(h[m] for h in history) / len(history) for m in range(M)], dtype=torch.float64),
+                **TOL,
+            )
             assert float(state["steps"]) == step + 1
         else:
             s = L.scores(ll, yl, "prob")
@@ -126,25 +138,29 @@ def test_pipeline_difference_variant_literal():
 def test_shapley_combine_matches_textbook_shapley(M):
     g = torch.Generator().manual_seed(M)
     B = 3
-    outs = torch.randn(2 ** M - 1, B, generator=g, dtype=torch.float64)
+    outs = torch.randn(2**M - 1, B, generator=g, dtype=torch.float64)
     phi = R.shapley_combine(outs)
     for i in range(B):
         v = {}
-        for S in range(1, 2 ** M):
+        for S in range(1, 2**M):
             v[frozenset(j for j in range(M) if S >> j & 1)] = outs[S - 1, i].item()
         expected = L.shapley_phi(v, M)
         torch.testing.assert_close(phi[:, i], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(torch.tensor(L.shapley_phi_subsets(v, M), dtype=torch.float64), phi[:, i], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(L.shapley_phi_subsets(v, M), dtype=torch.float64), phi[:, i], rtol=1e-12, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("M", [2, 3, 4, 6])
 def test_shapley_weights_match_subset_formula(M):
     W = R.shapley_weights(M, dtype=torch.float64)
     # W[S-1, m] = d phi_m / d v(S): read it off the literal formula with v = indicator of S
-    subsets = [frozenset(j for j in range(M) if S >> j & 1) for S in range(1, 2 ** M)]
+    subsets = [frozenset(j for j in range(M) if S >> j & 1) for S in range(1, 2**M)]
     for idx, S in enumerate(subsets):
         v = {T: (1.0 if T == S else 0.0) for T in subsets}
-        torch.testing.assert_close(W[idx], torch.tensor(L.shapley_phi_subsets(v, M), dtype=torch.float64), rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            W[idx], torch.tensor(L.shapley_phi_subsets(v, M), dtype=torch.float64), rtol=0, atol=1e-15
+        )
 
 
 @pytest.mark.parametrize("M", [2, 3, 5])
@@ -159,15 +175,23 @@ def test_olm_literal(M, target):
     lam = R.olm_rebalance_factors(G, C)
     lam_l = L.olm_lambda(G_l, C_l)
     close(lam, lam_l)
-    logits = torch.randn(M, 7, 5, generator=g, dtype=torch.float64) * torch.arange(1, M + 1, dtype=torch.float64).view(M, 1, 1)
+    logits = torch.randn(M, 7, 5, generator=g, dtype=torch.float64) * torch.arange(1, M + 1, dtype=torch.float64).view(
+        M, 1, 1
+    )
     n = R.logit_norms(logits)
     n_l = L.logit_norms(L.to_list(logits))
     close(n, n_l)
-    w0 = (torch.rand(M, generator=g, dtype=torch.float64) + 0.5)
+    w0 = torch.rand(M, generator=g, dtype=torch.float64) + 0.5
     clamped = False
-    for steps in (1, 3, 10, 200):   # 200 steps of "paper" drive w to 0: the clamp is exercised
-        w = R.olm_update(w0, torch.tensor(n_l, dtype=torch.float64), torch.tensor(lam_l, dtype=torch.float64), lr=0.01,
-                         steps=steps, target=target)
+    for steps in (1, 3, 10, 200):  # 200 steps of "paper" drive w to 0: the clamp is exercised
+        w = R.olm_update(
+            w0,
+            torch.tensor(n_l, dtype=torch.float64),
+            torch.tensor(lam_l, dtype=torch.float64),
+            lr=0.01,
+            steps=steps,
+            target=target,
+        )
         w_l = L.olm_update(w0.tolist(), n_l, lam_l, 0.01, steps, target)
         close(w, w_l, rtol=1e-5, atol=1e-5)
         clamped |= min(w_l) == 0.0
@@ -180,11 +204,11 @@ def test_olm_update_matches_autograd_with_detached_target(target):
     g = torch.Generator().manual_seed(5)
     n = torch.rand(4, generator=g, dtype=torch.float64) * 3 + 0.5
     lam = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0)
-    scale = 4 if target == "budget" else 1          # budget: M * lam_m * s_bar
+    scale = 4 if target == "budget" else 1  # budget: M * lam_m * s_bar
     w = torch.ones(4, dtype=torch.float64)
     for _ in range(40):
         w_ = w.clone().requires_grad_(True)
-        s_bar = (w_ * n).abs().mean()                  # mean_k ||w_k s_k||
+        s_bar = (w_ * n).abs().mean()  # mean_k ||w_k s_k||
         (w_ * n - (scale * lam * s_bar).detach()).abs().sum().backward()
         w = (w_ - 0.05 * w_.grad).detach().clamp(min=0.0)
     got = R.olm_update(torch.ones(4, dtype=torch.float64), n, lam, lr=0.05, steps=40, target=target).double()
@@ -198,8 +222,8 @@ def test_masked_inputs_literal(M):
     xs = [torch.randn(B, 2 + j, generator=g) for j in range(M)]
     out = R.shapley_masked_inputs(xs)
     for j in range(M):
-        assert out[j].shape == ((2 ** M - 2) * B, 2 + j)
-        for S, i in itertools.product(range(1, 2 ** M - 1), range(B)):
+        assert out[j].shape == ((2**M - 2) * B, 2 + j)
+        for S, i in itertools.product(range(1, 2**M - 1), range(B)):
             row = out[j][(S - 1) * B + i]
             expected = xs[j][i] if S >> j & 1 else torch.zeros_like(xs[j][i])
             assert torch.equal(row, expected)

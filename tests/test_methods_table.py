@@ -5,9 +5,9 @@ method ids (mmkernels/triton_ops/coefficients.py, read from its source so the la
 CoeffMethod (csrc/coefficients_math.h, parsed), the reference's formula defaults, the balancers' constructor
 defaults (inspect.signature) and the ranges mmkernels._validate enforces.
 """
+
 import ast
 import inspect
-import math
 import os
 import re
 
@@ -28,7 +28,7 @@ def _read(rel):
 
 def test_table_is_well_formed():
     ids = [m.kernel_id for m in _methods.COEFFICIENT_METHODS]
-    assert ids == list(range(len(ids)))                      # dense ids: the kernels branch on them
+    assert ids == list(range(len(ids)))  # dense ids: the kernels branch on them
     assert len(set(_methods.METHODS)) == len(_methods.METHODS)
     for m in _methods.COEFFICIENT_METHODS:
         assert set(m.defaults) <= set(_methods.UNUSED_DEFAULTS), m.name
@@ -45,8 +45,13 @@ def test_op_reads_the_table():
 def test_triton_launcher_reads_the_table():
     src = _read("mmkernels/triton_ops/coefficients.py")
     tree = ast.parse(src)
-    assigned = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name)}
+    assigned = {
+        t.id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
     # the launcher must take METHODS and the ids from the table, not spell them out again
     assert ast.unparse(assigned["METHODS"]) == "_methods.METHODS"
     assert ast.unparse(assigned["_METHOD_ID"]) == "_methods.KERNEL_IDS"
@@ -77,6 +82,7 @@ def test_balancer_defaults_match_the_table(method):
 def test_reference_formula_defaults_match_the_table():
     def d(fn, name):
         return inspect.signature(fn).parameters[name].default
+
     assert d(reference.ogm_ge_coefficients, "alpha") == _methods.default("ogm_ge", "alpha")
     assert d(reference.ogm_coefficients, "alpha") == _methods.default("ogm", "alpha")
     assert d(reference.opm_drop_probability, "q_base") == _methods.default("opm", "q_base")
@@ -97,7 +103,7 @@ def _inside(value, rng):
 
 def test_validate_uses_the_table_ranges():
     assert _validate.HYPERPARAMETER_RANGES is _methods.HYPERPARAMETER_RANGES
-    for m in _methods.COEFFICIENT_METHODS:       # every default lies inside its range
+    for m in _methods.COEFFICIENT_METHODS:  # every default lies inside its range
         for name, value in m.defaults.items():
             if name in _methods.HYPERPARAMETER_RANGES:
                 assert _inside(value, _methods.HYPERPARAMETER_RANGES[name]), (m.name, name, value)

@@ -1,4 +1,5 @@
 """mmkernels.metrics: unimodal accuracy, the imbalance spread, AGM's competition strength (Eq. 11-13)."""
+
 import pytest
 import torch
 
@@ -12,11 +13,11 @@ def test_exported():
 
 def test_unimodal_accuracy_counts_argmax_hits():
     y = torch.tensor([0, 1, 2, 1])
-    u0 = torch.nn.functional.one_hot(y, 3).float()                       # all right
+    u0 = torch.nn.functional.one_hot(y, 3).float()  # all right
     u1 = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0]), 3).float()  # right once
     acc = unimodal_accuracy(torch.stack([u0, u1]), y)
     assert acc.tolist() == [1.0, 0.25]
-    assert torch.equal(unimodal_accuracy([u0, u1], y), acc)             # a list of M [B, C] works too
+    assert torch.equal(unimodal_accuracy([u0, u1], y), acc)  # a list of M [B, C] works too
     with pytest.raises(ValueError, match=r"\[M, B, C\]"):
         unimodal_accuracy(u0, y)
 
@@ -56,7 +57,7 @@ def test_noise_fraction_is_recovered():
     z = (z - z.mean(0)) / z.std(0)
     w = torch.randn(4, 3, generator=g)
     signal = z @ w
-    noise = torch.randn(20000, 3, generator=g) * signal.std(0) / 2 ** 0.5
+    noise = torch.randn(20000, 3, generator=g) * signal.std(0) / 2**0.5
     c = signal + noise
     d = competition_strength(z[:10000], c[:10000], z[10000:], c[10000:], ridge=1e-6)
     assert d.item() == pytest.approx(1 / 3, abs=0.02)
@@ -71,8 +72,9 @@ def test_matches_eq12_solved_by_gradient_descent():
     mu, sd = zf.mean(0), zf.std(0)
     w = torch.zeros(6, 3, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()

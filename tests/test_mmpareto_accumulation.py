@@ -1,6 +1,7 @@
 """MMPareto with gradient accumulation (issue 19): backward(), bal.step(), backward() without zeroing leaves in .grad
 the SUM of the per-micro-batch combinations (each micro-batch combines its own g_m and g_u), on the two-backward path
 and on the summed (DDP) path; whatever .grad held before (None, zeroed views, other tensors)."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def test_accumulated_gradient_is_the_sum_of_per_micro_batch_combinations(rescale
         request.getfixturevalue("fake_world_of_one")
     net = Net(2)
     bal = MMPareto(2, params=[e.parameters() for e in net.encoders], rescale=rescale, sync=sync)
-    if before != "none":   # a first full step, then zero in place (the views stay) or replace by other tensors
+    if before != "none":  # a first full step, then zero in place (the views stay) or replace by other tensors
         bal.backward(*net.losses(*data(2, seed=7)))
         bal.step()
         for p in net.parameters():
@@ -34,7 +35,7 @@ def test_accumulated_gradient_is_the_sum_of_per_micro_batch_combinations(rescale
                 p.grad.zero_()
             else:
                 p.grad = torch.zeros_like(p)
-    micro = [data(2, seed=s) for s in (5, 12, 3)]   # conflicts in 5 and 12, none in 3
+    micro = [data(2, seed=s) for s in (5, 12, 3)]  # conflicts in 5 and 12, none in 3
     want = {id(p): torch.zeros_like(p) for p in net.parameters()}
     conflicts = set()
     for xs, y in micro:
@@ -42,7 +43,7 @@ def test_accumulated_gradient_is_the_sum_of_per_micro_batch_combinations(rescale
         conflicts |= set(stats["conflict"].tolist())
         for p in net.parameters():
             want[id(p)] += w[id(p)]
-    assert True in conflicts   # the Pareto branch acts in some micro-batch
+    assert True in conflicts  # the Pareto branch acts in some micro-batch
     for xs, y in micro:
         bal.backward(*net.losses(xs, y))
         bal.step()

@@ -1,6 +1,7 @@
 """mmkernels.api.MMPareto on a tiny model (reference lane, CPU): the gradients of bal.backward() against the reference
 built from separate autograd.grad calls, a training loop against a hand-written one, window / eval / disabled,
 state_dict resume, errors that change nothing, and no host reads in a step."""
+
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,7 @@ def expected_grads(net, xs, y, *, gamma=1.5, rescale="per_tensor", combine=True)
     total = torch.autograd.grad(loss_mm + sum(losses), list(net.parameters()))
     want = {id(p): g for p, g in zip(net.parameters(), total)}
     if combine:
-        split = lambda g: [list(g[sum(map(len, enc[:k])):sum(map(len, enc[:k + 1]))]) for k in range(len(enc))]  # noqa
+        split = lambda g: [list(g[sum(map(len, enc[:k])) : sum(map(len, enc[: k + 1]))]) for k in range(len(enc))]  # noqa
         out, stats = R.mmpareto_combine(split(g_mm), split(g_u), gamma=gamma, rescale=rescale)
         for p, g in zip(flat, sum(out, [])):
             want[id(p)] = g
@@ -124,7 +125,7 @@ def test_plain_backward_when_not_active(how):
     if how == "disabled":
         bal.enabled = False
     if how == "after the window end":
-        bal.step()   # t = 1 = end: outside
+        bal.step()  # t = 1 = end: outside
     xs, y = data(2)
     want, _ = expected_grads(net, xs, y, combine=False)
     bal.backward(*net.losses(xs, y))
@@ -189,9 +190,13 @@ def test_backward_errors_change_nothing():
     net, bal = make(2)
     xs, y = data(2)
     loss_mm, losses = net.losses(xs, y)
-    for bad, err in [((loss_mm, losses[:1]), ValueError), ((loss_mm, torch.stack(losses)), TypeError),
-                     ((loss_mm.detach(), losses), ValueError), ((loss_mm.expand(2), losses), ValueError),
-                     ((loss_mm, [losses[0], "x"]), TypeError)]:
+    for bad, err in [
+        ((loss_mm, losses[:1]), ValueError),
+        ((loss_mm, torch.stack(losses)), TypeError),
+        ((loss_mm.detach(), losses), ValueError),
+        ((loss_mm.expand(2), losses), ValueError),
+        ((loss_mm, [losses[0], "x"]), TypeError),
+    ]:
         with pytest.raises(err):
             bal.backward(*bad)
         assert all(p.grad is None for p in net.parameters())
@@ -212,8 +217,9 @@ def test_a_parameter_only_the_unimodal_loss_reaches_gets_the_combined_gradient()
     """An encoder tensor the multimodal loss does not reach has g_m = 0 (not None)."""
     net = Net(2)
     extra = nn.Linear(6, 6)
-    bal = MMPareto(2, params=[list(net.encoders[0].parameters()) + list(extra.parameters()),
-                              net.encoders[1].parameters()])
+    bal = MMPareto(
+        2, params=[list(net.encoders[0].parameters()) + list(extra.parameters()), net.encoders[1].parameters()]
+    )
     xs, y = data(2)
     feats = [enc(x) for enc, x in zip(net.encoders, xs)]
     loss_mm = F.cross_entropy(net.fusion(torch.cat(feats, 1)), y)

@@ -1,6 +1,7 @@
 """MMPareto under DistributedDataParallel (2 CPU processes, gloo): each rank sees different data; after each step
 the encoder gradients equal the reference combination of the rank-averaged g_m and g_u, the weights are identical on
 both ranks, and so are the replicas after 3 SGD steps."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,11 @@ def _rank(rank: int, world: int, init: str):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = Wrapped()
-        yield model, nn.parallel.DistributedDataParallel(model), MMPareto(
-            2, params=[e.parameters() for e in model.net.encoders])
+        yield (
+            model,
+            nn.parallel.DistributedDataParallel(model),
+            MMPareto(2, params=[e.parameters() for e in model.net.encoders]),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -66,12 +70,20 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
             opt.zero_grad()
             loss_mm, losses = ddp(xs, y)
             bal.backward(loss_mm, list(losses.unbind()))
-            steps.append({**local, "grads": [p.grad.clone() for p in model.net.parameters()],
-                          "cos": bal.cos.clone(), "weights": bal.weights.clone()})
+            steps.append(
+                {
+                    **local,
+                    "grads": [p.grad.clone() for p in model.net.parameters()],
+                    "cos": bal.cos.clone(),
+                    "weights": bal.weights.clone(),
+                }
+            )
             opt.step()
             bal.step()
-        torch.save({"steps": steps, "params": [p.detach().clone() for p in model.net.parameters()]},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(
+            {"steps": steps, "params": [p.detach().clone() for p in model.net.parameters()]},
+            os.path.join(outdir, f"rank{rank}.pt"),
+        )
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -111,8 +123,10 @@ def _accumulating_worker(rank: int, world: int, init: str, outdir: str) -> None:
             loss_mm, losses = ddp(xs, y)
             bal.backward(loss_mm, list(losses.unbind()))
             bal.step()
-        torch.save({"micro": micro, "grads": [p.grad.clone() for p in model.net.parameters()]},
-                   os.path.join(outdir, f"acc{rank}.pt"))
+        torch.save(
+            {"micro": micro, "grads": [p.grad.clone() for p in model.net.parameters()]},
+            os.path.join(outdir, f"acc{rank}.pt"),
+        )
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -120,8 +134,7 @@ def test_ddp_gradient_accumulation_sums_the_per_micro_batch_combinations(tmp_pat
     """Accumulated .grad = sum over micro-batches of the combination of that micro-batch's rank-averaged g_m, g_u."""
     from mmkernels import reference as R
 
-    mp.spawn(_accumulating_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-             join=True)
+    mp.spawn(_accumulating_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"acc{i}.pt") for i in range(2)]
     names = [n for n, _ in Net(2).named_parameters()]
     n_enc = sum(1 for n in names if n.startswith("encoders."))

@@ -2,6 +2,7 @@
 gradients (the documented fallback and flag 2), non-finite gradients (zero, flag 1). Every case runs on the
 reference backend (reference lane: the list op and the balancer's flat CPU path) and on the Triton kernels (triton
 lane, `-m triton`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,10 @@ from mmkernels import reference as R
 from mmkernels.mmpareto import MMParetoLayout, mmpareto_combine_, mmpareto_combine_flat_
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-BACKENDS = [pytest.param("reference", id="reference"),
-            pytest.param("triton", id="triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")])]
+BACKENDS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("triton", id="triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")]),
+]
 PATHS = ["list", "flat"]
 
 
@@ -38,7 +41,7 @@ def near_opposite(n=4096, cos=-0.99993, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64)
     z = torch.randn(n, generator=g, dtype=torch.float64)
-    z -= (z @ x) / (x @ x) * x                       # z orthogonal to x, same norm
+    z -= (z @ x) / (x @ x) * x  # z orthogonal to x, same norm
     z *= x.norm() / z.norm()
     s = (1 - cos * cos) ** 0.5
     y = 1.3 * (cos * x + s * z)
@@ -127,8 +130,11 @@ def test_flat_cpu_buckets_do_not_change_the_result(monkeypatch, summed):
     import mmkernels.mmpareto as mp
 
     g = torch.Generator().manual_seed(3)
-    shapes = [[((7, 5), torch.float32), ((300,), torch.float32), ((4,), torch.float64)],
-              [((9,), torch.float32), ((13, 11), torch.float64)], [((6,), torch.float32)]]
+    shapes = [
+        [((7, 5), torch.float32), ((300,), torch.float32), ((4,), torch.float64)],
+        [((9,), torch.float32), ((13, 11), torch.float64)],
+        [((6,), torch.float32)],
+    ]
     gm = [[torch.randn(s, generator=g).to(dt) for s, dt in enc] for enc in shapes]
     gu = [[-0.7 * t + 0.2 * torch.randn(t.shape, generator=g).to(t.dtype) for t in enc] for enc in gm]
     gm[2][0][3] = float("nan")
@@ -146,7 +152,7 @@ def test_flat_cpu_buckets_do_not_change_the_result(monkeypatch, summed):
     whole, stats, n_whole = run()
     monkeypatch.setattr(mp, "BUCKET", 40)
     cut, cut_stats, n_cut = run()
-    assert (n_whole, n_cut) == (5, 6)           # runs of one dtype in layout order; the 300 tensor alone
+    assert (n_whole, n_cut) == (5, 6)  # runs of one dtype in layout order; the 300 tensor alone
     for a, b in zip(whole, cut):
         assert torch.equal(a, b)
     for k in ("cos", "weights", "conflict", "flag"):
@@ -155,4 +161,4 @@ def test_flat_cpu_buckets_do_not_change_the_result(monkeypatch, summed):
     listed, _ = combine(gm, [[t.clone() for t in enc] for enc in gu], "list", "cpu")
     flat = MMParetoLayout(gu).views(whole)
     for a, b in zip(sum(listed, []), sum(flat, [])):
-        torch.testing.assert_close(a, b)            # float64 tensors: the same terms, summed in another order
+        torch.testing.assert_close(a, b)  # float64 tensors: the same terms, summed in another order

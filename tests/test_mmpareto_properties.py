@@ -1,6 +1,7 @@
 """Hypothesis properties of MMPareto (reference lane): a rejected call changes nothing; non-finite gradients never
 reach a parameter and set the flag; the combined gradient's per-tensor norm is gamma max(||g_m,T + g_u,T||, ||h_T||)
 on conflict (the authors' per-tensor restore) and gamma ||g_m,T + g_u,T|| otherwise."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def _grads(seed, k, dtype=torch.float32, conflict=True):
     g = torch.Generator().manual_seed(seed)
     gm, gu = [], []
     for e in range(k):
-        shapes = [(int(torch.randint(3, 9, (1,), generator=g)),) for _ in range(int(torch.randint(1, 4, (1,),
-                                                                                                   generator=g)))]
+        shapes = [
+            (int(torch.randint(3, 9, (1,), generator=g)),) for _ in range(int(torch.randint(1, 4, (1,), generator=g)))
+        ]
         m = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
         lam = float(torch.empty(()).uniform_(0.3, 2.0, generator=g)) * (-1 if conflict and e % 2 == 0 else 1)
         gm.append([x.to(dtype) for x in m])
@@ -91,8 +93,12 @@ def test_a_rejected_op_call_changes_nothing(seed, bad):
 
 
 @SETTINGS
-@given(st.integers(0, 10_000), st.sampled_from([float("nan"), float("inf"), -float("inf")]), st.booleans(),
-       st.sampled_from(["per_tensor", "global"]))
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    st.booleans(),
+    st.sampled_from(["per_tensor", "global"]),
+)
 def test_nonfinite_gradients_never_reach_the_output_and_set_the_flag(seed, value, in_mm, rescale):
     gm, gu = _grads(seed, 3)
     g = torch.Generator().manual_seed(seed)

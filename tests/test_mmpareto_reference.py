@@ -1,5 +1,6 @@
 """MMPareto reference math (Wei & Hu, ICML 2024): a hand-derived worked example, a literal loop transcription on
 random inputs, the Pareto property, degenerate inputs; and the public op on CPU (reference lane)."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,13 @@ def worked_example():
     return gm, gu
 
 
-@pytest.mark.parametrize("rescale,audio", [
-    ("per_tensor", [(1.34164, 2.68328), (2.0,)]),
-    ("global", [(1.11803, 2.23607), (2.23607,)]),
-])
+@pytest.mark.parametrize(
+    "rescale,audio",
+    [
+        ("per_tensor", [(1.34164, 2.68328), (2.0,)]),
+        ("global", [(1.11803, 2.23607), (2.23607,)]),
+    ],
+)
 def test_worked_example(rescale, audio):
     gm, gu = worked_example()
     out, stats = R.mmpareto_combine(gm, gu, rescale=rescale)
@@ -35,7 +39,7 @@ def test_worked_example(rescale, audio):
         torch.testing.assert_close(got, _t(*want), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1][0], _t(3, 1.5))
     torch.testing.assert_close(out[1][1], _t(1.5))
-    torch.testing.assert_close(stats["cos"], _t(-1 / math.sqrt(10), 0.5))   # a=2, b=-1, c=5; visual 1/sqrt(2*2)
+    torch.testing.assert_close(stats["cos"], _t(-1 / math.sqrt(10), 0.5))  # a=2, b=-1, c=5; visual 1/sqrt(2*2)
     torch.testing.assert_close(stats["weights"], torch.tensor([[2 / 3, 1 / 3], [0.5, 0.5]]))
     assert stats["conflict"].tolist() == [True, False] and stats["flag"].item() == 0.0
 
@@ -44,7 +48,7 @@ def test_worked_example(rescale, audio):
 def test_worked_example_through_the_public_op(rescale):
     gm, gu = worked_example()
     want, _ = R.mmpareto_combine(gm, gu, rescale=rescale)
-    stats = mmpareto_combine_(gm, gu, rescale=rescale)   # in place into gu
+    stats = mmpareto_combine_(gm, gu, rescale=rescale)  # in place into gu
     for a, b in zip(sum(want, []), sum(gu, [])):
         torch.testing.assert_close(b, a)
     assert stats["conflict"].tolist() == [1.0, 0.0]
@@ -87,11 +91,13 @@ def _random_grads(seed, k, conflict_every=2, min_rows=1):
     g = torch.Generator().manual_seed(seed)
     gm, gu = [], []
     for e in range(k):
-        shapes = [(int(torch.randint(min_rows, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)))
-                  for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
+        shapes = [
+            (int(torch.randint(min_rows, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)))
+            for _ in range(int(torch.randint(1, 4, (1,), generator=g)))
+        ]
         m = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
         u = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-        sign = -1.5 if e % conflict_every == 0 else 3.0   # conflict (u partly opposite to m) or agreement
+        sign = -1.5 if e % conflict_every == 0 else 3.0  # conflict (u partly opposite to m) or agreement
         u = [x + sign * y for x, y in zip(u, m)]
         gm.append(m)
         gu.append(u)
@@ -107,7 +113,7 @@ def test_reference_matches_the_literal_loop(seed, k, rescale):
     for e in range(k):
         for got, w in zip(out[e], want[e]):
             torch.testing.assert_close(got.reshape(-1), torch.tensor(w, dtype=torch.float64), rtol=1e-10, atol=1e-12)
-    assert stats["conflict"].tolist() == [e % 2 == 0 for e in range(k)]   # both branches exercised
+    assert stats["conflict"].tolist() == [e % 2 == 0 for e in range(k)]  # both branches exercised
 
 
 def test_weight_rule_branches():
@@ -158,14 +164,13 @@ def test_per_tensor_rescale_can_leave_the_pareto_cone():
 @pytest.mark.parametrize("case", ["both zero", "g_m zero", "g_u zero", "opposite"])
 def test_degenerate_gradients_stay_finite(case):
     x = _t(1.0, -2.0)
-    gm, gu = {"both zero": (0 * x, 0 * x), "g_m zero": (0 * x, x), "g_u zero": (x, 0 * x),
-              "opposite": (x, -x)}[case]
+    gm, gu = {"both zero": (0 * x, 0 * x), "g_m zero": (0 * x, x), "g_u zero": (x, 0 * x), "opposite": (x, -x)}[case]
     out, stats = R.mmpareto_combine([[gm], [x]], [[gu], [x]])
     assert torch.isfinite(out[0][0]).all() and torch.isfinite(stats["cos"]).all()
     assert stats["flag"].item() == (2.0 if case == "opposite" else 0.0)
-    if case == "opposite":   # w = (1/2, 1/2): h = 0, the vanished-point fallback gamma (g_m + g_u) = 0, flag 2
+    if case == "opposite":  # w = (1/2, 1/2): h = 0, the vanished-point fallback gamma (g_m + g_u) = 0, flag 2
         torch.testing.assert_close(out[0][0], torch.zeros(2))
-    else:                    # one gradient zero (or both): gamma (g_m + g_u), as documented
+    else:  # one gradient zero (or both): gamma (g_m + g_u), as documented
         torch.testing.assert_close(out[0][0], 1.5 * (gm + gu))
     assert stats["cos"][0].item() == (-1.0 if case == "opposite" else 0.0)
 
@@ -176,7 +181,7 @@ def test_nonfinite_gradient_sets_the_flag_and_zeroes_the_encoder():
     out, stats = R.mmpareto_combine(gm, gu)
     assert stats["flag"].item() == 1.0 and stats["conflict"].tolist() == [False, True]
     torch.testing.assert_close(stats["weights"][0], torch.tensor([0.5, 0.5]))
-    assert torch.equal(out[0][0], torch.zeros(2))   # nothing non-finite is written: the encoder's gradient is 0
+    assert torch.equal(out[0][0], torch.zeros(2))  # nothing non-finite is written: the encoder's gradient is 0
 
 
 @pytest.mark.parametrize("summed", [False, True])
@@ -187,7 +192,7 @@ def test_flat_cpu_path_matches_the_reference(dtype, rescale, summed):
     gm, gu = _random_grads(7, 3)
     gm = [[t.to(dtype) for t in grp] for grp in gm]
     gu = [[t.to(dtype) for t in grp] for grp in gu]
-    gu[1].append(torch.zeros(0, dtype=dtype))   # an empty tensor
+    gu[1].append(torch.zeros(0, dtype=dtype))  # an empty tensor
     gm[1].append(torch.zeros(0, dtype=dtype))
     want, wstats = R.mmpareto_combine(gm, gu, rescale=rescale)
     layout = MMParetoLayout(gu)
@@ -196,7 +201,7 @@ def test_flat_cpu_path_matches_the_reference(dtype, rescale, summed):
         v.copy_(g)
     for v, g, x in zip(sum(layout.views(fu), []), sum(gu, []), sum(gm, [])):
         v.copy_(g + x if summed else g)
-    if summed:   # the reference on the g_u the buffer can hold: (g_m + g_u) rounded to its dtype, minus g_m
+    if summed:  # the reference on the g_u the buffer can hold: (g_m + g_u) rounded to its dtype, minus g_m
         gu = [[(v.double() - x.double()) for v, x in zip(vs, xs)] for vs, xs in zip(layout.views(fu), gm)]
         want, wstats = R.mmpareto_combine([[x.double() for x in xs] for xs in gm], gu, rescale=rescale)
     stats = mmpareto_combine_flat_(layout, fm, fu, rescale=rescale, summed=summed)
@@ -219,14 +224,17 @@ def test_mixed_dtypes_in_one_call():
     torch.testing.assert_close(gu[1][0], want[1][0].double())
 
 
-@pytest.mark.parametrize("bad,err", [
-    (lambda gm, gu: (gm[:1], gu[:1]), ValueError),
-    (lambda gm, gu: (gm, gu[:1]), ValueError),
-    (lambda gm, gu: (gm, [[gu[0][0].double(), gu[0][1]], gu[1]]), ValueError),
-    (lambda gm, gu: (gm, [[gu[0][0].int(), gu[0][1]], gu[1]]), TypeError),
-    (lambda gm, gu: (gm, [[], []]), ValueError),
-    (lambda gm, gu: (torch.zeros(2, 2), gu), TypeError),
-])
+@pytest.mark.parametrize(
+    "bad,err",
+    [
+        (lambda gm, gu: (gm[:1], gu[:1]), ValueError),
+        (lambda gm, gu: (gm, gu[:1]), ValueError),
+        (lambda gm, gu: (gm, [[gu[0][0].double(), gu[0][1]], gu[1]]), ValueError),
+        (lambda gm, gu: (gm, [[gu[0][0].int(), gu[0][1]], gu[1]]), TypeError),
+        (lambda gm, gu: (gm, [[], []]), ValueError),
+        (lambda gm, gu: (torch.zeros(2, 2), gu), TypeError),
+    ],
+)
 def test_public_op_rejects_bad_input_and_changes_nothing(bad, err):
     gm, gu = worked_example()
     before = [t.clone() for t in sum(gu, [])]

@@ -2,6 +2,7 @@
 or CUDA). Shapes: odd sizes, a tensor spanning several blocks, many tensors (more than one finalize tile), M = 2..8
 encoders, both rescale modes, fp32/fp16/bf16, mixed dtypes (two groups), the balancer's flat path.
 Every case here has its launcher specialization in the gpu-compile plan at the end of this file."""
+
 import pytest
 import torch
 
@@ -161,8 +162,9 @@ def _plan_call(shapes, dtypes, rescale, summed=False):
     from mmkernels.mmpareto import MMParetoLayout
     from mmkernels.triton_ops.mmpareto import CHUNK, mmpareto_combine_triton
 
-    params = [[torch.empty(s, dtype=getattr(torch, dtypes[k % len(dtypes)])) for s in group]
-              for k, group in enumerate(shapes)]
+    params = [
+        [torch.empty(s, dtype=getattr(torch, dtypes[k % len(dtypes)])) for s in group] for k, group in enumerate(shapes)
+    ]
     layout = MMParetoLayout(params)
     fm, fu = layout.empty_flats("cpu"), layout.empty_flats("cpu")
     mmpareto_combine_triton(fm, fu, layout.tables("cpu", CHUNK), gamma=1.5, rescale=rescale, summed=summed)
@@ -182,13 +184,20 @@ PLAN_LAYOUTS = {  # name: (shapes per encoder, dtype per encoder, cycled)
     "nonfinite": ([[(2,)], [(2,)]], ("float32",)),
     "tiny model M=2": ([[(6, 5), (6,)], [(6, 3), (6,)]], ("float32",)),
     "tiny model M=3": ([[(6, 5), (6,)], [(6, 3), (6,)], [(6, 4), (6,)]], ("float32",)),
-    "numerics near cancellation": ([[(4096,)], [(5,)]], ("float32",)),   # tests/test_mmpareto_numerics.py
-    "numerics 82 small tensors": ([[(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 13, [(5,)] * 13],
-                                  ("float32",)),
+    "numerics near cancellation": ([[(4096,)], [(5,)]], ("float32",)),  # tests/test_mmpareto_numerics.py
+    "numerics 82 small tensors": (
+        [[(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 14, [(5,)] * 13, [(5,)] * 13],
+        ("float32",),
+    ),
     "numerics opposite": ([[(5,), (3,)], [(2,)]], ("float32",)),
     "numerics nonfinite": ([[(2,), (3,)], [(2,)], [(2,)]], ("float32",)),
-    "bench resnet18-like bf16": ([[(64, 1, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 64, 3, 3), (128,)],
-                                  [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 128, 3, 3), (128,)]], ("bfloat16",)),
+    "bench resnet18-like bf16": (
+        [
+            [(64, 1, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 64, 3, 3), (128,)],
+            [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 128, 3, 3), (128,)],
+        ],
+        ("bfloat16",),
+    ),
 }
 
 
@@ -196,11 +205,19 @@ def gpu_compile_plan() -> list:
     out = []
     for name, (shapes, dtypes) in PLAN_LAYOUTS.items():
         for rescale in ("per_tensor", "global"):
-            out.append((f"mmpareto {name} {'/'.join(dtypes)} rescale={rescale}",
-                        lambda s=shapes, d=dtypes, r=rescale: _plan_call(s, d, r)))
-    for name in ("flat path", "tiny model M=2", "bench resnet18-like bf16"):   # SUMMED: the DDP path
+            out.append(
+                (
+                    f"mmpareto {name} {'/'.join(dtypes)} rescale={rescale}",
+                    lambda s=shapes, d=dtypes, r=rescale: _plan_call(s, d, r),
+                )
+            )
+    for name in ("flat path", "tiny model M=2", "bench resnet18-like bf16"):  # SUMMED: the DDP path
         shapes, dtypes = PLAN_LAYOUTS[name]
         for rescale in ("per_tensor", "global"):
-            out.append((f"mmpareto {name} {'/'.join(dtypes)} rescale={rescale} summed (DDP)",
-                        lambda s=shapes, d=dtypes, r=rescale: _plan_call(s, d, r, summed=True)))
+            out.append(
+                (
+                    f"mmpareto {name} {'/'.join(dtypes)} rescale={rescale} summed (DDP)",
+                    lambda s=shapes, d=dtypes, r=rescale: _plan_call(s, d, r, summed=True),
+                )
+            )
     return out

@@ -1,5 +1,6 @@
 """mmkernels.noise at the public boundary (reference lane): argument validation (backend-independent, before any
 dispatch) and the reference backend (MMKERNELS_BACKEND=reference: the reference's Philox transcription and math)."""
+
 import math
 
 import pytest
@@ -104,7 +105,9 @@ def test_ge_validation():
         ge_isotropic_([torch.ones(3, dtype=torch.long)], torch.ones(1), seed=0, offset=0)
     with pytest.raises(ValueError, match=r"grads\[1\] must be contiguous \(it is updated in place\)"):
         ge_isotropic_([torch.randn(3), torch.randn(4, 5).t()], torch.ones(2), seed=0, offset=0)
-    with pytest.raises(ValueError, match=r"k must hold one value per tensor \(2\) when group_index is not given, got 3"):
+    with pytest.raises(
+        ValueError, match=r"k must hold one value per tensor \(2\) when group_index is not given, got 3"
+    ):
         ge_isotropic_(g, torch.ones(3), seed=0, offset=0)
     with pytest.raises(ValueError, match=r"group_index must have one entry per tensor \(2\), got 1"):
         ge_isotropic_(g, torch.ones(2), seed=0, offset=0, group_index=[0])
@@ -113,7 +116,7 @@ def test_ge_validation():
     with pytest.raises(TypeError, match="k must be a floating tensor, got dtype torch.int64"):
         ge_isotropic_(g, torch.ones(2, dtype=torch.long), seed=0, offset=0)
     with pytest.raises(ValueError, match="seed must be an int"):
-        ge_isotropic_(g, torch.ones(2), seed=2 ** 63, offset=0)
+        ge_isotropic_(g, torch.ones(2), seed=2**63, offset=0)
     assert ge_isotropic_([], torch.ones(0), seed=0, offset=0) == []
 
 

@@ -1,5 +1,6 @@
 """Covariance-noise tap, sample_cov_noise and ge_isotropic_ on the extension (C++ CPU twins, CUDA in the cuda lane):
 parity with mmkernels.reference given the same normals, determinism, noise statistics, the authors' GE loop."""
+
 import math
 
 import pytest
@@ -77,7 +78,9 @@ def test_tap_bits_same_on_cpu_and_device(device):
 
 def test_tap_noncontiguous_grad_and_k_dtype(device):
     g = torch.randn(7, 10, device=device).t()  # [10, 7] non-contiguous
-    out = torch.ops.mmkernels.cov_noise_tap_backward(g, torch.tensor(1.5, dtype=torch.float64, device=device), 1.0, 0, 0)
+    out = torch.ops.mmkernels.cov_noise_tap_backward(
+        g, torch.tensor(1.5, dtype=torch.float64, device=device), 1.0, 0, 0
+    )
     z = z_for(10, 0, 0, device)
     torch.testing.assert_close(out, g * (1.5 + (z - z.mean()))[:, None], rtol=1e-6, atol=1e-6)
 
@@ -136,8 +139,9 @@ def test_tap_noise_is_batch_covariance_noise(device):
         tap = torch.cat([model.lin.weight.grad.flatten(), model.lin.bias.grad])
         h = tap - 0.8 * G[:, :16].mean(0)
         # equal up to the fp32 rounding of the row factor k + sigma (z_i - z_bar)
-        torch.testing.assert_close(h, sample_cov_noise(G[:, :16], seed=11, offset=offset), rtol=0,
-                                   atol=1e-6 * G.abs().max().item())
+        torch.testing.assert_close(
+            h, sample_cov_noise(G[:, :16], seed=11, offset=offset), rtol=0, atol=1e-6 * G.abs().max().item()
+        )
 
     # statistics of h over many draws against U_hat / B, U_hat the (1/B) batch covariance of the per-sample grads
     Gu = G[:, :16]
@@ -149,7 +153,7 @@ def test_tap_noise_is_batch_covariance_noise(device):
     assert (H.mean(0).abs() <= mean_bound + 1e-15).all()
     Hc = H - H.mean(0)
     emp = Hc.t() @ Hc / (N - 1)
-    sd = torch.sqrt((sigma.diagonal()[:, None] * sigma.diagonal()[None, :] + sigma ** 2) / N)  # Gaussian entry sd
+    sd = torch.sqrt((sigma.diagonal()[:, None] * sigma.diagonal()[None, :] + sigma**2) / N)  # Gaussian entry sd
     assert ((emp - sigma).abs() <= 5 * sd + 1e-15).all()
 
 
@@ -192,7 +196,9 @@ def test_ge_matches_authors_loop(device):
     # deterministic part: k * g + (std + 1e-8) * n with the extension's own std: the same bits
     scale = [float(s) + 1e-8 for s in std.tolist()]
     for g, o, kk, s, n in zip(grads, orig, k.tolist(), scale, normals):
-        expect = o * torch.tensor(kk, device=device) + torch.tensor(s, dtype=torch.float32, device=device) * n.view_as(o)
+        expect = o * torch.tensor(kk, device=device) + torch.tensor(s, dtype=torch.float32, device=device) * n.view_as(
+            o
+        )
         if device == "cpu":
             assert torch.equal(g, expect)
         else:
@@ -205,8 +211,14 @@ def test_ge_matches_authors_loop(device):
 @pytest.mark.filterwarnings(r"ignore:std\(\):UserWarning")
 def test_ge_groups_dtypes_and_edge_sizes(device):
     torch.manual_seed(2)
-    grads = [torch.randn(10, device=device), torch.randn(9, device=device).half(), torch.randn(0, device=device),
-             torch.randn(5, 5, device=device).bfloat16(), torch.randn(1, device=device), torch.randn(6, device=device).double()]
+    grads = [
+        torch.randn(10, device=device),
+        torch.randn(9, device=device).half(),
+        torch.randn(0, device=device),
+        torch.randn(5, 5, device=device).bfloat16(),
+        torch.randn(1, device=device),
+        torch.randn(6, device=device).double(),
+    ]
     orig = [g.clone() for g in grads]
     kappa = torch.tensor([0.5, 3.0], device=device)
     groups = [0, 1, 0, 1, 0, 1]
@@ -223,7 +235,9 @@ def test_ge_groups_dtypes_and_edge_sizes(device):
 
 def test_ge_many_tensors_keep_list_order(device):
     """More tensors than one CUDA launch takes (96), mixed dtypes: the noise layout follows the list order."""
-    grads = [torch.randn(3 + t % 5, device=device).to(torch.float16 if t % 3 == 0 else torch.float32) for t in range(130)]
+    grads = [
+        torch.randn(3 + t % 5, device=device).to(torch.float16 if t % 3 == 0 else torch.float32) for t in range(130)
+    ]
     orig = [g.clone() for g in grads]
     k = torch.zeros(130, device=device)  # k = 0: only the noise (std + 1e-8) * n remains
     ge_isotropic_(grads, k, seed=8, offset=3)
@@ -252,16 +266,22 @@ def test_ge_noise_statistics_and_determinism(device):
 def test_ge_is_a_custom_op_with_fake(device):
     grads = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
     k = torch.ones(2, device=device)
-    torch.library.opcheck(torch.ops.mmkernels.ge_isotropic_.default, (grads, k, [], 0, 0),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.ge_isotropic_.default, (grads, k, [], 0, 0), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_tap_custom_op_opcheck(device):
     g = torch.randn(6, 4, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmkernels.cov_noise_tap_backward.default, (g, torch.tensor(1.0, device=device), 1.0, 0, 0),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.cov_noise_tap_backward.default,
+        (g, torch.tensor(1.0, device=device), 1.0, 0, 0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     G = torch.randn(6, 4, device=device)
-    torch.library.opcheck(torch.ops.mmkernels.sample_cov_noise.default, (G, 0, 0), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.sample_cov_noise.default, (G, 0, 0), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad raw input
@@ -279,7 +299,13 @@ def test_raw_ops_reject_bad_input(device):
     with pytest.raises(RuntimeError, match=r"per_sample_grads must have shape \[B, P\]"):
         C.sample_cov_noise(torch.randn(3, device=device), 0, 0)
     with pytest.raises(RuntimeError, match=r"grads\[1\] must be contiguous"):
-        C.ge_isotropic_([torch.randn(3, device=device), torch.randn(3, 4, device=device).t()], torch.ones(2, device=device), [], 0, 0)
+        C.ge_isotropic_(
+            [torch.randn(3, device=device), torch.randn(3, 4, device=device).t()],
+            torch.ones(2, device=device),
+            [],
+            0,
+            0,
+        )
     with pytest.raises(RuntimeError, match="k must hold one value per tensor"):
         C.ge_isotropic_([torch.randn(3, device=device)], torch.ones(2, device=device), [], 0, 0)
     with pytest.raises(RuntimeError, match=r"group_index\[0\] must be in \[0, 2\)"):

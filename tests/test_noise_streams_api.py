@@ -1,4 +1,5 @@
 """Noise streams of consecutive steps must be disjoint, not shifted copies of each other."""
+
 import torch
 import torch.nn as nn
 

@@ -2,6 +2,7 @@
 vectors and the reference's PyTorch transcription (mmkernels.reference.philox_*, itself checked against the known
 answers and scalar transcriptions in test_philox_reference.py); and the noise ops on the reference backend giving
 the extension's results (the same normals, so the same noise)."""
+
 import math
 
 import pytest
@@ -37,7 +38,9 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()
 
 
-@pytest.mark.parametrize("seed,offset,n", [(99, 2 ** 33 - 2, 5), (2024, 7, 100_000), (2 ** 63 - 1, 2 ** 63 - 50_000, 100_000)])
+@pytest.mark.parametrize(
+    "seed,offset,n", [(99, 2**33 - 2, 5), (2024, 7, 100_000), (2**63 - 1, 2**63 - 50_000, 100_000)]
+)
 def test_reference_normals_equal_extension_normals(C, device, seed, offset, n):
     """The reference's float64 Box-Muller rounded once to fp32 gives the extension's normals: bit-identical in every
     measurement (16M of 16M on CPU); the documented bound is 1 fp32 ulp, where torch's and the C/CUDA library's
@@ -53,11 +56,11 @@ def test_reference_normals_equal_extension_normals(C, device, seed, offset, n):
 
 def test_reference_ge_normals_follow_the_extension_layout(C, device):
     numels = [5, 8, 1, 3, 4097]
-    got = R.philox_ge_normals(numels, 3, 2 ** 32 - 1, device)
+    got = R.philox_ge_normals(numels, 3, 2**32 - 1, device)
     base = 0
     for n, z in zip(numels, got):
         count = (n + 3) // 4
-        want = C.philox_normals(3, 2 ** 32 - 1 + base // 4, count, torch.device(device)).flatten()[:n]
+        want = C.philox_normals(3, 2**32 - 1 + base // 4, count, torch.device(device)).flatten()[:n]
         assert torch.equal(z, want)
         base += 4 * count
 
@@ -118,7 +121,7 @@ def test_reference_backend_gives_the_extension_noise(monkeypatch, device, dtype)
 
     def tap():
         x = x0.clone().requires_grad_()
-        cov_noise_tap(x, torch.tensor(0.7, device=device), sigma=0.5, seed=42, offset=2 ** 32 - 9).backward(g)
+        cov_noise_tap(x, torch.tensor(0.7, device=device), sigma=0.5, seed=42, offset=2**32 - 9).backward(g)
         return x.grad
 
     def ge():
@@ -126,8 +129,16 @@ def test_reference_backend_gives_the_extension_noise(monkeypatch, device, dtype)
         return ge_isotropic_(grads, k, seed=9, offset=3, group_index=[0, 1, 0])
 
     def run(backend):
-        return on_backend(monkeypatch, backend, lambda: (cov_noise_normals(37, seed=42, offset=2 ** 32 - 9, device=device),
-                                                        tap(), sample_cov_noise(G, seed=4, offset=9), ge()))
+        return on_backend(
+            monkeypatch,
+            backend,
+            lambda: (
+                cov_noise_normals(37, seed=42, offset=2**32 - 9, device=device),
+                tap(),
+                sample_cov_noise(G, seed=4, offset=9),
+                ge(),
+            ),
+        )
 
     z_ref, tap_ref, h_ref, ge_ref = run("reference")
     z_ext, tap_ext, h_ext, ge_ext = run("ext")
@@ -144,7 +155,7 @@ def test_reference_backend_gives_the_extension_noise(monkeypatch, device, dtype)
 # the reference's (bit-equal here, documented bound 1 fp32 ulp) at every block edge and across the 2^32 counter carry
 # inside one vector block.
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 33, 4095, 4097, 8193])
-@pytest.mark.parametrize("offset", [0, 2 ** 32 - 5, 2 ** 33 - 17, 2 ** 63 - 9000])
+@pytest.mark.parametrize("offset", [0, 2**32 - 5, 2**33 - 17, 2**63 - 9000])
 def test_vector_normals_match_reference_at_block_edges(C, n, offset):
     ext = C.philox_normals(12345, offset, n, torch.device("cpu"))
     ref = R.philox_normals(12345, offset, n, "cpu")
@@ -174,10 +185,10 @@ def test_ge_vector_path_uses_the_reference_normals(C, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        C.ge_isotropic_(grads, torch.full((len(sizes),), 0.75), [], 2 ** 40 + 1, 2 ** 32 - 300)  # the twin itself
+        C.ge_isotropic_(grads, torch.full((len(sizes),), 0.75), [], 2**40 + 1, 2**32 - 300)  # the twin itself
     finally:
         torch.set_num_threads(prev)
-    normals = R.philox_ge_normals(sizes, 2 ** 40 + 1, 2 ** 32 - 300, "cpu")
+    normals = R.philox_ge_normals(sizes, 2**40 + 1, 2**32 - 300, "cpu")
     for g, want in zip(grads, _ge_expected(orig, 0.75, C.ge_tensor_std(orig), normals)):
         ulps = ulp_distance(g.abs(), want.abs())
         assert int(ulps.max()) <= 2 and int((ulps > 0).sum()) <= max(1, g.numel() // 100_000)
@@ -205,7 +216,7 @@ def test_ge_result_does_not_depend_on_the_thread_count(C):
 def test_tap_normals_vector_path_match_reference(C, B):
     """The covariance tap draws only n0 (a cos-only vector path, csrc/philox_vec_cpu.h philox_normal0_block): with
     grad = 1, k = 0, sigma = 1 its backward returns z_i - mean(z), against the reference's normals."""
-    offset = 2 ** 32 - 7  # the counter carry lands inside the first vector block
+    offset = 2**32 - 7  # the counter carry lands inside the first vector block
     out = C.cov_noise_tap_backward(torch.ones(B, 1), torch.tensor(0.0), 1.0, 5, offset)[:, 0]
     z = R.philox_normals(5, offset, B, "cpu")[:, 0]
     mean = z.double().mean().float()  # the twin's mean: a double sum, rounded once
@@ -260,7 +271,7 @@ def test_every_cpu_path_gives_the_reference_numbers(isa):
 
 
 @pytest.mark.ext
-@pytest.mark.parametrize("seed, offset", [(0, 0), (11, 2 ** 33 + 17), (2 ** 40 + 7, 2 ** 32 - 3)])
+@pytest.mark.parametrize("seed, offset", [(0, 0), (11, 2**33 + 17), (2**40 + 7, 2**32 - 3)])
 def test_drop_uniforms_on_cpu_from_the_twin_equal_the_reference(seed, offset, monkeypatch):
     """The CPU drop takes its Philox words from the C++ twin: the same uniforms as the transcription, bit for bit."""
     from mmkernels import reference

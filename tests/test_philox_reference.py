@@ -3,6 +3,7 @@ against the Random123 known answers, the stream layout (key and counter from see
 and the 2^64 wrap) and the two transforms (the extension's Box-Muller, Triton's uint -> float) against scalar
 transcriptions written here from csrc/philox.h and triton/language/random.py. The reference against the extension
 is in test_philox_ext.py, against Triton in test_philox_triton.py."""
+
 import math
 
 import numpy as np
@@ -17,11 +18,15 @@ MASK = 0xFFFFFFFF
 KAT = [  # Random123 kat_vectors, philox4x32 10 rounds: counter, key, output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((MASK,) * 4, (MASK, MASK), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 # (seed, offset): small; the low counter word carrying into the high one; seeds with a high key word; the 2^64 wrap
-STREAMS = [(0, 0), (1234, 5), (2 ** 40 + 7, 2 ** 32 - 3), (2 ** 63 - 1, 2 ** 63 - 2), (5, 2 ** 63 - 1)]
+STREAMS = [(0, 0), (1234, 5), (2**40 + 7, 2**32 - 3), (2**63 - 1, 2**63 - 2), (5, 2**63 - 1)]
 
 
 @pytest.mark.parametrize("counter,key,expected", KAT)
@@ -41,7 +46,7 @@ def test_stream_layout(seed, offset):
     n = 6
     words = R.philox_words(seed, offset, n)
     assert words.dtype == torch.int64 and words.shape == (n, 4)
-    ctrs = [(offset + i) % 2 ** 64 for i in range(n)]
+    ctrs = [(offset + i) % 2**64 for i in range(n)]
     counters = torch.tensor([[c & MASK, c >> 32, 0, 0] for c in ctrs])
     assert torch.equal(words, R.philox4x32_10(counters, (seed & MASK, seed >> 32)))
     assert int(words.min()) >= 0 and int(words.max()) <= MASK
@@ -49,7 +54,7 @@ def test_stream_layout(seed, offset):
 
 def box_muller_py(words):
     """csrc/philox.h in Python doubles (C library log/cos/sin), each value rounded once to float."""
-    u = [(x + 0.5) * 2.0 ** -32 for x in words]
+    u = [(x + 0.5) * 2.0**-32 for x in words]
     out = []
     for a, b in ((u[0], u[1]), (u[2], u[3])):
         r, th = math.sqrt(-2.0 * math.log(a)), 6.283185307179586 * b
@@ -106,13 +111,15 @@ def ref_backend(monkeypatch):
 
 
 def test_reference_backend_draws_philox(ref_backend):
-    z = cov_noise_normals(9, seed=7, offset=2 ** 32 - 4)
-    assert torch.equal(z, R.philox_normals(7, 2 ** 32 - 4, 9)[:, 0])
+    z = cov_noise_normals(9, seed=7, offset=2**32 - 4)
+    assert torch.equal(z, R.philox_normals(7, 2**32 - 4, 9)[:, 0])
     x = torch.randn(9, 3, requires_grad=True)
     g = torch.randn(9, 3)
-    cov_noise_tap(x, 0.5, sigma=0.25, seed=7, offset=2 ** 32 - 4).backward(g)
+    cov_noise_tap(x, 0.5, sigma=0.25, seed=7, offset=2**32 - 4).backward(g)
     assert torch.equal(x.grad, R.cov_noise_tap_backward(g, 0.5, z, sigma=0.25))
     grads = [torch.randn(3, 3), torch.randn(2)]
-    want = R.ge_isotropic(grads, [0.5, 1.5], [n.view(t.shape) for n, t in zip(R.philox_ge_normals([9, 2], 4, 6), grads)])
+    want = R.ge_isotropic(
+        grads, [0.5, 1.5], [n.view(t.shape) for n, t in zip(R.philox_ge_normals([9, 2], 4, 6), grads)]
+    )
     ge_isotropic_(grads, torch.tensor([0.5, 1.5]), seed=4, offset=6)
     assert all(torch.equal(a, b) for a, b in zip(grads, want))

@@ -1,5 +1,6 @@
 """Triton lane: the reference's transcription of tl.rand (mmkernels.reference.philox_uniforms_triton) gives the Triton
 kernel's uniforms bit for bit, so modality_drop on MMKERNELS_BACKEND=reference equals the Triton backend's drop."""
+
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encounter
 
 
 @pytest.mark.backend("triton")
-@pytest.mark.parametrize("seed,offset", STREAMS[:4] + [(2 ** 31 + 5, 2 ** 31 - 10)])
+@pytest.mark.parametrize("seed,offset", STREAMS[:4] + [(2**31 + 5, 2**31 - 10)])
 def test_reference_uniforms_equal_tritons(seed, offset, device):
     m, b = 3, 700  # 2101 positions: several kernel programs; (2^40 + 7, 2^32 - 3) crosses the counter carry
     u, u_gate = drop_uniforms(seed, offset, m, b, device)
@@ -36,7 +37,7 @@ def test_reference_drop_equals_triton_drop(monkeypatch, rescale, p_exe, device):
     g = torch.Generator().manual_seed(4)
     feats = [torch.randn(s, generator=g).to(device) for s in [(16, 5), (16, 2, 3), (16, 1)]]
     q = torch.tensor([0.3, 0.6, 0.5], device=device)
-    kw = dict(seed=11, offset=2 ** 32 - 20, rescale=rescale, p_exe=p_exe)
+    kw = dict(seed=11, offset=2**32 - 20, rescale=rescale, p_exe=p_exe)
     out_t, grad_t = _drop(monkeypatch, "triton", feats, q, **kw)
     out_r, grad_r = _drop(monkeypatch, "reference", feats, q, **kw)
     if p_exe == 1.0:

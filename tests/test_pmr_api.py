@@ -1,7 +1,7 @@
 """The PMR balancer (python_api/pmr.py): a full small training loop against an authors'-style transcription, resume
 bit-identical, the window, errors, no host sync in a training step, read-only statistics, the sync path."""
+
 import copy
-import os
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ def _data(m=2, seed=3):
     """N_BATCHES batches; modality 0 is informative (class-dependent shift), the others mostly noise."""
     g = torch.Generator().manual_seed(seed)
     from _api_models import IN_DIMS
+
     out = []
     for _ in range(N_BATCHES):
         y = torch.randint(0, C, (B,), generator=g)
@@ -70,7 +71,7 @@ def _run_authors_style(model, data, epochs, opt, *, alpha, mu, end, authors_sche
             z = [torch.cat([r[m] for r in rows]) for m in range(len(rows[0]))]
             y = torch.cat([yy for _, yy in _refresh_batches(data)])
             old = protos if protos is not None else [[[0.0] * zm.shape[1] for _ in range(C)] for zm in z]
-            called_with = 0 if epoch == 0 else epoch - 1       # the epoch argument of the authors' call
+            called_with = 0 if epoch == 0 else epoch - 1  # the epoch argument of the authors' call
             plain = called_with <= 0 if authors_schedule else protos is None
             protos = R.pmr_literal_prototypes([zm.tolist() for zm in z], y.tolist(), old, mu=mu, first=plain)
         model.train()
@@ -103,7 +104,7 @@ def test_training_loop_matches_authors_style(m):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
     fired = torch.stack([c for c, _ in log[: 2 * N_BATCHES]])
     assert (fired > 0).any(), "the PCE term never fired: the comparison would not test it"
-    assert all(c.abs().sum().item() == 0 for c, _ in log[2 * N_BATCHES:])  # epoch 2 is outside the window
+    assert all(c.abs().sum().item() == 0 for c, _ in log[2 * N_BATCHES :])  # epoch 2 is outside the window
     assert bal.refreshes == 3
 
 
@@ -137,7 +138,7 @@ def test_resume_is_bit_identical():
 def _ready(m=2, **kw):
     bal = PMR(m, num_classes=C, **kw)
     model = TinyModel(m)
-    (xs, y), = _data(m)[:1]
+    ((xs, y),) = _data(m)[:1]
     with torch.no_grad():
         bal.update_prototypes(model.feats(xs), y)
     return bal, model, xs, y
@@ -154,8 +155,9 @@ def test_window_enabled_and_eval_give_exactly_zero():
         else:
             assert loss.item() == 0 and bal.coefficients.abs().sum().item() == 0
             loss.backward()  # a zero gradient, never NaN
-            assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.encoders.parameters()
-                       if p.grad is not None)
+            assert all(
+                torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.encoders.parameters() if p.grad is not None
+            )
         model.zero_grad()
         bal.step()
     bal.eval()
@@ -179,7 +181,7 @@ def test_gradient_reaches_only_the_weak_encoders():
 def test_errors_and_rejected_calls_change_nothing():
     bal = PMR(2, num_classes=C)
     model = TinyModel(2)
-    (xs, y), = _data(2)[:1]
+    ((xs, y),) = _data(2)[:1]
     feats = model.feats(xs)
     with pytest.raises(RuntimeError, match="before any prototype"):
         bal.loss(feats, y)
@@ -312,7 +314,6 @@ def test_training_loop_on_the_triton_kernels(monkeypatch, device):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("official", [False, True])
 def test_refresh_schedule_default_and_official(official):
     """official=True: the authors' schedule (the second refresh is a plain mean too), against a literal
@@ -323,8 +324,16 @@ def test_refresh_schedule_default_and_official(official):
     bal = PMR(2, num_classes=C, alpha=1.5, mu=0.2, end=3, unit="epoch", official=official)
     _run_balancer(model, bal, data, 3, torch.optim.SGD(model.parameters(), lr=0.1))
     for twin, schedule in zip(twins, (official, not official)):
-        _run_authors_style(twin, data, 3, torch.optim.SGD(twin.parameters(), lr=0.1), alpha=1.5, mu=0.2, end=3,
-                           authors_schedule=schedule)
+        _run_authors_style(
+            twin,
+            data,
+            3,
+            torch.optim.SGD(twin.parameters(), lr=0.1),
+            alpha=1.5,
+            mu=0.2,
+            end=3,
+            authors_schedule=schedule,
+        )
     for p, q, r in zip(model.parameters(), twins[0].parameters(), twins[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert max((p - r).abs().max().item() for p, r in zip(model.parameters(), twins[1].parameters())) > 1e-3
@@ -343,14 +352,15 @@ def test_refresh_skips_nonfinite_rows_and_recovers():
     assert bal.refresh_skipped.tolist() == [1.0, 0.0]
     assert all(torch.isfinite(p).all() for p in bal.prototypes)
     keep = torch.arange(B) != 3
-    want = R.pmr_prototypes_ref(torch.stack([feats[0][keep], feats[1][keep]]), y[keep], torch.zeros(2, C, 6),
-                                mu=0.0, first=True)[0]
+    want = R.pmr_prototypes_ref(
+        torch.stack([feats[0][keep], feats[1][keep]]), y[keep], torch.zeros(2, C, 6), mu=0.0, first=True
+    )[0]
     present = torch.bincount(y[keep], minlength=C) > 0
     torch.testing.assert_close(bal.prototypes[0][present], want[present])
     bal.loss(model.feats(xs), y)
     assert bal.flag.item() == 0.0
     bal.step()
-    bal._protos[1, :, 0] = float("nan")                    # poisoned
+    bal._protos[1, :, 0] = float("nan")  # poisoned
     bal.update_prototypes([f.detach() for f in model.feats(xs)], y)
     assert bal.refresh_skipped.tolist() == [0.0, 0.0]
     present = torch.bincount(y, minlength=C) > 0
@@ -375,7 +385,7 @@ def test_int32_labels_give_the_int64_result():
     out = []
     for dtype in (torch.int64, torch.int32):
         bal, model = PMR(2, num_classes=C), TinyModel(2)
-        (xs, y), = _data(2)[:1]
+        ((xs, y),) = _data(2)[:1]
         with torch.no_grad():
             bal.update_prototypes(model.feats(xs), y.to(dtype))
         out.append((bal.loss(model.feats(xs), y.to(dtype)).detach(), bal.scores.clone(), bal._protos.clone()))

@@ -1,6 +1,7 @@
 """Hypothesis properties of the PMR balancer (docs/methods/pmr.md): a rejected call of any public method leaves
 state_dict() unchanged; non-finite features never reach a gradient (the encoders' parameters stay finite) and always
 set the flag; a refresh with non-finite rows leaves the prototypes finite and counts the skipped rows."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,20 +52,28 @@ def bad_calls(bal, model, xs, y):
     m = len(feats)
     good = bal.state_dict()
     return [
-        (ValueError, lambda: bal.loss(feats, torch.full_like(y, C))),                     # label out of range
-        ((ValueError, TypeError), lambda: bal.loss(feats, y.float())),                     # float labels
-        (ValueError, lambda: bal.loss(feats[:1] if m > 2 else feats + feats, y)),          # wrong modality count
-        (ValueError, lambda: bal.loss([f[:, :-1] for f in feats], y)),                     # other widths
-        (ValueError, lambda: bal.loss(feats, y[:-1])),                                     # wrong batch
-        (RuntimeError, lambda: bal.refresh(feats, y)),                                     # outside a pass
+        (ValueError, lambda: bal.loss(feats, torch.full_like(y, C))),  # label out of range
+        ((ValueError, TypeError), lambda: bal.loss(feats, y.float())),  # float labels
+        (ValueError, lambda: bal.loss(feats[:1] if m > 2 else feats + feats, y)),  # wrong modality count
+        (ValueError, lambda: bal.loss([f[:, :-1] for f in feats], y)),  # other widths
+        (ValueError, lambda: bal.loss(feats, y[:-1])),  # wrong batch
+        (RuntimeError, lambda: bal.refresh(feats, y)),  # outside a pass
         (RuntimeError, lambda: bal.end_refresh()),
         (ValueError, lambda: bal.update_prototypes(feats, torch.full_like(y, -3))),
-        (ValueError, lambda: bal.load_state_dict({**good, "prototypes": torch.empty(
-            good["prototypes"].shape, device="meta"), "step": 99})),
+        (
+            ValueError,
+            lambda: bal.load_state_dict(
+                {**good, "prototypes": torch.empty(good["prototypes"].shape, device="meta"), "step": 99}
+            ),
+        ),
         (ValueError, lambda: bal.load_state_dict({**good, "prototypes": good["prototypes"][:, :1], "step": 99})),
         (ValueError, lambda: bal.load_state_dict({**good, "method": "ogm", "step": 99})),
-        (ValueError, lambda: bal.load_state_dict({**good, "hyperparameters": {**good["hyperparameters"],
-                                                                              "alpha": 9.0}, "step": 99})),
+        (
+            ValueError,
+            lambda: bal.load_state_dict(
+                {**good, "hyperparameters": {**good["hyperparameters"], "alpha": 9.0}, "step": 99}
+            ),
+        ),
     ]
 
 
@@ -91,8 +100,10 @@ def test_nonfinite_features_set_the_flag_and_never_reach_a_parameter(m, seed, co
         mask = torch.zeros_like(f, dtype=torch.bool)
         if i == 0 or bool(torch.randint(0, 2, (1,), generator=g)):
             for _ in range(count):
-                mask[int(torch.randint(0, f.shape[0], (1,), generator=g)),
-                     int(torch.randint(0, f.shape[1], (1,), generator=g))] = True
+                mask[
+                    int(torch.randint(0, f.shape[0], (1,), generator=g)),
+                    int(torch.randint(0, f.shape[1], (1,), generator=g)),
+                ] = True
         poisoned.append(torch.where(mask, torch.tensor(float(kind)), f))
     model.zero_grad()
     (F.cross_entropy(model.fuse([f.detach() for f in feats]), y) + bal.loss(poisoned, y)).backward()

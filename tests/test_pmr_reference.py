@@ -1,20 +1,22 @@
 """PMR reference (mmkernels/reference/pmr.py) and the public ops on the reference backend: the hand-computed worked
 example of docs/methods/pmr.md, the literal loop transcription on random inputs, gradcheck of the analytic
 backward in float64, and properties."""
+
 import math
 
 import pytest
 import torch
 
 from mmkernels import reference as R
-from mmkernels.pmr import (new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_,
-                           pmr_update_prototypes_)
+from mmkernels.pmr import new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_, pmr_update_prototypes_
 
 
 def _example():
     """docs/methods/pmr.md: D = 2, C = 3, B = 2, y = (0, 1); modality 0 = a (audio), 1 = v (visual)."""
-    P = torch.tensor([[[0., 0.], [3., 4.], [-3., -4.]], [[0., 0.], [1., 0.], [0., 1.]]], dtype=torch.float64)
-    z = torch.tensor([[[0., 0.], [3., 0.]], [[0.5, 0.5], [1., 0.]]], dtype=torch.float64)
+    P = torch.tensor(
+        [[[0.0, 0.0], [3.0, 4.0], [-3.0, -4.0]], [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64
+    )
+    z = torch.tensor([[[0.0, 0.0], [3.0, 0.0]], [[0.5, 0.5], [1.0, 0.0]]], dtype=torch.float64)
     return z, P, torch.tensor([0, 1])
 
 
@@ -22,8 +24,9 @@ def _example():
 def test_worked_example_statistics():
     z, P, y = _example()
     logp, _ = R.pmr_row_log_probs(z, P, y)
-    torch.testing.assert_close(logp.exp(), torch.tensor([[0.98670, 0.26606], [0.33333, 0.62073]], dtype=torch.float64),
-                               atol=5e-6, rtol=0)
+    torch.testing.assert_close(
+        logp.exp(), torch.tensor([[0.98670, 0.26606], [0.33333, 0.62073]], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     out = R.pmr_forward_ref(z, P, y, alpha=1.0)
     torch.testing.assert_close(out["scores"], torch.tensor([1.25276, 0.95407]), atol=5e-6, rtol=0)
     torch.testing.assert_close(out["ratios"][0], torch.tensor(1.31307), atol=5e-6, rtol=0)  # rho = s_a / s_v
@@ -39,15 +42,17 @@ def test_worked_example_gradient(alpha):
     z, P, y = _example()
     out = R.pmr_forward_ref(z, P, y, alpha=alpha)
     dz = R.pmr_backward_ref(1.0, z, P, y, out["coefficients"], out["count"])
-    torch.testing.assert_close(dz[1, 0], alpha * torch.tensor([0.23570, 0.23570], dtype=torch.float64), atol=5e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        dz[1, 0], alpha * torch.tensor([0.23570, 0.23570], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     assert dz[0].abs().max().item() == 0.0  # c_a = 0: no gradient reaches the audio encoder
     # the public op (reference backend) through autograd, features as a list
     zs = [z[0].clone().requires_grad_(), z[1].clone().requires_grad_()]
     res = pmr_loss(zs, P, y, alpha=alpha)
     res["loss"].backward()
-    torch.testing.assert_close(zs[1].grad[0], alpha * torch.tensor([0.23570, 0.23570], dtype=torch.float64),
-                               atol=5e-6, rtol=0)
+    torch.testing.assert_close(
+        zs[1].grad[0], alpha * torch.tensor([0.23570, 0.23570], dtype=torch.float64), atol=5e-6, rtol=0
+    )
     assert zs[0].grad.abs().max().item() == 0.0
     assert not res["coefficients"].requires_grad and res["scores"].dtype == torch.float32
 
@@ -72,8 +77,9 @@ def _random(M, B, C, D, seed, dtype=torch.float64):
     return z, P, y
 
 
-@pytest.mark.parametrize("M,B,C,D,seed", [(2, 5, 3, 4, 0), (3, 9, 6, 2, 1), (5, 4, 2, 7, 2), (8, 6, 4, 3, 3),
-                                          (2, 1, 1, 1, 4)])
+@pytest.mark.parametrize(
+    "M,B,C,D,seed", [(2, 5, 3, 4, 0), (3, 9, 6, 2, 1), (5, 4, 2, 7, 2), (8, 6, 4, 3, 3), (2, 1, 1, 1, 4)]
+)
 def test_literal_matches_vectorised(M, B, C, D, seed):
     z, P, y = _random(M, B, C, D, seed)
     if B > 2:
@@ -145,8 +151,13 @@ def test_gradient_where_a_row_equals_a_prototype_is_finite():
 
 # ----------------------------------------------------------------------------------------------- properties
 def test_m2_rule_is_the_authors_switch():
-    for s, want in (([1.0, 2.0], [0.5, 0.0]), ([3.0, 2.0], [0.0, 0.5]), ([2.0, 2.0], [0.0, 0.0]),
-                    ([0.0, 0.0], [0.0, 0.0]), ([0.0, 1.0], [0.5, 0.0])):
+    for s, want in (
+        ([1.0, 2.0], [0.5, 0.0]),
+        ([3.0, 2.0], [0.0, 0.5]),
+        ([2.0, 2.0], [0.0, 0.0]),
+        ([0.0, 0.0], [0.0, 0.0]),
+        ([0.0, 1.0], [0.5, 0.0]),
+    ):
         got = R.pmr_coefficients(torch.tensor(s), alpha=0.5).tolist()
         assert got == want
         lit_rho = s[0] / s[1] if s[1] else (float("inf") if s[0] else float("nan"))
@@ -293,7 +304,6 @@ def test_refresh_skips_nonfinite_rows_per_modality(first, device):
     assert counts[:2, 3].tolist() == [1.0, 1.0] and counts[0, :3].tolist() == [2.0, 2.0, 3.0]
 
 
-
 def test_backward_is_stable_near_a_large_norm_prototype():
     """|P| / d = 1e5: a feature close to a far-from-origin prototype. The gradient formed from the differences
     P_k - z (not w @ P - z sum_k w, which cancels) stays within 1e-5 of a float64 oracle in fp32."""
@@ -306,8 +316,14 @@ def test_backward_is_stable_near_a_large_norm_prototype():
     want = R.pmr_backward_ref(torch.tensor(1.0, dtype=torch.float64), z64, P64, y, coef.double(), count.double())
     got = R.pmr_backward_ref(torch.tensor(1.0), z64.float(), P64.float(), y, coef, count)
     # the fp32 inputs are the float64 ones rounded: compare against the oracle on those same rounded inputs
-    want32 = R.pmr_backward_ref(torch.tensor(1.0, dtype=torch.float64), z64.float().double(), P64.float().double(), y,
-                                coef.double(), count.double())
+    want32 = R.pmr_backward_ref(
+        torch.tensor(1.0, dtype=torch.float64),
+        z64.float().double(),
+        P64.float().double(),
+        y,
+        coef.double(),
+        count.double(),
+    )
     assert want.abs().max() > 0
     assert ((got.double() - want32).norm() / want32.norm()).item() <= 1e-5
 

@@ -2,19 +2,25 @@
 with TRITON_INTERPRET=1 on CPU or on CUDA. Forward statistics and loss, the backward, the prototype refresh (one
 launch, and accumulate + finalize); odd shapes (B = 1, C = 1, non-power-of-two C and D, several C and D tiles),
 non-contiguous features, ignored rows, M from 2 to 8, fp32 and fp16."""
+
 import contextlib
 
 import pytest
 import torch
 
 from mmkernels import reference as R
-from mmkernels.pmr import (new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_,
-                           pmr_update_prototypes_)
+from mmkernels.pmr import new_refresh_buffers, pmr_class_sums_, pmr_loss, pmr_refresh_, pmr_update_prototypes_
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
 
 CASES = [  # (M, B, C, D): the interpreter's tiles are C 64, D 64 (compiled: 16, 16)
-    (2, 1, 1, 1), (2, 2, 3, 2), (3, 7, 5, 9), (5, 33, 70, 20), (8, 6, 4, 3), (2, 70, 3, 130), (4, 17, 31, 17),
+    (2, 1, 1, 1),
+    (2, 2, 3, 2),
+    (3, 7, 5, 9),
+    (5, 33, 70, 20),
+    (8, 6, 4, 3),
+    (2, 70, 3, 130),
+    (4, 17, 31, 17),
 ]
 
 
@@ -42,8 +48,9 @@ def _check(z, P, y, *, alpha=0.8, ignore_index=-100, rtol=2e-5, atol=1e-6, grad_
     got = pmr_loss(x, P, y, alpha=alpha, ignore_index=ignore_index)
     for key in ("scores", "pce", "ratios", "coefficients", "flag"):
         assert got[key].dtype == torch.float32
-        torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key].cpu(), want[key].cpu(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{key}: {m}"
+        )
     torch.testing.assert_close(got["loss"].cpu(), want["loss"].float().cpu(), rtol=rtol, atol=atol)
     got["loss"].backward()
     dz = R.pmr_backward_ref(1.0, z, P, y, want["coefficients"], want["count"], ignore_index=ignore_index)
@@ -81,8 +88,8 @@ def test_ignored_rows_and_custom_ignore_index(device):
 
 
 def test_worked_example(device):
-    P = torch.tensor([[[0., 0.], [3., 4.], [-3., -4.]], [[0., 0.], [1., 0.], [0., 1.]]], device=device)
-    z = torch.tensor([[[0., 0.], [3., 0.]], [[0.5, 0.5], [1., 0.]]], device=device, requires_grad=True)
+    P = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [-3.0, -4.0]], [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], device=device)
+    z = torch.tensor([[[0.0, 0.0], [3.0, 0.0]], [[0.5, 0.5], [1.0, 0.0]]], device=device, requires_grad=True)
     out = pmr_loss(z, P, torch.tensor([0, 1], device=device), alpha=0.6)
     assert out["loss"].item() == pytest.approx(0.47264, abs=5e-6)
     assert out["coefficients"].tolist() == pytest.approx([0.0, 0.6])
@@ -206,9 +213,22 @@ PLAN_F32, PLAN_F16 = torch.float32, torch.float16
 
 # tests/test_pmr_triton.py CASES, plus the other shapes of that file and of tests/test_pmr_api.py (TinyModel: B 12,
 # FEAT 6, C 4; M 2 and 3)
-PLAN_LOSS_CASES = [(2, 1, 1, 1), (2, 2, 3, 2), (3, 7, 5, 9), (5, 33, 70, 20), (8, 6, 4, 3), (2, 70, 3, 130),
-              (4, 17, 31, 17), (3, 20, 7, 6), (2, 5, 3, 4), (2, 4, 3, 2), (2, 12, 4, 6), (3, 12, 4, 6), (2, 8, 4, 5),
-              (2, 0, 4, 3)]
+PLAN_LOSS_CASES = [
+    (2, 1, 1, 1),
+    (2, 2, 3, 2),
+    (3, 7, 5, 9),
+    (5, 33, 70, 20),
+    (8, 6, 4, 3),
+    (2, 70, 3, 130),
+    (4, 17, 31, 17),
+    (3, 20, 7, 6),
+    (2, 5, 3, 4),
+    (2, 4, 3, 2),
+    (2, 12, 4, 6),
+    (3, 12, 4, 6),
+    (2, 8, 4, 5),
+    (2, 0, 4, 3),
+]
 
 
 def _plan_z(m, b, d, dtype=PLAN_F32, layout="contiguous"):
@@ -248,8 +268,9 @@ def _plan_refresh_call(m, b, c, d, *, first, one_launch, dtype=PLAN_F32, rows=No
     y = torch.empty(b, dtype=torch.int64)
     P = torch.empty(m, c, d)
     sums, counts = torch.empty(m, c, d), torch.empty(m + 1, c + 1)
-    pmr_accumulate_launch(z, y, sums, counts, P if one_launch else sums, ignore_index=-100, finalize=one_launch,
-                          mu=0.3, first=first)
+    pmr_accumulate_launch(
+        z, y, sums, counts, P if one_launch else sums, ignore_index=-100, finalize=one_launch, mu=0.3, first=first
+    )
     if not one_launch:
         pmr_refresh_launch(sums, counts, P, mu=0.3, first=first)
 

@@ -5,6 +5,7 @@ ValueError / TypeError naming the argument, or returns finite statistics that ag
 Each property runs on the backend of its lane: reference (unmarked), Triton (`-m triton`, TRITON_INTERPRET=1),
 the extension's CPU twins (`-m ext`). Sizes are small and example counts capped so a lane spends well under a minute.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,12 +21,20 @@ from mmkernels.coefficients import METHOD_DEFAULTS, balance_coefficients  # noqa
 from mmkernels.noise import ge_isotropic_  # noqa: E402
 from mmkernels.taps import drop_uniforms, grad_tap, modality_drop  # noqa: E402
 
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
-                                                                          HealthCheck.function_scoped_fixture])
+SETTINGS = dict(
+    deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 LANES = [
     pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
-    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton"),
-                                  pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")], id="triton"),
+    pytest.param(
+        "triton",
+        marks=[
+            pytest.mark.triton,
+            pytest.mark.backend("triton"),
+            pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+        ],
+        id="triton",
+    ),
 ]
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e4, -1e4]
 
@@ -36,21 +45,22 @@ def logits_and_labels(draw, *, dtypes=(torch.float32, torch.float64, torch.float
     b = draw(st.integers(0, 9))
     c = draw(st.integers(1, 7))
     dtype = draw(st.sampled_from(dtypes))
-    seed = draw(st.integers(0, 2 ** 16))
+    seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     scale = draw(st.sampled_from([0.1, 1.0, 4.0]))
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
-    if layout == "transposed":       # [M, B, C] with C the slowest dim
+    if layout == "transposed":  # [M, B, C] with C the slowest dim
         x = (torch.randn(m, c, b, generator=g) * scale).to(dtype).transpose(1, 2)
-    elif layout == "strided":        # every other row of a larger tensor
+    elif layout == "strided":  # every other row of a larger tensor
         x = (torch.randn(m, 2 * b, c, generator=g) * scale).to(dtype)[:, ::2]
     else:
         x = (torch.randn(m, b, c, generator=g) * scale).to(dtype)
     if b > 0 and draw(st.booleans()):
         x = x.clone() if layout != "contiguous" else x
         for _ in range(draw(st.integers(1, 3))):
-            x[draw(st.integers(0, m - 1)), draw(st.integers(0, b - 1)), draw(st.integers(0, c - 1))] = \
-                draw(st.sampled_from(SPECIALS))
+            x[draw(st.integers(0, m - 1)), draw(st.integers(0, b - 1)), draw(st.integers(0, c - 1))] = draw(
+                st.sampled_from(SPECIALS)
+            )
     ignore_index = draw(st.sampled_from([-100, -1, c - 1 if c > 1 else -100]))
     pool = list(range(c)) + [ignore_index] * 2 + ([c, -7] if draw(st.booleans()) else [])
     labels = torch.tensor([draw(st.sampled_from(pool)) for _ in range(b)], dtype=torch.int64)
@@ -137,9 +147,12 @@ def test_balance_coefficients_properties(lane, device):
 @pytest.mark.parametrize("lane", LANES)
 def test_balance_coefficients_argument_errors_name_the_argument(lane, device):
     @settings(max_examples=25, **SETTINGS)
-    @given(which=st.sampled_from(["ignore_index", "labels_dtype", "labels_shape", "method", "unknown", "classes",
-                                  "modalities", "tie"]),
-           big=st.sampled_from([2 ** 63, -2 ** 63 - 1, 2 ** 70]))
+    @given(
+        which=st.sampled_from(
+            ["ignore_index", "labels_dtype", "labels_shape", "method", "unknown", "classes", "modalities", "tie"]
+        ),
+        big=st.sampled_from([2**63, -(2**63) - 1, 2**70]),
+    )
     def check(which, big):
         x = torch.randn(2, 4, 3, device=device)
         y = torch.tensor([0, 1, 2, 0], device=device)
@@ -162,11 +175,16 @@ def test_balance_coefficients_argument_errors_name_the_argument(lane, device):
 @pytest.mark.parametrize("lane", LANES)
 def test_modality_drop_properties(lane, device):
     @settings(max_examples=30 if lane == "reference" else 15, **SETTINGS)
-    @given(m=st.integers(2, 3), b=st.integers(0, 6), widths=st.lists(st.integers(1, 5), min_size=3, max_size=3),
-           q=st.lists(st.sampled_from([0.0, 0.3, 0.99, 1.0, 1.5, -0.1, float("nan")]), min_size=3, max_size=3),
-           rescale=st.sampled_from(["official", "per_modality", "none"]),
-           p_exe=st.sampled_from([1.0, 0.5, 0.0, 1.5]), seed=st.integers(0, 2 ** 20),
-           dtype=st.sampled_from([torch.float32, torch.float16]))
+    @given(
+        m=st.integers(2, 3),
+        b=st.integers(0, 6),
+        widths=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+        q=st.lists(st.sampled_from([0.0, 0.3, 0.99, 1.0, 1.5, -0.1, float("nan")]), min_size=3, max_size=3),
+        rescale=st.sampled_from(["official", "per_modality", "none"]),
+        p_exe=st.sampled_from([1.0, 0.5, 0.0, 1.5]),
+        seed=st.integers(0, 2**20),
+        dtype=st.sampled_from([torch.float32, torch.float16]),
+    )
     def check(m, b, widths, q, rescale, p_exe, seed, dtype):
         g = torch.Generator().manual_seed(seed)
         xs = [torch.randn(b, widths[j], generator=g).to(dtype).to(device) for j in range(m)]
@@ -193,9 +211,12 @@ def test_modality_drop_properties(lane, device):
 @pytest.mark.parametrize("lane", LANES)
 def test_grad_tap_properties(lane, device):
     @settings(max_examples=30 if lane == "reference" else 15, **SETTINGS)
-    @given(shape=st.lists(st.integers(0, 4), min_size=1, max_size=3),
-           k=st.sampled_from([0.0, 0.5, 2.0, -1.0, float("nan"), float("inf"), True]),
-           as_tensor=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]))
+    @given(
+        shape=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+        k=st.sampled_from([0.0, 0.5, 2.0, -1.0, float("nan"), float("inf"), True]),
+        as_tensor=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+    )
     def check(shape, k, as_tensor, dtype):
         x = torch.randn(shape).to(dtype).to(device).requires_grad_(True)
         kk = torch.tensor(float(k), device=device) if as_tensor and not isinstance(k, bool) else k
@@ -211,13 +232,22 @@ def test_grad_tap_properties(lane, device):
     check()
 
 
-@pytest.mark.parametrize("lane", [pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
-                                  pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend("ext")], id="ext")])
+@pytest.mark.parametrize(
+    "lane",
+    [
+        pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
+        pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend("ext")], id="ext"),
+    ],
+)
 def test_ge_isotropic_properties(lane):
     @settings(max_examples=40, **SETTINGS)
-    @given(numels=st.lists(st.integers(0, 9), min_size=1, max_size=4), seed=st.integers(0, 2 ** 40),
-           offset=st.integers(0, 2 ** 40), dtype=st.sampled_from([torch.float32, torch.float64]),
-           k=st.sampled_from([0.0, 0.7, 1.0]))
+    @given(
+        numels=st.lists(st.integers(0, 9), min_size=1, max_size=4),
+        seed=st.integers(0, 2**40),
+        offset=st.integers(0, 2**40),
+        dtype=st.sampled_from([torch.float32, torch.float64]),
+        k=st.sampled_from([0.0, 0.7, 1.0]),
+    )
     def check(numels, seed, offset, dtype, k):
         g = torch.Generator().manual_seed(seed % 1000)
         grads = [torch.randn(n, generator=g).to(dtype) for n in numels]

@@ -1,6 +1,7 @@
 """The example trainer in the README runs as written (issue 5, item 6).
 
 Takes the first ```python block of README.md containing the marker `# mmkernels-example`."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ parenthetical remarks are removed. Calls in examples (`balance_coefficients(...,
 as parameter lists, or show only keywords, and are not signatures. `M` stands for `num_modalities`; a trailing
 `...` means "more parameters, not shown". Every bold heading `**`name(...)`**` must be a signature.
 """
+
 import ast
 import inspect
 import os
@@ -40,8 +41,8 @@ def _signature(obj) -> inspect.Signature:
 
 
 def _clean(params: str) -> str:
-    params = re.sub(r"(?<=[\w\]])\s+\[[^\]]*\]", "", params)      # shape notes: `features [M, B, D]`
-    params = re.sub(r"\s+\([^()]*\)", "", params)                   # remarks: `(zero-padded)`
+    params = re.sub(r"(?<=[\w\]])\s+\[[^\]]*\]", "", params)  # shape notes: `features [M, B, D]`
+    params = re.sub(r"\s+\([^()]*\)", "", params)  # remarks: `(zero-padded)`
     return params
 
 
@@ -86,7 +87,7 @@ def readme_signatures():
                 continue
             parsed = _parse(params)
             if not bold and (parsed is None or not parsed[0] or parsed[0][0][2] is not inspect.Parameter.empty):
-                continue              # an example call (`OPM(official=True)`), not a signature: those start with a name
+                continue  # an example call (`OPM(official=True)`), not a signature: those start with a name
             found.append(pytest.param(no, text, obj, parsed, id=f"L{no}:{name}"))
     return found
 
@@ -125,16 +126,20 @@ def test_readme_signature_matches_the_code(no, text, obj, parsed):
         if kind == "pos" and default is inspect.Parameter.empty:
             # a required positional parameter: matched by position (the README may say B for batch)
             if i >= len(real_pos) or real_pos[i].default is not inspect.Parameter.empty:
-                problems.append(f"{name}: shown as required positional parameter {i + 1}, the code has "
-                                f"{real_pos[i].name + ' with a default' if i < len(real_pos) else 'no such parameter'}")
+                problems.append(
+                    f"{name}: shown as required positional parameter {i + 1}, the code has "
+                    f"{real_pos[i].name + ' with a default' if i < len(real_pos) else 'no such parameter'}"
+                )
             continue
         p = _named(obj, ALIASES.get(name, name))
         if p is None:
             problems.append(f"{name}: no such parameter (the code has {list(real)})")
             continue
         if _kind(p) != kind:
-            problems.append(f"{name}: shown {'positional' if kind == 'pos' else 'keyword-only'}, "
-                            f"the code has it {p.kind.description}")
+            problems.append(
+                f"{name}: shown {'positional' if kind == 'pos' else 'keyword-only'}, "
+                f"the code has it {p.kind.description}"
+            )
         try:
             shown = _literal(default)
         except ValueError:
@@ -149,8 +154,11 @@ def test_readme_signature_matches_the_code(no, text, obj, parsed):
             if p.default is inspect.Parameter.empty and i >= n_pos_shown:
                 problems.append(f"{p.name}: a required positional parameter of the code, not shown")
         for p in real.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty \
-                    and p.name not in shown_names:
+            if (
+                p.kind is inspect.Parameter.KEYWORD_ONLY
+                and p.default is inspect.Parameter.empty
+                and p.name not in shown_names
+            ):
                 problems.append(f"{p.name}: a required keyword of the code, not shown")
     assert not problems, f"README.md line {no}: `{text}`\n  " + "\n  ".join(problems)
 
@@ -162,7 +170,7 @@ def test_readme_method_defaults_match_the_table():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
     start = text.index("- `method` and hyperparameters")
-    block = " ".join(text[start:text.index("- Returns", start)].split())
+    block = " ".join(text[start : text.index("- Returns", start)].split())
     chunks = re.split(r'`"(' + "|".join(_methods.METHODS) + r')"`', block)
     shown = {chunks[i]: chunks[i + 1] for i in range(1, len(chunks) - 1, 2)}
     assert set(shown) == set(_methods.METHODS)

@@ -2,6 +2,7 @@
 
 Expected numbers are written out from the formulas by hand; the arithmetic is in the comments.
 """
+
 import ast
 import math
 import pathlib
@@ -30,8 +31,7 @@ def small_batch():
     """M=2, B=3 (row 2 ignored, NaN logits), C=2.
     modality 0: rows [0,0], [0,0]       -> p(y) = 1/2, 1/2
     modality 1: rows [ln3,0] y=0, [0,ln3] y=1 -> p(y) = 3/4, 3/4"""
-    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [math.nan, 1.0]],
-                           [[LN3, 0.0], [0.0, LN3], [1.0, math.nan]]])
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [math.nan, 1.0]], [[LN3, 0.0], [0.0, LN3], [1.0, math.nan]]])
     labels = torch.tensor([0, 1, -100])
     return logits, labels
 
@@ -39,11 +39,11 @@ def small_batch():
 def test_score_sums_hand():
     logits, labels = small_batch()
     sums, count = R.score_sums(logits, labels, kind="prob")
-    eq(sums, [1.0, 1.5])            # 1/2 + 1/2 ; 3/4 + 3/4
+    eq(sums, [1.0, 1.5])  # 1/2 + 1/2 ; 3/4 + 3/4
     eq(count, 2.0)
     sums, count = R.score_sums(logits, labels, kind="ce")
-    eq(sums, [2 * 0.6931471805599453, 2 * 0.2876820724517809])   # 2 ln 2 ; -2 ln(3/4)
-    eq(R.scores(logits, labels, kind="prob"), [1.0, 1.5])           # prob: SUM
+    eq(sums, [2 * 0.6931471805599453, 2 * 0.2876820724517809])  # 2 ln 2 ; -2 ln(3/4)
+    eq(R.scores(logits, labels, kind="prob"), [1.0, 1.5])  # prob: SUM
     eq(R.scores(logits, labels, kind="ce"), [0.6931471805599453, 0.2876820724517809])  # ce: MEAN
 
 
@@ -69,7 +69,7 @@ def test_ratio_tpami_hand():
     eq(R.ratio_tpami(s), [0.375, 1.25, 3.0])
     # difference: d_0 = ((1-2)+(1-4))/2 = -2, d_1 = ((2-1)+(2-4))/2 = -0.5, d_2 = ((4-1)+(4-2))/2 = 2.5 ; returned 1 + d
     eq(R.ratio_tpami(s, variant="difference"), [-1.0, 0.5, 3.5])
-    eq(R.ratio_tpami(t32(2.0, 3.0)), [2 / 3, 1.5])   # M = 2: s_0/s_1, s_1/s_0
+    eq(R.ratio_tpami(t32(2.0, 3.0)), [2 / 3, 1.5])  # M = 2: s_0/s_1, s_1/s_0
 
 
 def test_ratio_mlb_hand():
@@ -107,7 +107,7 @@ def test_ogm_coefficients_hand():
     eq(R.ogm_coefficients(rho, alpha=0.5, z="sigmoid"), [1.0, 0.6113500694126545, 0.5237129365887834])
     # alpha 2: 1 - 2 tanh(2) < 0 -> clamped at 0
     eq(R.ogm_coefficients(rho, alpha=2.0)[2], 0.0)
-    eq(R.ogm_coefficients(t32(1.0), alpha=0.5), [1.0])   # rho = 1 is not > 1
+    eq(R.ogm_coefficients(t32(1.0), alpha=0.5), [1.0])  # rho = 1 is not > 1
 
 
 def test_opm_drop_probability_hand():
@@ -121,7 +121,7 @@ def test_opm_drop_probability_hand():
 
 
 def test_agm_kappa_hand():
-    s = t32(1.0, 2.0)            # ce: modality 0 is stronger
+    s = t32(1.0, 2.0)  # ce: modality 0 is stronger
     s_hat = t32(1.5, 1.5)
     r, tau, kappa = R.agm_kappa(s, s_hat, alpha=1.0)
     # r_m = exp(2 (mean - s_m)) = [exp(1), exp(-1)] ; tau = [1, 1]
@@ -130,10 +130,10 @@ def test_agm_kappa_hand():
     # kappa = exp(tau - r) = [exp(1 - e), exp(1 - 1/e)] = [0.1793740787340172, 1.8815963875316455]
     eq(kappa, [0.1793740787340172, 1.8815963875316455])
     _, _, kappa = R.agm_kappa(s, s_hat, alpha=1.0, clip=0.5)
-    eq(kappa, [0.1793740787340172, 1.6487212707001282])   # exponent 0.632 clipped to 0.5
+    eq(kappa, [0.1793740787340172, 1.6487212707001282])  # exponent 0.632 clipped to 0.5
     _, tau, kappa = R.agm_kappa(s, s_hat, alpha=1.0, steps=torch.tensor(0.0))
-    eq(tau, [1.0, 1.0])                                     # no history: s_hat = 0 (Alg. 1), tau = 1
-    eq(kappa, [0.1793740787340172, 1.8815963875316455])     # exp(1 - r)
+    eq(tau, [1.0, 1.0])  # no history: s_hat = 0 (Alg. 1), tau = 1
+    eq(kappa, [0.1793740787340172, 1.8815963875316455])  # exp(1 - r)
 
 
 def test_agm_update_running_hand():
@@ -142,7 +142,7 @@ def test_agm_update_running_hand():
     eq(s_hat, [3.0, 3.0])
     eq(steps, 4.0)
     s_hat, steps = R.agm_update_running(t32(math.nan, 7.0), torch.tensor(0.0), t32(6.0, 0.0))
-    eq(s_hat, [6.0, 0.0])      # first step: exactly s, whatever s_hat held
+    eq(s_hat, [6.0, 0.0])  # first step: exactly s, whatever s_hat held
     eq(steps, 1.0)
 
 
@@ -229,7 +229,7 @@ def test_olm_budget_keeps_total_paper_shrinks_it(M, seed):
     few steps' granularity (lr * sum n^2) of S0 and w >= 0 throughout; "paper": the total falls to the granularity
     (w -> 0)."""
     g = torch.Generator().manual_seed(seed)
-    n = (torch.rand(M, generator=g, dtype=torch.float64) * 5 + 0.2)
+    n = torch.rand(M, generator=g, dtype=torch.float64) * 5 + 0.2
     lam = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
     lr, s0 = 0.01, 20.0
     w0 = lam * s0 / n + (torch.rand(M, generator=g, dtype=torch.float64) - 0.5) * 2 * lr * n
@@ -240,7 +240,7 @@ def test_olm_budget_keeps_total_paper_shrinks_it(M, seed):
         assert abs(total - start) <= 6 * grain, (k, total, start, grain)
     for k in checkpoints:
         assert (R.olm_update(w0, n, lam, lr=lr, steps=k) >= 0).all()
-    paper = _olm_totals(w0, n, lam, lr, (3000,), "paper")[0]   # slow for small n_m: w_m moves lr * n_m per step
+    paper = _olm_totals(w0, n, lam, lr, (3000,), "paper")[0]  # slow for small n_m: w_m moves lr * n_m per step
     assert paper <= 2 * grain < 0.1 * start, (paper, grain, start)
     assert (R.olm_update(w0, n, lam, lr=lr, steps=3000, target="paper") >= 0).all()
 
@@ -255,24 +255,24 @@ def test_olm_budget_equal_norms_two_modalities_exact():
 
 def test_logit_norms_hand():
     logits = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 2.0]]])
-    eq(R.logit_norms(logits), [2.5, 1.5])     # (5 + 0)/2 ; (1 + 2)/2
+    eq(R.logit_norms(logits), [2.5, 1.5])  # (5 + 0)/2 ; (1 + 2)/2
 
 
 # ------------------------------------------------------------------------------------------- pipeline
 def test_pipeline_hand():
-    logits, labels = small_batch()           # prob sums [1, 1.5]; ce means [ln 2, -ln 0.75]
-    out = R.balance_coefficients_ref(logits, labels, "ogm_ge", alpha=1.0)   # alpha 1: round numbers
+    logits, labels = small_batch()  # prob sums [1, 1.5]; ce means [ln 2, -ln 0.75]
+    out = R.balance_coefficients_ref(logits, labels, "ogm_ge", alpha=1.0)  # alpha 1: round numbers
     eq(out["scores"], [1.0, 1.5])
     eq(out["ratios"], [2 / 3, 1.5])
-    eq(out["coefficients"], [1.0, 0.0948517463551336])          # 1 - tanh(1.5)
+    eq(out["coefficients"], [1.0, 0.0948517463551336])  # 1 - tanh(1.5)
     eq(out["flag"], 0.0)
     out = R.balance_coefficients_ref(logits, labels, "ogm", alpha=1.0)
-    eq(out["coefficients"], [1.0, 0.5378828427399902])          # 1 - tanh(1.5 - 1)
+    eq(out["coefficients"], [1.0, 0.5378828427399902])  # 1 - tanh(1.5 - 1)
     out = R.balance_coefficients_ref(logits, labels, "opm")
-    eq(out["coefficients"], [0.0, 0.6155292893150024])          # 0.5 (1 + 0.5 tanh(0.5))
+    eq(out["coefficients"], [0.0, 0.6155292893150024])  # 0.5 (1 + 0.5 tanh(0.5))
     out = R.balance_coefficients_ref(logits, labels, "mlb", alpha=1.0)
     eq(out["ratios"], [1.5, 2 / 3])
-    eq(out["coefficients"], [1.4621171572600098, 0.6784872624683657])   # 1 + tanh(0.5) ; 1 + tanh(-1/3)
+    eq(out["coefficients"], [1.4621171572600098, 0.6784872624683657])  # 1 + tanh(0.5) ; 1 + tanh(-1/3)
     # difference variant on batch means [0.5, 0.75]: rho = 1 + [-0.25, 0.25] -> k_1 = 1 - tanh(0.25) (alpha 1)
     out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference", alpha=1.0)
     eq(out["ratios"], [0.75, 1.25])
@@ -298,12 +298,12 @@ def test_pipeline_rejects_unknown_method_and_hyperparameter():
 @pytest.mark.parametrize("M", [2, 3, 4, 5, 6])
 def test_shapley_efficiency(M):
     g = torch.Generator().manual_seed(M)
-    outs = torch.randn(2 ** M - 1, 4, 3, generator=g, dtype=torch.float64)
+    outs = torch.randn(2**M - 1, 4, 3, generator=g, dtype=torch.float64)
     phi = R.shapley_combine(outs)
     assert phi.shape == (M, 4, 3) and phi.dtype == torch.float64
     torch.testing.assert_close(phi.sum(0), outs[-1], rtol=1e-12, atol=1e-12)
     W = R.shapley_weights(M, dtype=torch.float64)
-    torch.testing.assert_close(W.sum(1), torch.cat([torch.zeros(2 ** M - 2), torch.ones(1)]).double(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(W.sum(1), torch.cat([torch.zeros(2**M - 2), torch.ones(1)]).double(), rtol=0, atol=1e-14)
 
 
 def test_shapley_hand():
@@ -325,16 +325,16 @@ def test_shapley_hand():
 def test_shapley_masked_inputs_hand():
     x0, x1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]])
     out0, out1 = R.shapley_masked_inputs([x0, x1])
-    assert torch.equal(out0, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))   # S=1 keeps modality 0, S=2 drops it
+    assert torch.equal(out0, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))  # S=1 keeps modality 0, S=2 drops it
     assert torch.equal(out1, torch.tensor([[0.0], [3.0]]))
 
 
 def test_shapley_masked_inputs_fill_hand():
     """Muted rows hold fill[m] (one row, [1, ...] or [...]); fill[m]'s gradient is the sum over its muted rows."""
-    x0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)   # B = 2
+    x0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)  # B = 2
     x1 = torch.tensor([[5.0], [6.0]], dtype=torch.float64, requires_grad=True)
-    f0 = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)            # [1, 2]
-    f1 = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)                    # [1] = one row's shape
+    f0 = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)  # [1, 2]
+    f1 = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)  # [1] = one row's shape
     out0, out1 = R.shapley_masked_inputs([x0, x1], [f0, f1])
     # block S=1 (rows 0-1) keeps modality 0 only, block S=2 (rows 2-3) keeps modality 1 only
     assert torch.equal(out0, torch.tensor([[1.0, 2.0], [3.0, 4.0], [-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64))
@@ -343,8 +343,8 @@ def test_shapley_masked_inputs_fill_hand():
     g1 = torch.tensor([[10.0], [20.0], [30.0], [40.0]], dtype=torch.float64)
     torch.autograd.backward([out0, out1], [g0, g1])
     assert torch.equal(x0.grad, g0[:2]) and torch.equal(x1.grad, g1[2:])
-    assert torch.equal(f0.grad, torch.tensor([[12.0, 14.0]], dtype=torch.float64))   # rows 2 + 3
-    assert torch.equal(f1.grad, torch.tensor([30.0], dtype=torch.float64))           # rows 0 + 1
+    assert torch.equal(f0.grad, torch.tensor([[12.0, 14.0]], dtype=torch.float64))  # rows 2 + 3
+    assert torch.equal(f1.grad, torch.tensor([30.0], dtype=torch.float64))  # rows 0 + 1
     # fill None is zeros; fill of zeros equals it
     z = R.shapley_masked_inputs([x0, x1], [torch.zeros(2, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)])
     for a, b in zip(z, R.shapley_masked_inputs([x0, x1])):
@@ -354,12 +354,14 @@ def test_shapley_masked_inputs_fill_hand():
 def test_shapley_subset_grad_scale_is_chain_rule():
     """d/d f(S) of sum_m kappa_m <phi_m, g> is c(S) g."""
     M, B = 3, 2
-    outs = torch.randn(2 ** M - 1, B, requires_grad=True, dtype=torch.float64)
+    outs = torch.randn(2**M - 1, B, requires_grad=True, dtype=torch.float64)
     kappa = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)
     # the gradient reaching phi_m is kappa_m * g (the same upstream g for every m, as when the loss is on sum_m phi_m)
     g_same = torch.randn(1, B, dtype=torch.float64).expand(M, B)
     (R.shapley_combine(outs) * kappa.view(M, 1) * g_same).sum().backward()
-    torch.testing.assert_close(outs.grad, R.shapley_subset_grad_scale(kappa).double().view(-1, 1) * g_same[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        outs.grad, R.shapley_subset_grad_scale(kappa).double().view(-1, 1) * g_same[0], rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("z", ["tanh", "sigmoid"])
@@ -373,7 +375,7 @@ def test_ogm_properties(z, variant):
             alpha = float(torch.rand((), generator=g) * 3)
             k = R.ogm_coefficients(rho, alpha=alpha, z=z)
             assert ((k >= 0) & (k <= 1)).all()
-            assert k[torch.argmin(s)] == 1.0                        # the weakest modality is never slowed
+            assert k[torch.argmin(s)] == 1.0  # the weakest modality is never slowed
             assert (k[rho <= 1] == 1).all()
             _, k_ge = R.ogm_ge_coefficients(s, alpha=alpha)
             assert ((k_ge >= 0) & (k_ge <= 1)).all()
@@ -399,8 +401,8 @@ def test_mlb_properties():
             s = torch.rand(M, generator=g) * 5 + 0.01
             r = R.ratio_mlb(s)
             k = R.mlb_coefficients(r, alpha=float(torch.rand((), generator=g)) * 2 + 0.05, beta_max=3.0)
-            assert (k[r > 1] > 1).all()                              # lagging modality accelerated
-            assert (k[r < 1] < 1).all()                              # leading modality decelerated
+            assert (k[r > 1] > 1).all()  # lagging modality accelerated
+            assert (k[r < 1] < 1).all()  # leading modality decelerated
             assert k[torch.argmin(s)] > 1 and k[torch.argmax(s)] < 1
 
 
@@ -432,7 +434,7 @@ def test_batch_covariance_identity():
     per_sample = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
     zc = z - z.mean()
     for n in params:
-        g_i = per_sample[n]                                       # [B, ...]
+        g_i = per_sample[n]  # [B, ...]
         expected = k * g_i.mean(0) + sigma * (zc.view(-1, *[1] * (g_i.dim() - 1)) * g_i).sum(0) / B
         torch.testing.assert_close(tapped[n], expected, rtol=1e-12, atol=1e-13)
         # the same noise from explicit per-sample gradients (docs/methods/ogm_ge.md)
@@ -499,7 +501,7 @@ def test_modality_drop_statistics():
     u = torch.rand(2, B, generator=g)
     o0, o1 = R.modality_drop_ref(x, q, u, rescale="per_modality")
     keep0 = (o0[:, 0] != 0).float().mean()
-    assert abs(float(keep0) - (0.7 + 0.3 * 0.1)) < 0.02          # kept, or fallback (both drawn to drop)
+    assert abs(float(keep0) - (0.7 + 0.3 * 0.1)) < 0.02  # kept, or fallback (both drawn to drop)
     assert o0.dtype == torch.float32 and o1.shape == (B, 5)
 
 
@@ -527,7 +529,7 @@ def test_concat_unimodal_logits_sum_to_fused_logits():
     lin = torch.nn.Linear(9, 6)
     u = R.concat_unimodal_logits(feats, lin.weight, lin.bias)
     torch.testing.assert_close(u.sum(0), lin(torch.cat(feats, 1)), rtol=1e-5, atol=1e-5)
-    u.sum().backward()                                            # differentiable
+    u.sum().backward()  # differentiable
     assert lin.weight.grad is not None
 
 
@@ -545,7 +547,7 @@ def test_summation_and_zero_out_logits():
         return mlp(torch.cat(fs, 1))
 
     u = R.zero_out_unimodal_logits(head, feats)
-    assert calls == [8]                                             # one batched call on M*B rows
+    assert calls == [8]  # one batched call on M*B rows
     assert u.shape == (2, 4, 2)
     torch.testing.assert_close(u[0], mlp(torch.cat([feats[0], torch.zeros(4, 5)], 1)))
     torch.testing.assert_close(u[1], mlp(torch.cat([torch.zeros(4, 3), feats[1]], 1)))
@@ -617,7 +619,7 @@ def test_two_zero_prob_sums_flag_1(method):
     logits, labels = underflow_batch([0, 1])
     out = R.balance_coefficients_ref(logits, labels, method)
     eq(out["scores"], [0.0, 0.0])
-    assert torch.isnan(out["ratios"]).all()                    # returned as computed: the cause stays visible
+    assert torch.isnan(out["ratios"]).all()  # returned as computed: the cause stays visible
     eq(out["flag"], 1.0)
     eq(out["coefficients"], [NEUTRAL[method]] * 2)
 
@@ -627,10 +629,10 @@ def test_one_zero_prob_sum_flag_1_from_the_ratio():
     logits, labels = underflow_batch([0])
     inf = math.inf
     raw = {  # what the math gives (alpha = 1, defaults), before the fallback
-        "ogm_ge": ([0.0, inf], [1.0, 0.0]),                    # rho_1 > 1: k_1 = 1 - tanh(inf)
-        "ogm": ([0.0, inf], [1.0, 0.0]),                       # max(0, 1 - tanh(inf - 1))
-        "opm": ([0.0, inf], [0.0, 0.75]),                      # min(1, 0.5 * (1 + 0.5 * tanh(inf)))
-        "mlb": ([inf, 0.0], [2.0, 1.0 - math.tanh(1.0)]),      # r = [1.5/0, 0/1.5], beta = [2, 2]
+        "ogm_ge": ([0.0, inf], [1.0, 0.0]),  # rho_1 > 1: k_1 = 1 - tanh(inf)
+        "ogm": ([0.0, inf], [1.0, 0.0]),  # max(0, 1 - tanh(inf - 1))
+        "opm": ([0.0, inf], [0.0, 0.75]),  # min(1, 0.5 * (1 + 0.5 * tanh(inf)))
+        "mlb": ([inf, 0.0], [2.0, 1.0 - math.tanh(1.0)]),  # r = [1.5/0, 0/1.5], beta = [2, 2]
     }
     for method, (ratios, coeff) in raw.items():
         out = R.balance_coefficients_ref(logits, labels, method, **({} if method == "opm" else {"alpha": 1.0}))
@@ -643,7 +645,7 @@ def test_one_zero_prob_sum_flag_1_from_the_ratio():
     eq(R.mlb_coefficients(t32(inf, 0.0), alpha=1.0), raw["mlb"][1])
     # the difference-of-scores ratio stays finite on the same batch: no flag, the usual coefficients
     out = R.balance_coefficients_ref(logits, labels, "ogm", ratio="difference", alpha=1.0)
-    eq(out["ratios"], [0.5, 1.5])                              # 1 + (0 - 1/2), 1 + (1/2 - 0) on batch means
+    eq(out["ratios"], [0.5, 1.5])  # 1 + (0 - 1/2), 1 + (1/2 - 0) on batch means
     eq(out["flag"], 0.0)
     eq(out["coefficients"], [1.0, 1.0 - math.tanh(0.5)])
 
@@ -651,7 +653,7 @@ def test_one_zero_prob_sum_flag_1_from_the_ratio():
 def test_agm_kappa_overflow_flag_1_state_untouched():
     # 'ce' scores are finite, but tau - r = exp(18) - 1 overflows kappa_0 = exp(tau_0 - r_0) to inf without clip
     state = {"s_hat": t32(0.0, 18.0), "steps": torch.tensor(1.0)}
-    sums, count = t32(18.0, 18.0), torch.tensor(2.0)           # s = [9, 9]: r = [1, 1]
+    sums, count = t32(18.0, 18.0), torch.tensor(2.0)  # s = [9, 9]: r = [1, 1]
     out = R.balance_from_sums_ref(sums, count, "agm", state=state)
     eq(out["flag"], 1.0)
     eq(out["coefficients"], [1.0, 1.0])
@@ -659,7 +661,9 @@ def test_agm_kappa_overflow_flag_1_state_untouched():
     eq(state["steps"], 1.0)
     out = R.balance_from_sums_ref(sums, count, "agm", state=state, clip=10.0)
     eq(out["flag"], 0.0)
-    eq(out["coefficients"], [math.exp(10.0), math.exp(math.exp(-18.0) - 1.0)], rtol=1e-5, atol=0.0)  # clip, tau_1 = e^-18
+    eq(
+        out["coefficients"], [math.exp(10.0), math.exp(math.exp(-18.0) - 1.0)], rtol=1e-5, atol=0.0
+    )  # clip, tau_1 = e^-18
     eq(state["s_hat"], [4.5, 13.5])
 
 
@@ -691,7 +695,7 @@ def test_agm_running_mean_over_steps():
             _, _, kappa = R.agm_kappa(s, torch.zeros(M), alpha=1.5, clip=10.0)
             torch.testing.assert_close(out["coefficients"], kappa, rtol=1e-5, atol=1e-6)
         else:
-            s_hat = torch.stack(past).mean(0)                   # tau from the mean BEFORE this step
+            s_hat = torch.stack(past).mean(0)  # tau from the mean BEFORE this step
             _, _, kappa = R.agm_kappa(s, s_hat, alpha=1.5, clip=10.0)
             torch.testing.assert_close(out["coefficients"], kappa, rtol=1e-5, atol=1e-6)
         past.append(s)
@@ -714,14 +718,20 @@ def test_agm_without_state_starts_from_zero_means():
 def test_half_inputs_accumulate_in_fp32(dtype):
     torch.manual_seed(4)
     B = 4096
-    logits = (torch.randn(2, B, 3) * 0.1).to(dtype)          # p ~ 1/3 each: sums ~ 1365, beyond fp16/bf16 exact range
+    logits = (torch.randn(2, B, 3) * 0.1).to(dtype)  # p ~ 1/3 each: sums ~ 1365, beyond fp16/bf16 exact range
     labels = torch.randint(0, 3, (B,))
     exact = R.scores(logits.double(), labels, kind="prob")
     got = R.scores(logits, labels, kind="prob")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-3)
     # what summing in the input dtype would give is visibly off, so the test can tell
-    naive = torch.softmax(logits, -1).gather(-1, labels.view(1, B, 1).expand(2, B, 1)).squeeze(-1).sum(1, dtype=dtype).float()
+    naive = (
+        torch.softmax(logits, -1)
+        .gather(-1, labels.view(1, B, 1).expand(2, B, 1))
+        .squeeze(-1)
+        .sum(1, dtype=dtype)
+        .float()
+    )
     assert (naive - exact).abs().max() > 1e-2
     for method in METHODS:
         out = R.balance_coefficients_ref(logits, labels, method, state=R.new_agm_state(2))
@@ -759,7 +769,7 @@ def test_eight_modalities():
     torch.testing.assert_close(R.shapley_combine(outs).sum(0), outs[-1], rtol=1e-10, atol=1e-10)
     masked = R.shapley_masked_inputs([torch.randn(2, 3) for _ in range(M)])
     assert len(masked) == M and masked[0].shape == (254 * 2, 3)
-    eq(R.shapley_subset_grad_scale(torch.ones(M))[-1], 1.0)     # kappa = 1 -> c(S) = row sums: 0 ... 0, 1
+    eq(R.shapley_subset_grad_scale(torch.ones(M))[-1], 1.0)  # kappa = 1 -> c(S) = row sums: 0 ... 0, 1
     assert R.shapley_subset_grad_scale(torch.ones(M))[:-1].abs().max() < 1e-6
 
 
@@ -776,13 +786,23 @@ def test_no_host_sync_calls_in_reference():
     """Nothing in the reference may read a device value on the host (docs/architecture.md): no .item()/.cpu()/.tolist()/.numpy() calls."""
     host_side = {"modality_gaps_exact"}  # exact rational counting on the host, once per epoch (documented there)
     files = sorted(pathlib.Path(R.__file__).parent.glob("*.py"))
-    assert len(files) >= 10                                      # the package's modules, not only __init__
+    assert len(files) >= 10  # the package's modules, not only __init__
     bad = []
     for f in files:
         tree = ast.parse(f.read_text())
-        skipped = {id(n) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name in host_side
-                   for n in ast.walk(fn)}
-        bad += [(f.name, n.lineno) for n in ast.walk(tree) if id(n) not in skipped and isinstance(n, ast.Call)
-                and isinstance(n.func, ast.Attribute) and n.func.attr in ("item", "cpu", "tolist", "numpy")]
+        skipped = {
+            id(n)
+            for fn in ast.walk(tree)
+            if isinstance(fn, ast.FunctionDef) and fn.name in host_side
+            for n in ast.walk(fn)
+        }
+        bad += [
+            (f.name, n.lineno)
+            for n in ast.walk(tree)
+            if id(n) not in skipped
+            and isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr in ("item", "cpu", "tolist", "numpy")
+        ]
     assert bad == []
     assert all(hasattr(R, name) for name in host_side)

@@ -3,6 +3,7 @@
 Each test names the item it proves. Unmarked tests run in the reference lane; `triton` / `ext` tests repeat the
 op-level checks on those backends (TRITON_INTERPRET=1 / the C++ CPU twins).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,11 @@ def _check_ge_one_element(grads, before):
     # std := 0 for fewer than 2 elements: the noise is 1e-8 * n, so k * g survives almost exactly
     assert abs(float(grads[0]) - 0.5 * 0.3) < 1e-6
     assert abs(float(grads[2]) - 1.0 * -2.0) < 1e-6
-    want = R.ge_isotropic(before, torch.tensor([0.5, 1.0, 1.0]),
-                          [n.view(g.shape) for n, g in zip(R.philox_ge_normals([1, 7, 1], 5, 3), before)])
+    want = R.ge_isotropic(
+        before,
+        torch.tensor([0.5, 1.0, 1.0]),
+        [n.view(g.shape) for n, g in zip(R.philox_ge_normals([1, 7, 1], 5, 3), before)],
+    )
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
@@ -76,8 +80,9 @@ class _PReLUModel(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.encoders = nn.ModuleList([nn.Sequential(nn.Linear(5, 6), nn.PReLU()),
-                                       nn.Sequential(nn.Linear(3, 6), nn.PReLU())])
+        self.encoders = nn.ModuleList(
+            [nn.Sequential(nn.Linear(5, 6), nn.PReLU()), nn.Sequential(nn.Linear(3, 6), nn.PReLU())]
+        )
         self.head = nn.Linear(12, 4)
 
     def feats(self, xs):
@@ -112,7 +117,7 @@ def test_item2_olm_report_nonfinite_loss_sets_flag():
     assert float(bal.flag) == 1.0 and bool(bal.nonfinite)
     assert torch.equal(bal.coefficients, torch.ones(2))
     bal.combine(torch.randn(2, 4, 3))
-    bal.report([0.7, 0.9], [0.9, 0.95])                    # finite again: flag cleared
+    bal.report([0.7, 0.9], [0.9, 0.95])  # finite again: flag cleared
     assert float(bal.flag) == 0.0
 
 
@@ -202,9 +207,9 @@ def test_item5_zero_out_unimodal_logits_names_head():
     linear = nn.Linear(8, 3)
     feats = [torch.randn(4, 4), torch.randn(4, 4)]
     with pytest.raises(TypeError, match="head must be a callable"):
-        api.zero_out_unimodal_logits(feats, linear)              # arguments swapped
+        api.zero_out_unimodal_logits(feats, linear)  # arguments swapped
     with pytest.raises(TypeError, match="head must take a list of M feature tensors"):
-        api.zero_out_unimodal_logits(linear, feats)              # a Linear takes one tensor, not the list
+        api.zero_out_unimodal_logits(linear, feats)  # a Linear takes one tensor, not the list
     u = api.zero_out_unimodal_logits(lambda fs: linear(torch.cat(fs, 1)), feats)
     assert tuple(u.shape) == (2, 4, 3)
 
@@ -227,27 +232,31 @@ def test_item5_load_state_dict_names_tensors_and_rejects_meta():
     bal._step = 7
     with pytest.raises(ValueError):
         bal.load_state_dict({**sd, "step": 3, "tensors": {}})
-    assert bal.step_count == 7                                 # a rejected load changes nothing
+    assert bal.step_count == 7  # a rejected load changes nothing
     bal.load_state_dict(sd)
     assert bal.step_count == 0
 
 
 def test_item5_seed_and_ignore_index_out_of_int64_named_at_construction():
     with pytest.raises(ValueError, match="seed"):
-        api.OGMGE(2, seed=2 ** 63)
+        api.OGMGE(2, seed=2**63)
     with pytest.raises(ValueError, match="ignore_index"):
-        api.OGM(2, ignore_index=2 ** 63)
+        api.OGM(2, ignore_index=2**63)
     with pytest.raises(TypeError, match="ignore_index"):
         api.OGM(2, ignore_index=True)
 
 
-@pytest.mark.parametrize("lane", [pytest.param("reference", marks=pytest.mark.backend("reference")),
-                                  pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton"),
-                                                                WARN])])
+@pytest.mark.parametrize(
+    "lane",
+    [
+        pytest.param("reference", marks=pytest.mark.backend("reference")),
+        pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton"), WARN]),
+    ],
+)
 def test_item5_ignore_index_beyond_int64_named_by_the_op(lane, device):
     x, y = _logits(device=device)
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
-        balance_coefficients(x, y, "ogm", ignore_index=2 ** 63)
+        balance_coefficients(x, y, "ogm", ignore_index=2**63)
 
 
 # ------------------------------------------------------------------------------------ 6. rejected call, no state change
@@ -260,7 +269,7 @@ def test_item6_agm_bad_labels_then_retry_same_step():
     with pytest.raises(ValueError, match="labels"):
         bal(xs, bad, encoders=list(model.encoders), head=model.fuse)
     assert int(bal._agm["steps"]) == 0
-    out = bal(xs, y, encoders=list(model.encoders), head=model.fuse)   # the retry in the same step works
+    out = bal(xs, y, encoders=list(model.encoders), head=model.fuse)  # the retry in the same step works
     F.cross_entropy(out, y).backward()
     assert int(bal._agm["steps"]) == 1
 
@@ -293,10 +302,14 @@ def test_item7_coefficients_never_require_grad_triton(device):
 def test_item8_gradscaler_skipped_step_with_optimizer(kind):
     model = TinyModel(2, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    bal = {"ogmge": lambda: api.OGMGE(2, optimizer=opt), "opm": lambda: api.OPM(2, optimizer=opt),
-           "opm_same": lambda: api.OPM(2, optimizer=opt, timing="same"),
-           "agm": lambda: api.AGM(2, optimizer=opt), "mlb": lambda: api.MLB(2, optimizer=opt)}[kind]()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    bal = {
+        "ogmge": lambda: api.OGMGE(2, optimizer=opt),
+        "opm": lambda: api.OPM(2, optimizer=opt),
+        "opm_same": lambda: api.OPM(2, optimizer=opt, timing="same"),
+        "agm": lambda: api.AGM(2, optimizer=opt),
+        "mlb": lambda: api.MLB(2, optimizer=opt),
+    }[kind]()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     mlb_heads = nn.ModuleList(nn.Linear(6, 4) for _ in range(2))
     for step in range(4):
         xs, y = batch(2, b=8, seed=step)
@@ -320,12 +333,12 @@ def test_item8_gradscaler_skipped_step_with_optimizer(kind):
                 tapped = bal.tap(feats)
                 loss = bal.loss(model.fuse(tapped), torch.stack([h(f) for h, f in zip(mlb_heads, tapped)]), y)
         scaler.scale(loss).backward()
-        if step in (0, 1):                                     # forced inf: GradScaler skips optimizer.step()
+        if step in (0, 1):  # forced inf: GradScaler skips optimizer.step()
             model.head.weight.grad[0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
     assert bal.skipped_steps == 2
-    assert bal.step_count == 4                                 # ended by the hook (2) or by the next step (2)
+    assert bal.step_count == 4  # ended by the hook (2) or by the next step (2)
 
 
 def test_item8_without_optimizer_the_misuse_error_stays():
@@ -348,9 +361,9 @@ def _ddp_worker(rank: int, world: int, init: str, outdir: str) -> None:
         for step in range(4):
             x, y = _logits(b=6, seed=10 * rank + step)
             if rank == 1 and step == 0:
-                x, y = x[:, :0], y[:0]                         # empty batch on rank 1
+                x, y = x[:, :0], y[:0]  # empty batch on rank 1
             if rank == 1 and step == 2:
-                y = torch.full_like(y, -100)                   # every row ignored on rank 1
+                y = torch.full_like(y, -100)  # every row ignored on rank 1
             ogm.observe(x, y)
             ogm.step()
             res["ogm"].append(ogm.coefficients.clone())
@@ -434,7 +447,7 @@ def test_item12_agm_official_running_means_from_first_step():
     assert float(bal.running_scores.new_tensor(0) + bal._agm["steps"]) == 4.0
     torch.testing.assert_close(bal.running_scores, torch.stack(seen).mean(0), rtol=1e-5, atol=1e-6)
     default, seen_d = _agm_run(official=False)
-    assert float(default._agm["steps"]) == 2.0                   # default: from the window's first step
+    assert float(default._agm["steps"]) == 2.0  # default: from the window's first step
     torch.testing.assert_close(default.running_scores, torch.stack(seen_d[2:]).mean(0), rtol=1e-5, atol=1e-6)
 
 
@@ -446,11 +459,11 @@ def test_item13_opm_official_same_step_timing():
     xs, y = batch(2, b=8)
     feats = model.feats(xs)
     with pytest.raises(RuntimeError, match="observe"):
-        bal.drop(feats)                                        # same-step timing: observe first
+        bal.drop(feats)  # same-step timing: observe first
     u = api.concat_unimodal_logits(feats, model.head)
     bal.observe(u, y)
     want = R.balance_coefficients_ref(u, y, "opm", q_base=0.6)["coefficients"]
-    torch.testing.assert_close(bal.drop_probability, want)   # q of THIS batch drops this batch
+    torch.testing.assert_close(bal.drop_probability, want)  # q of THIS batch drops this batch
     assert (want > 0).any()
     bal.drop(feats)
 
@@ -468,7 +481,7 @@ def test_item13_opm_default_next_step_timing():
 # ------------------------------------------------------------------------------------ 14. OGM tie
 def _tie_logits(device="cpu"):
     x, y = _logits(m=1, seed=7, device=device)
-    return torch.cat([x, x]), y                                 # identical modalities: an exact tie
+    return torch.cat([x, x]), y  # identical modalities: an exact tie
 
 
 def _tie_checks(device="cpu"):
@@ -526,7 +539,7 @@ def test_item8_a_rolled_over_step_warns_once(kind):
 
     micro_batch(0)
     with pytest.warns(RuntimeWarning, match="accumulation"):
-        micro_batch(1)                      # a second micro-batch of the same optimizer step
+        micro_batch(1)  # a second micro-batch of the same optimizer step
     assert bal.skipped_steps == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,5 @@
 """tests/run_lanes.py: the quick default run and --full (CI), and the `full` list in tests/conftest.py."""
+
 import importlib.util
 import os
 import re

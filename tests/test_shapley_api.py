@@ -1,5 +1,6 @@
 """mmkernels.shapley at the public boundary (reference lane): argument validation (before any dispatch) and the
 reference backend (MMKERNELS_BACKEND=reference), including its kappa-modulated backward."""
+
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def test_reference_masked_batch(ref_backend):
 
 def test_reference_responses_and_modulated_backward(ref_backend):
     M, B, C = 3, 4, 2
-    v = torch.randn(2 ** M - 1, B, C, requires_grad=True)
+    v = torch.randn(2**M - 1, B, C, requires_grad=True)
     kappa = torch.tensor([0.5, 1.0, 2.0])
     phi = shapley_responses(v, kappa)
     torch.testing.assert_close(phi, reference.shapley_combine(v.detach()))
@@ -66,8 +67,8 @@ def test_masked_batch_validation():
 
 def test_reference_masked_batch_fill(ref_backend):
     xs = [torch.randn(2, 3), torch.randn(2, 1, 4)]
-    fill = [torch.randn(1, 3), torch.randn(1, 4)]                 # [1, ...] and [...] (one row of each input)
-    out = shapley_masked_batch(xs, fill=fill, include_full=True)   # blocks S = 1, 2, 3
+    fill = [torch.randn(1, 3), torch.randn(1, 4)]  # [1, ...] and [...] (one row of each input)
+    out = shapley_masked_batch(xs, fill=fill, include_full=True)  # blocks S = 1, 2, 3
     assert torch.equal(out[0][2:4], fill[0].expand(2, 3)) and torch.equal(out[1][:2], fill[1].expand(2, 1, 4))
     assert torch.equal(out[0][:2], xs[0]) and torch.equal(out[1][2:], torch.cat([xs[1], xs[1]]))
     stacked = shapley_masked_batch(torch.stack([xs[0], xs[0]]), fill=[fill[0], fill[0][0]])
@@ -86,7 +87,9 @@ def test_masked_batch_fill_validation():
         shapley_masked_batch(xs, fill=[torch.zeros(3), torch.zeros(2, 4)])
     with pytest.raises(ValueError, match=r"fill\[0\] must have shape .*got \(1, 2\)"):
         shapley_masked_batch(xs, fill=[torch.zeros(1, 2), torch.zeros(4)])
-    with pytest.raises(TypeError, match=r"fill\[0\] must have the dtype of inputs\[0\] \(torch.float32\), got torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"fill\[0\] must have the dtype of inputs\[0\] \(torch.float32\), got torch.float64"
+    ):
         shapley_masked_batch(xs, fill=[torch.zeros(3, dtype=torch.float64), torch.zeros(4)])
     with pytest.raises(ValueError, match=r"fill\[1\] is on meta but inputs\[1\] is on cpu"):
         shapley_masked_batch(xs, fill=[torch.zeros(3), torch.zeros(4, device="meta")])

@@ -1,5 +1,6 @@
 """AGM Shapley forwards on the extension (C++ CPU twins, CUDA in the cuda lane) against mmkernels.reference:
 weights, the batched zero-masked inputs, phi and its kappa-modulated backward, M = 2..6 (and 8 for the weights)."""
+
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ pytestmark = [pytest.mark.ext, pytest.mark.backend("ext")]
 def test_weights_match_reference(M):
     w = _C().shapley_weights(M)
     torch.testing.assert_close(w, reference.shapley_weights(M), rtol=0, atol=0)
-    assert torch.allclose(w.double().sum(1)[:-1], torch.zeros(2 ** M - 2, dtype=torch.float64), atol=1e-6)  # efficiency
+    assert torch.allclose(w.double().sum(1)[:-1], torch.zeros(2**M - 2, dtype=torch.float64), atol=1e-6)  # efficiency
     assert abs(w[-1].double().sum().item() - 1) < 1e-6
 
 
@@ -33,7 +34,7 @@ def test_masked_batch_matches_reference(device, M):
     want = reference.shapley_masked_inputs(xs)
     assert len(got) == M
     for g, w in zip(got, want):
-        assert g.shape == ((2 ** M - 2) * B,) + g.shape[1:]
+        assert g.shape == ((2**M - 2) * B,) + g.shape[1:]
         assert torch.equal(g, w)
     full = shapley_masked_batch(xs, include_full=True)
     for g, w, x in zip(full, want, xs):
@@ -69,7 +70,9 @@ def test_masked_batch_fill_matches_reference(device, M):
     B = 3
     shapes = [(B, 2 + m) if m % 2 else (B, 1, 3, m + 1) for m in range(M)]
     xs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
-    fill = [torch.randn((1,) + s[1:] if m % 2 else s[1:], device=device, requires_grad=True) for m, s in enumerate(shapes)]
+    fill = [
+        torch.randn((1,) + s[1:] if m % 2 else s[1:], device=device, requires_grad=True) for m, s in enumerate(shapes)
+    ]
     got = shapley_masked_batch(xs, fill=fill)
     xr = [x.detach().clone().requires_grad_() for x in xs]
     fr = [f.detach().clone().requires_grad_() for f in fill]
@@ -92,10 +95,14 @@ def test_masked_batch_fill_dtypes_odd_sizes(device, dtype):
     fill = [torch.randn(1, 3, device=device).to(dtype), torch.randn(1, device=device).to(dtype)]
     for g, w in zip(shapley_masked_batch(xs, fill=fill), reference.shapley_masked_inputs(xs, fill)):
         assert g.dtype == dtype and torch.equal(g, w)
-    big = [torch.randn(7, 3000, device=device).to(dtype), torch.randn(7, 5, device=device).to(dtype)]  # > one copy chunk
+    big = [
+        torch.randn(7, 3000, device=device).to(dtype),
+        torch.randn(7, 5, device=device).to(dtype),
+    ]  # > one copy chunk
     big_fill = [torch.randn(3000, device=device).to(dtype), torch.randn(1, 5, device=device).to(dtype)]
-    for g, w in zip(shapley_masked_batch(big, fill=big_fill, include_full=True),
-                    reference.shapley_masked_inputs(big, big_fill)):
+    for g, w in zip(
+        shapley_masked_batch(big, fill=big_fill, include_full=True), reference.shapley_masked_inputs(big, big_fill)
+    ):
         assert torch.equal(g[: w.shape[0]], w)
 
 
@@ -109,14 +116,15 @@ def test_masked_batch_fill_gradcheck(device):
         return tuple(shapley_masked_batch([a, b, c], fill=[fa, fb, fc]))
 
     assert torch.autograd.gradcheck(op, (a, b, c, fa, fb, fc))
-    assert torch.autograd.gradcheck(lambda a, b, fa, fb: tuple(shapley_masked_batch([a, b], fill=[fa, fb], include_full=True)),
-                                    (a, c, fa, fc))
+    assert torch.autograd.gradcheck(
+        lambda a, b, fa, fb: tuple(shapley_masked_batch([a, b], fill=[fa, fb], include_full=True)), (a, c, fa, fc)
+    )
 
 
 @pytest.mark.parametrize("M", [2, 3, 4, 5, 6])
 def test_responses_and_gradient_match_reference(device, M):
     torch.manual_seed(10 + M)
-    S, B, C = 2 ** M - 1, 4, 5
+    S, B, C = 2**M - 1, 4, 5
     v = torch.randn(S, B, C, device=device, requires_grad=True)
     phi = shapley_responses(v)
     v_ref = v.detach().clone().requires_grad_()
@@ -159,16 +167,26 @@ def test_responses_gradcheck(device):
 
 def test_custom_ops_opcheck(device):
     v = torch.randn(7, 2, 3, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmkernels.shapley_responses.default, (v, None),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.shapley_responses.default,
+        (v, None),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     xs = [torch.randn(2, 3, device=device, requires_grad=True), torch.randn(2, 5, device=device, requires_grad=True)]
-    torch.library.opcheck(torch.ops.mmkernels.shapley_masked_batch.default, (xs, 2),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.shapley_masked_batch.default,
+        (xs, 2),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     fill = [torch.randn(1, 3, device=device, requires_grad=True), torch.randn(5, device=device, requires_grad=True)]
-    torch.library.opcheck(torch.ops.mmkernels.shapley_masked_batch.default, (xs, 3, fill),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.mmkernels.shapley_masked_batch.default,
+        (xs, 3, fill),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     assert str(torch.ops.mmkernels.shapley_masked_batch.default._schema) == (
-        "mmkernels::shapley_masked_batch(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]")
+        "mmkernels::shapley_masked_batch(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]"
+    )
 
 
 def test_raw_ops_reject_bad_input(device):
@@ -221,7 +239,9 @@ def test_batched_muted_forward_equals_sequential_muted_forwards(device):
 
     torch.manual_seed(3)
     M, B, C = 3, 5, 4
-    encs = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(d, 6), torch.nn.Tanh()) for d in (3, 4, 2)]).to(device)
+    encs = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(d, 6), torch.nn.Tanh()) for d in (3, 4, 2)]).to(
+        device
+    )
     head = torch.nn.Linear(18, C).to(device)
     params = list(encs.parameters()) + list(head.parameters())
 
@@ -232,7 +252,7 @@ def test_batched_muted_forward_equals_sequential_muted_forwards(device):
     y = torch.randint(0, C, (B,), device=device)
     kappa = torch.tensor([0.5, 1.0, 2.0], device=device)
 
-    values = torch.cat([model(shapley_masked_batch(xs)), model(xs)]).view(2 ** M - 1, B, C)
+    values = torch.cat([model(shapley_masked_batch(xs)), model(xs)]).view(2**M - 1, B, C)
     loss = torch.nn.functional.cross_entropy(shapley_responses(values, kappa).sum(0), y)
     ours = torch.autograd.grad(loss, params)
 

@@ -17,6 +17,7 @@ and backward) is caught for every guarded method, and the genuine CPU label chec
 Not covered: OLM.report() is an evaluation-time call (README: "at each evaluation"), not a training-step call, so it
 is left out of the guarded step; OLM's training step is combine() + loss + backward + step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -130,7 +131,7 @@ def _data(device, seed=1):
     xa = torch.randn(B, 5, generator=g)
     xa[:, :C] += 3.0 * F.one_hot(y, C)
     xv = torch.randn(B, 3, generator=g)
-    xv[:, :min(3, C)] += 0.3 * F.one_hot(y, C)[:, :3]
+    xv[:, : min(3, C)] += 0.3 * F.one_hot(y, C)[:, :3]
     return [xa.to(device), xv.to(device)], y.to(device)
 
 
@@ -282,32 +283,37 @@ def make_ops_step(device):
         opt.zero_grad()
         feats = model.feats(xs)
         u = api.concat_unimodal_logits(feats, model.head)
-        res = {meth: mmkernels.balance_coefficients(u, y, meth, **({"state": agm_state} if meth == "agm" else {}))
-               for meth in mmkernels.METHOD_DEFAULTS}
+        res = {
+            meth: mmkernels.balance_coefficients(u, y, meth, **({"state": agm_state} if meth == "agm" else {}))
+            for meth in mmkernels.METHOD_DEFAULTS
+        }
         k = res["ogm"]["coefficients"]
-        tapped = [mmkernels.grad_tap(feats[0], k[0]),
-                  cov_noise_tap(feats[1], k[1], sigma=1.0, seed=5, offset=t << 32)]
-        dropped = mmkernels.modality_drop(tapped, res["opm"]["coefficients"], seed=5, offset=t << 32,
-                                          rescale="per_modality")
+        tapped = [mmkernels.grad_tap(feats[0], k[0]), cov_noise_tap(feats[1], k[1], sigma=1.0, seed=5, offset=t << 32)]
+        dropped = mmkernels.modality_drop(
+            tapped, res["opm"]["coefficients"], seed=5, offset=t << 32, rescale="per_modality"
+        )
         loss = F.cross_entropy(model.fuse(dropped), y)
         # AGM's Shapley forward on the same model: muted subsets in one batch, then phi with kappa in the backward
         masked = shapley_masked_batch(xs)
-        muted = model(*masked).reshape(2 ** M - 2, B, C)
+        muted = model(*masked).reshape(2**M - 2, B, C)
         subsets = torch.cat([muted, model(*xs).unsqueeze(0)])
         fused = shapley_responses(subsets, res["agm"]["coefficients"]).sum(0)
         (loss + F.cross_entropy(fused, y)).backward()
         grads = [p.grad for enc in model.encoders for p in enc.parameters()]
         group_index = [m for m, enc in enumerate(model.encoders) for _ in enc.parameters()]
-        ge_isotropic_(grads, res["ogm_ge"]["coefficients"], seed=5, offset=(t << 32) + (1 << 31),
-                      group_index=group_index)
+        ge_isotropic_(
+            grads, res["ogm_ge"]["coefficients"], seed=5, offset=(t << 32) + (1 << 31), group_index=group_index
+        )
         opt.step()
 
     return step
 
 
 # ----------------------------------------------------------------------------------------------- tests
-BACKENDS = [pytest.param(None, marks=pytest.mark.backend(None), id="auto"),
-            pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference")]
+BACKENDS = [
+    pytest.param(None, marks=pytest.mark.backend(None), id="auto"),
+    pytest.param("reference", marks=pytest.mark.backend("reference"), id="reference"),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -336,11 +342,12 @@ def test_agm_shapley_scores_upload_no_host_data(monkeypatch):
             if kwargs.get("device") is not None and not isinstance(data, torch.Tensor) and _library_frame():
                 uploads.append(f"torch.{name}({data!r}, device=...) from {_library_frame()}")
             return real(data, *args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(torch, "tensor", spy(torch.tensor, "tensor"))
     monkeypatch.setattr(torch, "as_tensor", spy(torch.as_tensor, "as_tensor"))
-    subsets = torch.randn(2 ** M - 1, B, C)
+    subsets = torch.randn(2**M - 1, B, C)
     api._ops.shapley_responses(subsets)
     assert not uploads, "\n".join(uploads)
 
@@ -351,7 +358,7 @@ READS = {  # one way of each guarded host read
     "tolist": lambda t: t.tolist(),
     "numpy": lambda t: t.numpy(),
     "cpu": lambda t: t.cpu(),
-    "__bool__": lambda t: 1 if t > 0 else 0,      # a Python branch on a tensor
+    "__bool__": lambda t: 1 if t > 0 else 0,  # a Python branch on a tensor
     "__int__": lambda t: int(t),
     "__float__": lambda t: float(t),
     "__index__": lambda t: operator.index(t.long()),

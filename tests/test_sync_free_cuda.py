@@ -8,6 +8,7 @@ then one full step (forward through the balancer, loss, backward, optimizer.step
 The mode is global (it covers the autograd engine's device thread too) and is restored afterwards.
 The real CPU label check stays in place: it returns at once for CUDA labels.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,15 @@ pytestmark = pytest.mark.cuda
 
 # steps that go through the extension's ops (covariance noise, isotropic noise, Shapley batches): without its CUDA
 # kernels they fall back to the reference on CUDA, which is not the sync-free path
-NEEDS_EXT = {"ogmge-covariance-observe-first", "ogmge-covariance-tap-first", "ogmge-official-isotropic",
-             "agm-model", "agm-encoders-head-eval", "agm-encoders-head-reuse"}
+NEEDS_EXT = {
+    "ogmge-covariance-observe-first",
+    "ogmge-covariance-tap-first",
+    "ogmge-official-isotropic",
+    "agm-model",
+    "agm-encoders-head-eval",
+    "agm-encoders-head-reuse",
+}
+
 
 def _params():
     out = []
@@ -85,8 +93,9 @@ def test_balance_coefficients_has_no_syncs(method):
         out.update(mmkernels.balance_coefficients(logits, labels, method, state=state))
 
     run_without_syncs(step)
-    want = reference.balance_coefficients_ref(logits, labels, method,
-                                              state=reference.new_agm_state(M, "cuda") if method == "agm" else None)
+    want = reference.balance_coefficients_ref(
+        logits, labels, method, state=reference.new_agm_state(M, "cuda") if method == "agm" else None
+    )
     assert out["flag"].item() == 0
     if method != "agm":  # AGM's state advanced twice here, once in `want`
         torch.testing.assert_close(out["coefficients"], want["coefficients"], rtol=2e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """Reference lane: grad_tap and modality_drop validation, dispatch, CPU autograd, torch.compile."""
+
 import pytest
 import torch
 
@@ -26,12 +27,15 @@ def test_grad_tap_k_not_differentiated():
     assert k.grad is None and torch.allclose(x.grad, torch.full((4, 3), 0.3))
 
 
-@pytest.mark.parametrize("k, exc, match", [
-    (torch.tensor([1.0, 2.0]), ValueError, "one value"),
-    (torch.tensor(1), TypeError, "floating"),
-    ("0.5", TypeError, "finite number"),
-    (float("inf"), TypeError, "finite number"),
-])
+@pytest.mark.parametrize(
+    "k, exc, match",
+    [
+        (torch.tensor([1.0, 2.0]), ValueError, "one value"),
+        (torch.tensor(1), TypeError, "floating"),
+        ("0.5", TypeError, "finite number"),
+        (float("inf"), TypeError, "finite number"),
+    ],
+)
 def test_grad_tap_validation(k, exc, match):
     with pytest.raises(exc, match=match):
         grad_tap(torch.randn(3, 2), k)
@@ -103,14 +107,17 @@ def test_drop_reference_path_reproducible_stacked_and_eval():
     assert kept.any(dim=0).all()
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(q=torch.tensor([0.5])), ValueError, "q must be a float tensor of 2"),
-    (dict(q=[0.5, 1.5]), ValueError, "probabilities in"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(offset=1.5), ValueError, "offset"),
-    (dict(rescale="global"), ValueError, "rescale must be one of"),
-    (dict(p_exe=2.0), ValueError, "p_exe"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(q=torch.tensor([0.5])), ValueError, "q must be a float tensor of 2"),
+        (dict(q=[0.5, 1.5]), ValueError, "probabilities in"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(offset=1.5), ValueError, "offset"),
+        (dict(rescale="global"), ValueError, "rescale must be one of"),
+        (dict(p_exe=2.0), ValueError, "p_exe"),
+    ],
+)
 def test_drop_validation(kwargs, exc, match):
     args = dict(q=torch.tensor([0.5, 0.5]), seed=0, offset=0)
     args.update(kwargs)

@@ -1,4 +1,5 @@
 """Triton lane: grad_tap's scale kernel and the modality-drop kernel against the reference and autograd."""
+
 import math
 
 import pytest
@@ -7,8 +8,11 @@ import torch
 from mmkernels import reference as R
 from mmkernels.taps import drop_uniforms, grad_tap, modality_drop
 
-pytestmark = [pytest.mark.triton, pytest.mark.backend("triton"),
-              pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.backend("triton"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]
 
 
 # ------------------------------------------------------------------------------------------------ grad_tap
@@ -18,8 +22,8 @@ def _layouts(device, dtype):
     return {
         "vector": torch.randn(37, generator=g).to(dtype).to(device),
         "contiguous": base,
-        "permuted": base.permute(0, 3, 1, 2),           # dense, not contiguous: processed in place order
-        "sliced": base[:, ::2, 1:],                       # gaps: made contiguous
+        "permuted": base.permute(0, 3, 1, 2),  # dense, not contiguous: processed in place order
+        "sliced": base[:, ::2, 1:],  # gaps: made contiguous
         "large": torch.randn(3, 5000, generator=g).to(dtype).to(device),  # several programs
     }
 
@@ -78,7 +82,7 @@ def _features(device, dtype=torch.float32, B=9):
 def test_drop_matches_reference_forward_and_backward(rescale, dtype, device):
     q = torch.tensor([0.3, 0.6, 0.5], device=device)
     for p_exe in (1.0, 0.5):
-        for offset in (0, 5, 2 ** 33 + 17):
+        for offset in (0, 5, 2**33 + 17):
             feats = [f.requires_grad_() for f in _features(device, dtype)]
             feats_r = [f.detach().clone().requires_grad_() for f in feats]
             out = modality_drop(feats, q, seed=11, offset=offset, rescale=rescale, p_exe=p_exe)
@@ -100,7 +104,7 @@ def test_drop_matches_reference_forward_and_backward(rescale, dtype, device):
 
 def test_drop_stacked_noncontiguous_input(device):
     base = torch.randn(4, 3, 16, device=device)  # [B, M, D] buffer
-    x = base.permute(1, 0, 2).requires_grad_()       # [M, B, D] view, not contiguous
+    x = base.permute(1, 0, 2).requires_grad_()  # [M, B, D] view, not contiguous
     q = torch.tensor([0.2, 0.5, 0.7], device=device)
     out = modality_drop(x, q, seed=3, offset=100, rescale="per_modality")
     assert isinstance(out, torch.Tensor) and out.shape == x.shape

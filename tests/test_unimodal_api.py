@@ -1,4 +1,5 @@
 """Unimodal-logit helpers (issue 5, item 2)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ def test_concat_bias_split_sums_to_the_head():
     head = torch.nn.Linear(9, 6)
     u = api.concat_unimodal_logits(feats, head)
     assert u.shape == (3, 5, 6) and not u.requires_grad
-    torch.testing.assert_close(u.sum(0), head(torch.cat(feats, 1)).detach())   # TPAMI Eq. 6: b/M each
+    torch.testing.assert_close(u.sum(0), head(torch.cat(feats, 1)).detach())  # TPAMI Eq. 6: b/M each
     torch.testing.assert_close(u[1], (feats[1] @ head.weight[:, 3:7].t() + head.bias / 3).detach())
     u2 = api.concat_unimodal_logits(feats, (head.weight, head.bias), gamma=[1.0, 0.0, 0.0], detach=False)
     assert u2.requires_grad
@@ -33,6 +34,6 @@ def test_summation_and_zero_out():
         return mlp(torch.cat(fs, 1))
 
     z = api.zero_out_unimodal_logits(head, feats)
-    assert calls == [8]                                                    # one batched call of M * B rows
+    assert calls == [8]  # one batched call of M * B rows
     torch.testing.assert_close(z[0], mlp(torch.cat([feats[0], torch.zeros(4, 5)], 1)))
     torch.testing.assert_close(z[1], mlp(torch.cat([torch.zeros(4, 3), feats[1]], 1)))

@@ -3,6 +3,7 @@ the same gradient, the optimizer's state is that of the unmodulated step, unlist
 
 Parameters are float64 so "relative 1e-6" measures the rule, not float32 rounding of p_old + k delta.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ OPTIMIZERS = {
 }
 BALANCERS = {
     "ogm": lambda m, **kw: api.OGM(m, alpha=2.0, **kw),
-    "ogm_ge-official": lambda m, **kw: api.OGMGE(m, alpha=2.0, official=True, **kw),   # isotropic GE noise
+    "ogm_ge-official": lambda m, **kw: api.OGMGE(m, alpha=2.0, official=True, **kw),  # isotropic GE noise
     "mlb": lambda m, **kw: api.MLB(m, alpha=2.0, **kw),
 }
 
@@ -104,10 +105,13 @@ def test_update_mode_any_number_of_modalities(m):
     assert_deltas(before, model, twin, k)
 
 
-@pytest.mark.parametrize("lane", [
-    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")]),
-    pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend(None)]),
-])
+@pytest.mark.parametrize(
+    "lane",
+    [
+        pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.backend("triton")]),
+        pytest.param("ext", marks=[pytest.mark.ext, pytest.mark.backend(None)]),
+    ],
+)
 def test_update_rule_on_every_backend_lane(lane, device):
     """The coefficients come from the lane's backend (the GE noise too on ext; it has no Triton kernel: CPU tensors
     run it on the C++ twin); the update rule holds the same."""
@@ -135,20 +139,36 @@ def _achieved_ratio(modulate: str, steps: int = 4):
         bal.modulate_grads()
         k = bal.coefficients.clone()
         state, snap = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
-        probe = copy.deepcopy(model)                     # the counterfactual: same state, unmodulated gradient
+        probe = copy.deepcopy(model)  # the counterfactual: same state, unmodulated gradient
         probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
         probe_opt.load_state_dict(state)
         for q, g in zip(probe.parameters(), raw):
             q.grad = g
         probe_opt.step()
         opt.step()
-        got = [torch.cat([(p.detach() - snap[n]).flatten() for n, p in model.named_parameters()
-                          if n.startswith(f"encoders.{i}.")]).norm() for i in range(2)]
-        want = [torch.cat([(p.detach() - snap[n]).flatten() for n, p in probe.named_parameters()
-                           if n.startswith(f"encoders.{i}.")]).norm() for i in range(2)]
+        got = [
+            torch.cat(
+                [
+                    (p.detach() - snap[n]).flatten()
+                    for n, p in model.named_parameters()
+                    if n.startswith(f"encoders.{i}.")
+                ]
+            ).norm()
+            for i in range(2)
+        ]
+        want = [
+            torch.cat(
+                [
+                    (p.detach() - snap[n]).flatten()
+                    for n, p in probe.named_parameters()
+                    if n.startswith(f"encoders.{i}.")
+                ]
+            ).norm()
+            for i in range(2)
+        ]
         ratios.append(torch.stack([g / w for g, w in zip(got, want)]))
         ks.append(k)
-    return torch.stack(ratios), torch.stack(ks)   # [steps, M] achieved update ratio, coefficient
+    return torch.stack(ratios), torch.stack(ks)  # [steps, M] achieved update ratio, coefficient
 
 
 def test_grad_mode_cancels_under_adam_update_mode_does_not():
@@ -179,26 +199,26 @@ def test_unlisted_tensors_and_outside_window_are_unmodulated():
     opt.step()
     twin_opt.step()
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.equal(p, q), n   # step 0 is outside the window: bit-identical to the plain optimizer
+        assert torch.equal(p, q), n  # step 0 is outside the window: bit-identical to the plain optimizer
 
 
 def test_grad_scaler_skipped_step_changes_nothing():
     model, opt, bal = setup("ogm", "adam")
     model.float()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     xs, y = batch(2, seed=3)
     before = copy.deepcopy(model.state_dict())
     scaler.scale(forward_observe(bal, model, xs, y)).backward()
     next(model.parameters()).grad[0, 0] = float("inf")
     scaler.unscale_(opt)
     bal.modulate_grads()
-    scaler.step(opt)          # skipped: inf in the gradients
+    scaler.step(opt)  # skipped: inf in the gradients
     scaler.update()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
     assert opt.state_dict()["state"] == {}
     opt.zero_grad()
-    forward_observe(bal, model, xs, y)   # the next step's observe ends the skipped one
+    forward_observe(bal, model, xs, y)  # the next step's observe ends the skipped one
     assert bal.skipped_steps == 1 and bal.step_count == 1
 
 
@@ -253,10 +273,10 @@ def test_update_mode_errors_name_what_is_missing():
     with pytest.raises(ValueError, match=r"params\[1\]\[0\] is also listed"):
         api.OGM(2, modulate="update", params=[enc, enc[:1]], optimizer=opt)
     with pytest.raises(ValueError, match="noise='covariance'"):
-        api.OGMGE(2, modulate="update", params=listed(model), optimizer=opt)   # paper OGM-GE: covariance taps
+        api.OGMGE(2, modulate="update", params=listed(model), optimizer=opt)  # paper OGM-GE: covariance taps
     with pytest.raises(ValueError, match="alpha"):
         api.OGM(2, alpha=-1.0, modulate="update", params=listed(model), optimizer=opt)
-    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks   # rejected: nothing hooked
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # rejected: nothing hooked
 
 
 def test_step_before_modulate_grads_raises_and_changes_nothing():

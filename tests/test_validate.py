@@ -1,4 +1,5 @@
 """The shared boundary checks name the argument, the expectation and what was received."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """SampleValuation / ModalityValuation balancers, ValuationDataset and apply_keep on a tiny model (reference lane)."""
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,7 @@ def test_sample_valuation_rows_follow_the_reference():
     assert int(want["copies"].sum()) > 0, "the test would prove nothing"
     torch.testing.assert_close(bal.coefficients, want["copies"].sum(1).float())
     torch.testing.assert_close(bal.scores, want["phi"].mean(1))
-    assert bal.phi.abs().sum() == 0   # rows() starts the next pass from scratch
+    assert bal.phi.abs().sum() == 0  # rows() starts the next pass from scratch
 
 
 def test_outside_the_window_only_originals():
@@ -122,7 +123,6 @@ def test_state_dict_resume():
         SampleValuation(M, N, start=2).load_state_dict(state)
 
 
-
 def test_state_dict_of_the_previous_release_loads():
     """The previous release stored phi_sum (sums of phi), not sums of M! phi: such a state still loads (converted
     exactly) and gives the same phi and rows; the caller's dict is not modified."""
@@ -138,6 +138,7 @@ def test_state_dict_of_the_previous_release_loads():
     assert set(old["tensors"]) == keys
     assert torch.equal(bal2.phi, bal.phi)
     assert all(torch.equal(a, b) for a, b in zip(bal.rows(1), bal2.rows(1)))
+
 
 def test_errors():
     with pytest.raises(ValueError, match="num_samples"):
@@ -242,7 +243,7 @@ def test_ignore_index_rows_get_no_copies():
     copied = set(idx[N:].tolist())
     assert copied and not copied & set(ignored.tolist())
     assert bal.coefficients.sum() == idx.shape[0] - N
-    custom = SampleValuation(M, N, start=0, ignore_index=2)          # any ignore_index, also one inside [0, C)
+    custom = SampleValuation(M, N, start=0, ignore_index=2)  # any ignore_index, also one inside [0, C)
     value_all(custom, encs, head, xs, torch.where(y == -100, 2, y))
     assert not set(custom.rows(1)[0][N:].tolist()) & set(torch.nonzero(y == -100).flatten().tolist())
 
@@ -291,7 +292,7 @@ def test_apply_keep_selects_so_dropped_nonfinite_rows_are_zeros():
 def test_head_with_the_wrong_number_of_rows(extra):
     encs, head, xs, y = setup()
     feats = [e(x[:6]) for e, x in zip(encs, xs)]
-    bad = lambda fs: torch.cat([fuse(head)(fs), torch.zeros(max(extra, 0), C)])[:18 + extra]  # noqa: E731
+    bad = lambda fs: torch.cat([fuse(head)(fs), torch.zeros(max(extra, 0), C)])[: 18 + extra]  # noqa: E731
     with pytest.raises(ValueError, match=r"head must return.*\[3 \* 6 = 18, C\]"):
         SampleValuation.subset_logits(feats, bad)
     with pytest.raises(ValueError, match="head must return"):
@@ -394,12 +395,12 @@ def test_modality_valuation_leaves_unvalued_draws_out():
     bal = ModalityValuation(M, N, start=0, seed=1)
     draws = bal.valuation_indices(0)
     bits = torch.zeros(3, N, dtype=torch.bool)
-    bits[0] = bits[2] = True                                           # phi = (3/2, 1/2) where valued
+    bits[0] = bits[2] = True  # phi = (3/2, 1/2) where valued
     first = draws[:2]
     assert not torch.isin(draws, first).all(), "every draw valued: the test would prove nothing"
     bal.value(logits_of(bits[:, first]), torch.zeros(2, dtype=torch.long), first)
     bal.rows(1)
-    assert bal.ratios.tolist() == [-0.5, 0.5]                         # the mean over the valued draws only
+    assert bal.ratios.tolist() == [-0.5, 0.5]  # the mean over the valued draws only
 
 
 def run_epochs(rows, bal, model, opt, epochs, first=0):
@@ -420,6 +421,7 @@ def run_epochs(rows, bal, model, opt, epochs, first=0):
 def test_dataset_resume_is_bit_identical(cls):
     """Stop after epoch 1, save the model, optimizer, balancer, ValuationDataset and RNG, rebuild everything, load,
     run epoch 2: the same parameters, bit for bit, as the uninterrupted 3 epochs."""
+
     def build():
         model = setup(2)
         train = [(model[2][0][i], model[2][1][i], model[3][i]) for i in range(N)]
@@ -436,8 +438,14 @@ def test_dataset_resume_is_bit_identical(cls):
     model, rows, bal, opt = build()
     run_epochs(rows, bal, model, opt, 2)
     assert len(rows) > N, "no copies: the test would prove nothing"
-    saved = {"enc": model[0].state_dict(), "head": model[1].state_dict(), "opt": opt.state_dict(),
-             "bal": bal.state_dict(), "rows": rows.state_dict(), "rng": torch.get_rng_state()}
+    saved = {
+        "enc": model[0].state_dict(),
+        "head": model[1].state_dict(),
+        "opt": opt.state_dict(),
+        "bal": bal.state_dict(),
+        "rows": rows.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
     model, rows, bal, opt = build()
     model[0].load_state_dict(saved["enc"]), model[1].load_state_dict(saved["head"])
     opt.load_state_dict(saved["opt"]), bal.load_state_dict(saved["bal"]), rows.load_state_dict(saved["rows"])
@@ -469,7 +477,7 @@ def test_dataset_load_state_dict_rejects_and_changes_nothing():
         assert len(other) == N and other.keep.all() and torch.equal(other.index, torch.arange(N))
     other.load_state_dict(good)
     assert torch.equal(other.index, ds.index) and torch.equal(other.keep, ds.keep)
-    good["index"][0] = 7                                                # a copy: the saved state does not alias
+    good["index"][0] = 7  # a copy: the saved state does not alias
     assert other.index[0] == 0
     with pytest.raises(ValueError, match="indices"):
         ds.set_rows(torch.tensor([N]), torch.ones(1, M, dtype=torch.bool))

@@ -1,6 +1,7 @@
 """SampleValuation under torch.distributed (2 CPU processes, gloo): each rank values its own half of the samples; the
 per-sample values are summed over ranks in rows(), so both ranks build the same rows, equal to one process valuing
 all samples; a non-finite batch on one rank sets the flag on both."""
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,16 @@ def _worker(rank: int, world: int, init: str, outdir: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         bal = SampleValuation(M, N, start=1)
-        _value(bal, torch.arange(rank, N, world))          # this rank's shard (as DistributedSampler)
+        _value(bal, torch.arange(rank, N, world))  # this rank's shard (as DistributedSampler)
         idx, keep = bal.rows(1)
         bal_scores = bal.scores.clone()
         f = torch.zeros(3, 2, 3)
-        f[:, :, 0] = float("nan") if rank == 1 else 1.0                 # a non-finite batch on rank 1 only
+        f[:, :, 0] = float("nan") if rank == 1 else 1.0  # a non-finite batch on rank 1 only
         bal.value(f, torch.zeros(2, dtype=torch.long), torch.arange(2))
         bal.rows(2)
-        torch.save({"idx": idx, "keep": keep, "scores": bal_scores, "flag": bal.flag},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(
+            {"idx": idx, "keep": keep, "scores": bal_scores, "flag": bal.flag}, os.path.join(outdir, f"rank{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 
@@ -53,4 +55,4 @@ def test_ddp_two_ranks_build_the_same_rows(tmp_path):
     for r in (r0, r1):
         assert torch.equal(r["idx"], idx) and torch.equal(r["keep"], keep)
         torch.testing.assert_close(r["scores"], single.scores)
-        assert r["flag"].item() == 1.0                                  # the flag is a max over ranks
+        assert r["flag"].item() == 1.0  # the flag is a max over ranks

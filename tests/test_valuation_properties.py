@@ -2,6 +2,7 @@
 docs/methods/modality_valuation.md): Shapley efficiency per sample on the reference and on the kernel, a rejected call
 of any public method leaves the balancer's state_dict() unchanged, and non-finite logits always set the flag and never
 give a non-finite phi."""
+
 from __future__ import annotations
 
 import math
@@ -16,13 +17,20 @@ from mmkernels.api.valuation import ModalityValuation, SampleValuation
 from mmkernels.valuation import sample_valuation
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-KERNEL_SETTINGS = settings(SETTINGS, max_examples=12)                  # the interpreter is slower
-KERNEL_CASES = [(2, 2, 3), (2, 70, 5), (3, 33, 4), (4, 9, 300), (5, 17, 2), (8, 5, 3)]  # the gpu-compile plan of tests/test_valuation_triton.py
+KERNEL_SETTINGS = settings(SETTINGS, max_examples=12)  # the interpreter is slower
+KERNEL_CASES = [
+    (2, 2, 3),
+    (2, 70, 5),
+    (3, 33, 4),
+    (4, 9, 300),
+    (5, 17, 2),
+    (8, 5, 3),
+]  # the gpu-compile plan of tests/test_valuation_triton.py
 
 
 def random_logits(m, b, c, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2 ** m - 1, b, c, generator=g), torch.randint(0, c, (b,), generator=g)
+    return torch.randn(2**m - 1, b, c, generator=g), torch.randint(0, c, (b,), generator=g)
 
 
 def v_all(x, y, value):
@@ -55,8 +63,13 @@ def poison(x, seed, count):
 
 # ----------------------------------------------------------------------------------------------- efficiency
 @SETTINGS
-@given(st.integers(2, 6), st.integers(1, 9), st.integers(1, 5), st.sampled_from(["authors", "toolkit"]),
-       st.integers(0, 10_000))
+@given(
+    st.integers(2, 6),
+    st.integers(1, 9),
+    st.integers(1, 5),
+    st.sampled_from(["authors", "toolkit"]),
+    st.integers(0, 10_000),
+)
 def test_efficiency_reference(m, b, c, value, seed):
     x, y = random_logits(m, b, c, seed)
     res = R.sample_valuation(x, y, value=value)
@@ -84,7 +97,7 @@ def test_nonfinite_sets_the_flag_reference(m, b, c, count, seed):
     res = R.sample_valuation(x, y)
     assert res["flag"].item() == 1.0 and torch.isfinite(res["phi"]).all()
     bad_rows = ~torch.isfinite(x).all(2)
-    assert (res["values"][bad_rows] == 0).all()                       # never correct
+    assert (res["values"][bad_rows] == 0).all()  # never correct
 
 
 @pytest.mark.triton
@@ -135,14 +148,28 @@ def rejected_calls(bal, x, y):
         ("set_epoch: negative", lambda: bal.set_epoch(-1)),
         ("observe: not a valuation method", lambda: bal.observe(torch.zeros(2, N, 3), y)),
         ("subset_logits: head rows", lambda: bal.subset_logits([torch.zeros(N, 2)] * 2, lambda f: torch.zeros(N, 3))),
-        ("load_state_dict: other method", lambda: bal.load_state_dict(other)
-         if isinstance(bal, ModalityValuation) else bal.load_state_dict({**other, "method": "pmr"})),
-        ("load_state_dict: tensor shape",
-         lambda: bal.load_state_dict({**state, "tensors": {**state["tensors"], "count": torch.zeros(N + 1)}})),
-        ("load_state_dict: old phi_sum", lambda: bal.load_state_dict(
-            {**state, "tensors": {k: v for k, v in state["tensors"].items() if k != "scaled_phi_sum"}})),
-        ("load_state_dict: hyperparameters",
-         lambda: bal.load_state_dict({**state, "hyperparameters": {**state["hyperparameters"], "start": 3}})),
+        (
+            "load_state_dict: other method",
+            lambda: (
+                bal.load_state_dict(other)
+                if isinstance(bal, ModalityValuation)
+                else bal.load_state_dict({**other, "method": "pmr"})
+            ),
+        ),
+        (
+            "load_state_dict: tensor shape",
+            lambda: bal.load_state_dict({**state, "tensors": {**state["tensors"], "count": torch.zeros(N + 1)}}),
+        ),
+        (
+            "load_state_dict: old phi_sum",
+            lambda: bal.load_state_dict(
+                {**state, "tensors": {k: v for k, v in state["tensors"].items() if k != "scaled_phi_sum"}}
+            ),
+        ),
+        (
+            "load_state_dict: hyperparameters",
+            lambda: bal.load_state_dict({**state, "hyperparameters": {**state["hyperparameters"], "start": 3}}),
+        ),
     ]
     if isinstance(bal, ModalityValuation):
         calls.append(("valuation_indices: negative", lambda: bal.valuation_indices(-1)))
@@ -151,8 +178,11 @@ def rejected_calls(bal, x, y):
 
 def same_state(a, b):
     rest = {k: v for k, v in a.items() if k != "tensors"} == {k: v for k, v in b.items() if k != "tensors"}
-    return rest and a["tensors"].keys() == b["tensors"].keys() and all(
-        torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    return (
+        rest
+        and a["tensors"].keys() == b["tensors"].keys()
+        and all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -160,7 +190,7 @@ def same_state(a, b):
 def test_a_rejected_call_leaves_the_state_unchanged(cls, passes, seed):
     x, y = random_logits(2, N, 3, seed)
     bal = cls(2, N, start=0)
-    for p in range(passes):                                             # some valued state, some rows built
+    for p in range(passes):  # some valued state, some rows built
         bal.value(x, y, torch.arange(N))
         if p % 2:
             bal.rows(p)

@@ -1,6 +1,7 @@
 """Sample- and modality-level valuation reference (docs/methods/sample_valuation.md): the worked example (authors and
 toolkit), a literal loop transcription on random logits, Shapley efficiency, thresholds, the M > 2 rate, the public
 op, non-finite logits, autocast, and floor(p N) of the modality level against Fractions."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,14 +31,14 @@ def test_worked_example_authors():
     torch.testing.assert_close(res["phi"], torch.tensor([[0.5, -0.5], [1.5, 0.5]]))
     assert res["copies"].tolist() == [[1, 3], [0, 1]]
     idx, keep = R.valuation_rows(res["copies"])
-    assert idx.shape[0] == 7                                              # next epoch: 7 rows
+    assert idx.shape[0] == 7  # next epoch: 7 rows
     assert idx.tolist() == [0, 1, 0, 1, 1, 1, 1]
     assert keep.tolist() == [[True, True]] * 2 + [[True, False]] * 4 + [[False, True]]
-    gaps = R.modality_gaps(res["phi"])                                    # Z = both samples
+    gaps = R.modality_gaps(res["phi"])  # Z = both samples
     torch.testing.assert_close(gaps, torch.tensor([1.0, 0.0]))
     p, m = R.modality_rate(gaps)
     assert p.item() == pytest.approx(2 / 3) and m.item() == 0
-    assert math.floor(p.item() * 2) == 1                                  # one audio-only copy
+    assert math.floor(p.item() * 2) == 1  # one audio-only copy
 
 
 def test_worked_example_toolkit():
@@ -59,7 +60,7 @@ def literal_phi(subset_logits, labels, value="authors"):
         if s == 0:
             return 0.0
         row = subset_logits[s - 1, i].tolist()
-        correct = row.index(max(row)) == int(labels[i])                   # first maximum wins
+        correct = row.index(max(row)) == int(labels[i])  # first maximum wins
         return float(correct) * (bin(s).count("1") if value == "authors" else 1)
 
     phi = [[Fraction(0)] * b for _ in range(m)]
@@ -83,39 +84,46 @@ def literal_copies(x):
 @pytest.mark.parametrize("m,b,c", [(2, 9, 3), (3, 11, 4), (4, 6, 2), (5, 4, 3)])
 def test_matches_the_literal_loop(m, b, c, value):
     g = torch.Generator().manual_seed(m * 100 + b)
-    f = torch.randint(0, 3, (2 ** m - 1, b, c), generator=g).float()       # small integers: ties happen
+    f = torch.randint(0, 3, (2**m - 1, b, c), generator=g).float()  # small integers: ties happen
     y = torch.randint(0, c, (b,), generator=g)
     res = R.sample_valuation(f, y, value=value)
     want = literal_phi(f, y, value)
-    torch.testing.assert_close(res["phi"].double(), torch.tensor([[float(x) for x in row] for row in want],
-                                                                  dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        res["phi"].double(),
+        torch.tensor([[float(x) for x in row] for row in want], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     assert res["copies"].tolist() == [[literal_copies(x) for x in row] for row in want]
     assert R.valuation_copies(res["phi"]).tolist() == res["copies"].tolist()
 
 
-@pytest.mark.parametrize("m,correct,modality,want_phi,want_copies", [
-    (4, (0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1), 3, 1.0, 0),   # a plain fp32 sum gives 0.99999994: 1 copy
-    (5, (0,) * 28 + (1, 1, 1), 0, 0.4, 0),                             # a plain fp32 sum gives 0.39999998: 2 copies
-])
+@pytest.mark.parametrize(
+    "m,correct,modality,want_phi,want_copies",
+    [
+        (4, (0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1), 3, 1.0, 0),  # a plain fp32 sum gives 0.99999994: 1 copy
+        (5, (0,) * 28 + (1, 1, 1), 0, 0.4, 0),  # a plain fp32 sum gives 0.39999998: 2 copies
+    ],
+)
 def test_thresholds_hit_exactly(m, correct, modality, want_phi, want_copies):
     """phi = 1 and phi = 0.4 are Shapley values of integer v(S) (found by enumerating every correctness pattern);
     M! phi is summed exactly, so they give the copies exact arithmetic gives (0), not the side rounding picks."""
     ok = torch.tensor(correct, dtype=torch.bool)
-    f = torch.zeros(2 ** m - 1, 1, 2)
-    f[:, 0, 0] = ok.float()               # class 0 wins (y = 0) exactly where `correct` says
+    f = torch.zeros(2**m - 1, 1, 2)
+    f[:, 0, 0] = ok.float()  # class 0 wins (y = 0) exactly where `correct` says
     f[:, 0, 1] = 0.5
     res = R.sample_valuation(f, torch.tensor([0]))
     assert res["phi"][modality, 0].item() == pytest.approx(want_phi, abs=1e-7)
     assert res["copies"][modality, 0].item() == want_copies
     naive = R.shapley_combine(res["values"])
-    assert R.valuation_copies(naive)[modality, 0].item() != want_copies   # the pitfall is real
+    assert R.valuation_copies(naive)[modality, 0].item() != want_copies  # the pitfall is real
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 8), st.integers(0, 10_000))
 def test_shapley_values_of_each_sample_sum_to_v_all(m, b, seed):
     g = torch.Generator().manual_seed(seed)
-    f = torch.randn(2 ** m - 1, b, 3, generator=g)
+    f = torch.randn(2**m - 1, b, 3, generator=g)
     y = torch.randint(0, 3, (b,), generator=g)
     res = R.sample_valuation(f, y)
     torch.testing.assert_close(res["phi"].sum(0), res["values"][-1], atol=1e-5, rtol=0)
@@ -126,9 +134,9 @@ def test_threshold_boundaries():
     assert R.valuation_copies(phi).tolist() == [[0, 1, 0, 1, 2, 0, 2, 3, 0]]
 
 
-@pytest.mark.parametrize("curve,want", [("linear", 0.2), ("tanh", math.tanh(0.2)), ("square", 0.3 ** 1.5 * 2 / 3)])
+@pytest.mark.parametrize("curve,want", [("linear", 0.2), ("tanh", math.tanh(0.2)), ("square", 0.3**1.5 * 2 / 3)])
 def test_rate_curves(curve, want):
-    gaps = torch.tensor([0.75, 0.3])     # d = 0.45; (2/3) d = 0.3; alpha 2/3
+    gaps = torch.tensor([0.75, 0.3])  # d = 0.45; (2/3) d = 0.3; alpha 2/3
     p, m = R.modality_rate(gaps, alpha=2 / 3, curve=curve)
     assert p.item() == pytest.approx(want, rel=1e-6) and m.item() == 0
 
@@ -137,7 +145,7 @@ def test_rate_beyond_two_modalities():
     gaps = torch.tensor([0.1, 0.7, 0.4])  # pairs: 0.6, 0.3, 0.3 -> mean 0.4
     p, m = R.modality_rate(gaps)
     assert p.item() == pytest.approx(2 / 3 * 0.4) and m.item() == 1
-    p_tk, _ = R.modality_rate(gaps, rate="toolkit")   # ordered pairs sum 2.4 / (M - 1)
+    p_tk, _ = R.modality_rate(gaps, rate="toolkit")  # ordered pairs sum 2.4 / (M - 1)
     assert p_tk.item() == pytest.approx(2 / 3 * 1.2)
 
 
@@ -159,9 +167,13 @@ def test_nonfinite_row_is_never_correct():
     """docs/methods/sample_valuation.md "Edge cases": a row holding NaN or +-inf counts as wrong (torch.argmax
     would pick the NaN, here at the label), and the flag is 1; finite rows are valued as usual."""
     nan, inf = float("nan"), float("inf")
-    f = torch.tensor([[[nan, 0.0, 0.0], [0.0, 0.0, inf]],        # S=1: argmax would be the label 0 / 2
-                      [[1.0, 0.0, 0.0], [nan, nan, nan]],        # S=2: finite, correct / all NaN
-                      [[5.0, -inf, 0.0], [0.0, 0.0, 1.0]]])      # S=3: -inf too / finite, correct
+    f = torch.tensor(
+        [
+            [[nan, 0.0, 0.0], [0.0, 0.0, inf]],  # S=1: argmax would be the label 0 / 2
+            [[1.0, 0.0, 0.0], [nan, nan, nan]],  # S=2: finite, correct / all NaN
+            [[5.0, -inf, 0.0], [0.0, 0.0, 1.0]],
+        ]
+    )  # S=3: -inf too / finite, correct
     y = torch.tensor([0, 2])
     res = R.sample_valuation(f, y)
     assert res["values"].tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
@@ -210,11 +222,11 @@ def literal_extra_rows(phi_draws, n, *, alpha=1.0, curve="linear", rate="authors
     a = Fraction(alpha)
     if curve == "linear":
         return math.floor(x * a * n)
-    q = x ** 3 * a ** 2 * n ** 2                       # (p N)^2 for "square": the largest k with k^2 <= q
+    q = x**3 * a**2 * n**2  # (p N)^2 for "square": the largest k with k^2 <= q
     k = int(math.sqrt(float(q)))
     while (k + 1) ** 2 <= q:
         k += 1
-    while k ** 2 > q:
+    while k**2 > q:
         k -= 1
     return k
 
@@ -240,7 +252,7 @@ def test_extra_rows_are_counted_exactly_on_a_grid():
     halves = [Fraction(h, 2) for h in range(-1, 4)]
     integer_cases = fp32_short = 0
     for n in range(1, 41):
-        k = max(1, int(0.2 * n))                        # the default fraction's number of draws
+        k = max(1, int(0.2 * n))  # the default fraction's number of draws
         for a in halves:
             for b in halves:
                 draws = ([(a, b), (b, b), (a, a)] * k)[:k]
@@ -253,8 +265,9 @@ def test_extra_rows_are_counted_exactly_on_a_grid():
     assert integer_cases > 50 and fp32_short > 0, "the grid would prove nothing"
 
 
-@pytest.mark.parametrize("kw", [dict(alpha=0.75), dict(curve="square", alpha=1.5), dict(rate="toolkit"),
-                                dict(curve="square", alpha=0.3)])
+@pytest.mark.parametrize(
+    "kw", [dict(alpha=0.75), dict(curve="square", alpha=1.5), dict(rate="toolkit"), dict(curve="square", alpha=0.3)]
+)
 @pytest.mark.parametrize("m", [2, 3])
 def test_extra_rows_exact_other_rates(m, kw):
     g = torch.Generator().manual_seed(m)
@@ -268,7 +281,7 @@ def test_extra_rows_exact_other_rates(m, kw):
 def test_gaps_exact_leaves_out_unvalued_draws_and_averages_repeats():
     """A draw valued twice holds the sum of two M! phi (count 2): its phi is their mean; one with count 0 is left
     out."""
-    scaled = torch.tensor([[2, 6, 5], [0, -2, 9]])       # M = 2, fact 2
+    scaled = torch.tensor([[2, 6, 5], [0, -2, 9]])  # M = 2, fact 2
     counts = torch.tensor([1, 2, 0])
     gaps = R.modality_gaps_exact(scaled, counts, 2)
     # phi of the valued draws: (1, 0) and (1.5, -0.5); mean (1.25, -0.25)

@@ -1,6 +1,7 @@
 """Triton lane: the fused sample-valuation kernel (argmax per subset -> v(S) -> phi -> copies, one launch) against the
 reference (TRITON_INTERPRET=1 on CPU, or CUDA). Ties (small integer logits, also across C tiles), M = 2..8, layouts,
 half precision, both value rules. Every case has its launcher specialization in the gpu-compile plan at the end of this file."""
+
 import pytest
 import torch
 
@@ -20,8 +21,8 @@ CASES = [(2, 2, 3), (2, 70, 5), (3, 33, 4), (4, 9, 300), (5, 17, 2), (8, 5, 3)] 
 
 def logits(m, b, c, seed, dtype=torch.float32, layout="contiguous"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 3, (2 ** m - 1, b, c), generator=g).to(dtype)   # many ties: first maximum must win
-    if layout == "bmc":   # a [B, 2^M - 1, C] buffer seen as [2^M - 1, B, C]
+    x = torch.randint(0, 3, (2**m - 1, b, c), generator=g).to(dtype)  # many ties: first maximum must win
+    if layout == "bmc":  # a [B, 2^M - 1, C] buffer seen as [2^M - 1, B, C]
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
     y = torch.randint(0, c, (b,), generator=g)
     return x, y
@@ -72,13 +73,16 @@ def test_int32_labels(device):
     assert torch.equal(got["copies"].cpu(), R.sample_valuation(x, y)["copies"])
 
 
-@pytest.mark.parametrize("m,correct,modality", [
-    (4, (0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1), 3),   # phi = 1 exactly
-    (5, (0,) * 28 + (1, 1, 1), 0),                             # phi = 0.4 exactly
-])
+@pytest.mark.parametrize(
+    "m,correct,modality",
+    [
+        (4, (0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1), 3),  # phi = 1 exactly
+        (5, (0,) * 28 + (1, 1, 1), 0),  # phi = 0.4 exactly
+    ],
+)
 def test_thresholds_hit_exactly(m, correct, modality, device):
     """As tests/test_valuation_reference.py: the kernel sums M! phi exactly, so a value on a threshold gives 0."""
-    f = torch.zeros(2 ** m - 1, 1, 2)
+    f = torch.zeros(2**m - 1, 1, 2)
     f[:, 0, 0] = torch.tensor(correct, dtype=torch.float32)
     f[:, 0, 1] = 0.5
     got = sample_valuation(f.to(device), torch.tensor([0], device=device))
@@ -94,7 +98,7 @@ def poison(x, seed):
     for k, val in enumerate([float("nan"), float("inf"), float("-inf"), float("nan")]):
         s, i = int(torch.randint(0, ns, (1,), generator=g)), (3 * k + seed) % b
         if k == 3:
-            x[s, i] = val                                            # all-NaN row
+            x[s, i] = val  # all-NaN row
         else:
             x[s, i, int(torch.randint(0, c, (1,), generator=g))] = val
     return x
@@ -107,7 +111,7 @@ def test_nonfinite_rows_are_wrong_on_both_backends(m, b, c, value, device):
     +-inf is never correct, flag 1), with no NaN reaching the interpreter's reductions ("All-NaN slice")."""
     x, y = logits(m, b, c, seed=m * 1000 + b)
     x = poison(x, seed=b)
-    x[-1, 0] = float("nan")                                          # the label's own column too
+    x[-1, 0] = float("nan")  # the label's own column too
     want = R.sample_valuation(x, y, value=value)
     got = sample_valuation(x.to(device), y.to(device), value=value)
     torch.testing.assert_close(got["phi"].cpu(), want["phi"], atol=1e-6, rtol=0)
@@ -124,10 +128,10 @@ def test_nan_encoder_output_and_all_nan_rows(device, monkeypatch):
     feats = [torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)]
     feats[0][1] = float("nan")
     w = torch.randn(10, 3, generator=g)
-    monkeypatch.setenv("MMKERNELS_BACKEND", "reference")            # the masking has no Triton kernel
+    monkeypatch.setenv("MMKERNELS_BACKEND", "reference")  # the masking has no Triton kernel
     f = valuation_subset_logits([t.to(device) for t in feats], lambda xs: torch.cat(xs, 1) @ w.to(device))
     monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
-    f[1, 2] = float("nan")                                           # an all-NaN row
+    f[1, 2] = float("nan")  # an all-NaN row
     y = torch.tensor([0, 1, 2, 0])
     want = R.sample_valuation(f.cpu(), y)
     got = sample_valuation(f, y.to(device))
@@ -157,7 +161,7 @@ def _plan_call(m, b, c, *, dtype="float32", layout="contiguous", scaled=True):
     from mmkernels.reference import valuation_weight_table
     from mmkernels.triton_ops.valuation import sample_valuation_triton
 
-    n = 2 ** m - 1
+    n = 2**m - 1
     x = torch.empty((n, b, c), dtype=getattr(torch, dtype))
     if layout == "bmc":
         x = torch.empty((b, n, c), dtype=getattr(torch, dtype)).transpose(0, 1)

@@ -12,6 +12,7 @@ In joint training the audio branch lowers the loss first, the gradient reaching 
 fused softmax error, and the visual encoder ends well below what it reaches when trained alone for the same steps.
 Nothing is downloaded; `make_dataset(seed)` is deterministic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,20 +40,32 @@ class Views:
 @dataclass
 class Splits:
     train: Views
-    dev: Views      # held out from training: OLM's generalisation rate reads its losses; AGM's d^m fits its probe
+    dev: Views  # held out from training: OLM's generalisation rate reads its losses; AGM's d^m fits its probe
     test: Views
     num_classes: int
-    names: tuple    # one name per view, e.g. ("audio", "visual")
+    names: tuple  # one name per view, e.g. ("audio", "visual")
 
     @property
     def dims(self):
         return [x.shape[1] for x in self.train.views]
 
 
-def make_dataset(seed: int = 0, *, n_train: int = 3000, n_dev: int = 500, n_test: int = 1500, num_classes: int = 6,
-                 audio_dim: int = 16, visual_dim: int = 64, audio_sep: float = 5.0, audio_pair_gap: float = 2.0,
-                 audio_noise: float = 1.0, visual_signal: float = 3.5, visual_noise: float = 1.0,
-                 visual_rank: int = 4) -> Splits:
+def make_dataset(
+    seed: int = 0,
+    *,
+    n_train: int = 3000,
+    n_dev: int = 500,
+    n_test: int = 1500,
+    num_classes: int = 6,
+    audio_dim: int = 16,
+    visual_dim: int = 64,
+    audio_sep: float = 5.0,
+    audio_pair_gap: float = 2.0,
+    audio_noise: float = 1.0,
+    visual_signal: float = 3.5,
+    visual_noise: float = 1.0,
+    visual_rank: int = 4,
+) -> Splits:
     """Deterministic synthetic split with views ("audio", "visual") (see module docstring). Class-balanced labels."""
     if num_classes % 2:
         raise ValueError(f"num_classes must be even (classes come in audio-confusable pairs), got {num_classes}")
@@ -67,7 +80,9 @@ def make_dataset(seed: int = 0, *, n_train: int = 3000, n_dev: int = 500, n_test
     # random sign (class is in |projection|, invisible to a linear read-out of the raw input).
     basis = torch.linalg.qr(torch.randn(visual_dim, visual_dim, generator=g))[0]
     if num_classes * visual_rank > visual_dim:
-        raise ValueError(f"visual_dim must be >= num_classes * visual_rank = {num_classes * visual_rank}, got {visual_dim}")
+        raise ValueError(
+            f"visual_dim must be >= num_classes * visual_rank = {num_classes * visual_rank}, got {visual_dim}"
+        )
     dirs = basis[:, : num_classes * visual_rank].T.reshape(num_classes, visual_rank, visual_dim)
 
     def draw(n):

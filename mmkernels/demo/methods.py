@@ -4,6 +4,7 @@ A runner owns the per-step recipe (forward, balancing calls, loss, backward, opt
 wants traced (a ratio and a coefficient per modality, as device tensors: no sync in the step), and wraps the parts
 that only the balancing adds in `timer.balancing()` so the demo can report their share of the step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,20 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 
-METHODS = ["joint", "ogm_ge", "ogm_ge_cov", "ogm", "opm", "agm", "mlb", "olm", "pmr", "mmpareto", "valuation",
-           "valuation_modality"]
+METHODS = [
+    "joint",
+    "ogm_ge",
+    "ogm_ge_cov",
+    "ogm",
+    "opm",
+    "agm",
+    "mlb",
+    "olm",
+    "pmr",
+    "mmpareto",
+    "valuation",
+    "valuation_modality",
+]
 # not in the default list: "grad" vs "update" modulation under an adaptive optimizer (--optimizer adam, issue 13)
 EXTRA_METHODS = ["ogm_ge_update", "mlb_params", "mlb_update"]
 LABELS = {
@@ -42,7 +55,7 @@ def label(name: str) -> str:
     """The table's label of a method or of a reference run "<view> alone"."""
     if name in LABELS:
         return LABELS[name]
-    return f"{name[:-len(' alone')]} encoder alone" if name.endswith(" alone") else name
+    return f"{name[: -len(' alone')]} encoder alone" if name.endswith(" alone") else name
 
 
 def concat_unimodal(model, feats, *, detach=True):
@@ -66,7 +79,7 @@ class JointRunner:
     def parameters(self):
         return list(self.model.parameters())
 
-    train_split = None   # the training Splits member, set by train_method (runners that read the data per epoch)
+    train_split = None  # the training Splits member, set by train_method (runners that read the data per epoch)
     batch_size = 64
 
     def bind(self, opt):
@@ -108,7 +121,8 @@ class JointRunner:
 def unimodal_heads(model):
     """One linear head per encoder, [D_m] -> [C] (MLB's and MMPareto's unimodal heads), on the model's device."""
     return torch.nn.ModuleList([torch.nn.Linear(d, model.head.out_features) for d in model.widths]).to(
-        model.head.weight.device)
+        model.head.weight.device
+    )
 
 
 def api_class(name):
@@ -148,7 +162,7 @@ class _ParamModeRunner(_BalancerRunner):
     modulate = "grad"
 
     def __init__(self, model, **kw):
-        self.achieved = []   # [(ratio [M], k [M])] device tensors, read after training
+        self.achieved = []  # [(ratio [M], k [M])] device tensors, read after training
         self._probe = False
         super().__init__(model, **kw)
 
@@ -156,7 +170,7 @@ class _ParamModeRunner(_BalancerRunner):
         return None if self.modulate == "update" else self.build_balancer(None)
 
     def bind(self, opt):
-        if self.bal is None:   # modulate="update" needs the optimizer
+        if self.bal is None:  # modulate="update" needs the optimizer
             self.bal = self.build_balancer(opt)
 
     def listed(self):
@@ -182,7 +196,7 @@ class _ParamModeRunner(_BalancerRunner):
             flat = [p for g in listed for p in g]
             raw = [p.grad.detach().clone() for p in flat]
             before = [p.detach().clone() for p in flat]
-            counter = copy.deepcopy(opt)   # same state and hyperparameters, its own tensors
+            counter = copy.deepcopy(opt)  # same state and hyperparameters, its own tensors
         with timer.balancing():
             self.bal.modulate_grads()
         if probe:
@@ -200,13 +214,14 @@ class _ParamModeRunner(_BalancerRunner):
         others = set(id(mirror[index[id(p)]]) for p in flat)
         for q in mirror:
             if id(q) not in others:
-                q.grad = None   # only the listed tensors are compared
+                q.grad = None  # only the listed tensors are compared
         counter.step()
         ratios, i = [], 0
         for group in listed:
-            got = torch.stack([(p.detach() - b).norm() for p, b in zip(group, before[i:i + len(group)])]).norm()
-            want = torch.stack([(mirror[index[id(p)]].detach() - b).norm()
-                                for p, b in zip(group, before[i:i + len(group)])]).norm()
+            got = torch.stack([(p.detach() - b).norm() for p, b in zip(group, before[i : i + len(group)])]).norm()
+            want = torch.stack(
+                [(mirror[index[id(p)]].detach() - b).norm() for p, b in zip(group, before[i : i + len(group)])]
+            ).norm()
             ratios.append(got / want)
             i += len(group)
         self.achieved.append((torch.stack(ratios), k))
@@ -223,8 +238,9 @@ class OGMGERunner(_ParamModeRunner):
 
     def build_balancer(self, opt):
         params = self.listed()
-        return api_class("OGMGE")(len(params), alpha=0.8, official=True, params=params, seed=self.seed,
-                                  modulate=self.modulate, optimizer=opt)
+        return api_class("OGMGE")(
+            len(params), alpha=0.8, official=True, params=params, seed=self.seed, modulate=self.modulate, optimizer=opt
+        )
 
     def step(self, inputs, y, opt, timer):
         opt.zero_grad(set_to_none=True)
@@ -307,8 +323,9 @@ class AGMRunner(_BalancerRunner):
     muted_mode = "reuse"
 
     def make_balancer(self):
-        return api_class("AGM")(len(self.model.encoders), alpha=1.0, clip=10.0, muted_mode=self.muted_mode,
-                                seed=self.seed)
+        return api_class("AGM")(
+            len(self.model.encoders), alpha=1.0, clip=10.0, muted_mode=self.muted_mode, seed=self.seed
+        )
 
     def step(self, inputs, y, opt, timer):
         opt.zero_grad(set_to_none=True)
@@ -372,8 +389,15 @@ class MLBParamsRunner(_ParamModeRunner):
         return [list(enc.parameters()) for enc in self.model.encoders]
 
     def build_balancer(self, opt):
-        return api_class("MLB")(len(self.model.encoders), alpha=0.8, beta_max=2.0, seed=self.seed,
-                                params=self.listed(), modulate=self.modulate, optimizer=opt)
+        return api_class("MLB")(
+            len(self.model.encoders),
+            alpha=0.8,
+            beta_max=2.0,
+            seed=self.seed,
+            params=self.listed(),
+            modulate=self.modulate,
+            optimizer=opt,
+        )
 
     parameters = MLBRunner.parameters
     unimodal_logits = MLBRunner.unimodal_logits
@@ -403,21 +427,23 @@ class PMRRunner(_BalancerRunner):
     name = "pmr"
 
     def make_balancer(self):
-        return api_class("PMR")(len(self.model.encoders), num_classes=self.num_classes, alpha=1.0, mu=0.2, end=100,
-                                unit="epoch")
+        return api_class("PMR")(
+            len(self.model.encoders), num_classes=self.num_classes, alpha=1.0, mu=0.2, end=100, unit="epoch"
+        )
 
     def _refresh(self, epoch):
         n = len(self.train_split)
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        idx = torch.randperm(n, generator=g)[:max(n // 10, 1)].to(self.train_split.labels.device)
+        idx = torch.randperm(n, generator=g)[: max(n // 10, 1)].to(self.train_split.labels.device)
         self.model.eval()
         with torch.no_grad():
-            self.bal.update_prototypes(self.model.encode([x[idx] for x in self.train_split.views]),
-                                       self.train_split.labels[idx])
+            self.bal.update_prototypes(
+                self.model.encode([x[idx] for x in self.train_split.views]), self.train_split.labels[idx]
+            )
         self.model.train()
 
     def step(self, inputs, y, opt, timer):
-        if self.train_split is None:   # no data set bound (benchmarks): prototypes from the first batch, once
+        if self.train_split is None:  # no data set bound (benchmarks): prototypes from the first batch, once
             if self.bal.prototypes is None:
                 self.model.eval()
                 with torch.no_grad():
@@ -450,7 +476,9 @@ class MMParetoRunner(_BalancerRunner):
         super().__init__(model, **kw)
 
     def make_balancer(self):
-        return api_class("MMPareto")(len(self.model.encoders), params=[list(e.parameters()) for e in self.model.encoders])
+        return api_class("MMPareto")(
+            len(self.model.encoders), params=[list(e.parameters()) for e in self.model.encoders]
+        )
 
     parameters = MLBRunner.parameters
     unimodal_logits = MLBRunner.unimodal_logits
@@ -459,7 +487,7 @@ class MMParetoRunner(_BalancerRunner):
         opt.zero_grad(set_to_none=True)
         feats = self.model.encode(inputs)
         loss = F.cross_entropy(self.model.fuse(feats), y)
-        with timer.balancing():   # the unimodal heads, the second backward and the combination
+        with timer.balancing():  # the unimodal heads, the second backward and the combination
             uni = [F.cross_entropy(h(f), y) for h, f in zip(self.uni_heads, feats)]
             self.bal.backward(loss, uni)
         opt.step()
@@ -475,7 +503,7 @@ class ValuationRunner(_BalancerRunner):
     name = "valuation"
     kind = "SampleValuation"
 
-    def make_balancer(self):   # needs N, known at bind()
+    def make_balancer(self):  # needs N, known at bind()
         if self.num_samples is None:
             return None
         return api_class(self.kind)(len(self.model.encoders), self.num_samples, start=5, seed=self.seed)
@@ -506,19 +534,19 @@ class ValuationRunner(_BalancerRunner):
         with torch.no_grad():
             idx = self._valuation_rows()
             for i in range(0, idx.shape[0], 1024):
-                rows = idx[i:i + 1024]
+                rows = idx[i : i + 1024]
                 feats = self.model.encode([x[rows] for x in tr.views])
                 self.bal.value(self.bal.subset_logits(feats, self.model.fuse), tr.labels[rows], rows)
         self.model.train()
 
     def _batch(self, inputs, y):
-        if self.train_split is None:   # benchmarks: the given batch, every modality kept
+        if self.train_split is None:  # benchmarks: the given batch, every modality kept
             return inputs, y, None
         if self._order is None:
             n = len(self.train_split)
             dev = self.train_split.labels.device
             self._new_epoch(torch.arange(n, device=dev), torch.ones(n, len(inputs), dtype=torch.bool, device=dev))
-        if self._pos + self.batch_size > self._index.shape[0]:   # epoch over: value, rebuild the rows
+        if self._pos + self.batch_size > self._index.shape[0]:  # epoch over: value, rebuild the rows
             if self.bal.values_after(self._epoch):
                 self._value()
             self._epoch += 1
@@ -539,7 +567,7 @@ class ValuationRunner(_BalancerRunner):
         loss = F.cross_entropy(self.model.fuse(feats), y)
         loss.backward()
         opt.step()
-        self.bal.step()   # the step counter (the rows change per epoch: set_epoch in _batch)
+        self.bal.step()  # the step counter (the rows change per epoch: set_epoch in _batch)
         return loss.detach()
 
 
@@ -594,10 +622,23 @@ class OLMRunner(_BalancerRunner):
             self.bal.train()
 
 
-RUNNERS = {"joint": JointRunner, "ogm_ge": OGMGERunner, "ogm_ge_cov": OGMGECovRunner, "ogm": OGMRunner,
-           "opm": OPMRunner, "agm": AGMRunner, "mlb": MLBRunner, "olm": OLMRunner,
-           "pmr": PMRRunner, "mmpareto": MMParetoRunner, "valuation": ValuationRunner,
-           "valuation_modality": ModalityValuationRunner, "ogm_ge_update": OGMGEUpdateRunner, "mlb_params": MLBParamsRunner, "mlb_update": MLBUpdateRunner}
+RUNNERS = {
+    "joint": JointRunner,
+    "ogm_ge": OGMGERunner,
+    "ogm_ge_cov": OGMGECovRunner,
+    "ogm": OGMRunner,
+    "opm": OPMRunner,
+    "agm": AGMRunner,
+    "mlb": MLBRunner,
+    "olm": OLMRunner,
+    "pmr": PMRRunner,
+    "mmpareto": MMParetoRunner,
+    "valuation": ValuationRunner,
+    "valuation_modality": ModalityValuationRunner,
+    "ogm_ge_update": OGMGEUpdateRunner,
+    "mlb_params": MLBParamsRunner,
+    "mlb_update": MLBUpdateRunner,
+}
 
 
 def make_method(name, model, *, num_classes, seed, total_steps):

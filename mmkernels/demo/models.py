@@ -1,4 +1,5 @@
 """Encoders and the concat-fusion classifier of the demo (MLP by default, torchvision ResNet-18 for the papers' setup)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ class VectorToImage(nn.Module):
     def __init__(self, in_dim: int, channels: int, size: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("proj", torch.randn(in_dim, channels * size * size, generator=g) / in_dim ** 0.5)
+        self.register_buffer("proj", torch.randn(in_dim, channels * size * size, generator=g) / in_dim**0.5)
         self.shape = (channels, size, size)
 
     def forward(self, x):

@@ -1,4 +1,5 @@
 """The demo's progress bar: tqdm on stderr (in place on a terminal); without a terminal, one line per run."""
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,14 @@ class Progress:
     def __init__(self, total_steps: int, stream=None):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=max(total_steps, 1), file=self.stream, unit="step", dynamic_ncols=True,
-                        disable=not self.tty, mininterval=0.2)
+        self.bar = tqdm(
+            total=max(total_steps, 1),
+            file=self.stream,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.tty,
+            mininterval=0.2,
+        )
         self.done, self.total, self.label = 0, max(total_steps, 1), ""
 
     def start_run(self, label: str):

@@ -1,5 +1,6 @@
 """The demo's tables (accuracy and cost; the diagnostics of mmkernels.metrics), as text and markdown, its JSON and
 its PNG, for any number of views."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ def _mean_sd(xs):
 
 def _alone_accuracy(results, names):
     """{(seed, m): accuracy of view m's encoder trained alone} (its unimodal logits are its own fused logits)."""
-    return {(r.seed, names.index(r.method[:-len(" alone")])): r.fused_acc
-            for r in results if r.method.endswith(" alone") and r.method[:-len(" alone")] in names}
+    return {
+        (r.seed, names.index(r.method[: -len(" alone")])): r.fused_acc
+        for r in results
+        if r.method.endswith(" alone") and r.method[: -len(" alone")] in names
+    }
 
 
 def _imbalances(r, alone, names):
@@ -52,18 +56,28 @@ def summarize(results, names):
     rows = []
     for name in order:
         rs = groups[name]
-        per_view = lambda key: [_mean_sd([(getattr(r, key) or [None] * len(names))[m] for r in rs])
-                                for m in range(len(names))]
+        per_view = lambda key: [
+            _mean_sd([(getattr(r, key) or [None] * len(names))[m] for r in rs]) for m in range(len(names))
+        ]
         imb = [_imbalances(r, alone, names) for r in rs]
-        rows.append({"method": name, "label": label(name), "seeds": [r.seed for r in rs],
-                     "fused": _mean_sd([r.fused_acc for r in rs]),
-                     "ms_per_step": _mean_sd([r.ms_per_step for r in rs]),
-                     "balance_share": _mean_sd([r.balance_share for r in rs]),
-                     "peak_mib": _mean_sd([r.peak_mib for r in rs]),
-                     "probe": per_view("modality_acc"), "unimodal": per_view("unimodal_acc"),
-                     "competition": per_view("competition"),
-                     "update_ratio": per_view("update_ratio"), "update_coef": per_view("update_coef"),
-                     "imbalance": _mean_sd([a for a, _ in imb]), "imbalance_rel": _mean_sd([b for _, b in imb])})
+        rows.append(
+            {
+                "method": name,
+                "label": label(name),
+                "seeds": [r.seed for r in rs],
+                "fused": _mean_sd([r.fused_acc for r in rs]),
+                "ms_per_step": _mean_sd([r.ms_per_step for r in rs]),
+                "balance_share": _mean_sd([r.balance_share for r in rs]),
+                "peak_mib": _mean_sd([r.peak_mib for r in rs]),
+                "probe": per_view("modality_acc"),
+                "unimodal": per_view("unimodal_acc"),
+                "competition": per_view("competition"),
+                "update_ratio": per_view("update_ratio"),
+                "update_coef": per_view("update_coef"),
+                "imbalance": _mean_sd([a for a, _ in imb]),
+                "imbalance_rel": _mean_sd([b for _, b in imb]),
+            }
+        )
     joint = next((r for r in rows if r["method"] == "joint"), None)
     for row in rows:
         row["verdict"] = _verdict(row, joint, rows, names)
@@ -73,8 +87,9 @@ def summarize(results, names):
 def lagging_view(joint, rows):
     """Index of the view joint training under-trains most: the largest (alone probe - joint probe); without alone
     runs, the lowest joint probe."""
-    alone = {m: acc for r in rows if r["method"].endswith(" alone")
-             for m, (acc, _) in enumerate(r["probe"]) if acc == acc}
+    alone = {
+        m: acc for r in rows if r["method"].endswith(" alone") for m, (acc, _) in enumerate(r["probe"]) if acc == acc
+    }
     gaps = [(alone[m] - acc) if m in alone else -acc for m, (acc, _) in enumerate(joint["probe"])]
     return max(range(len(gaps)), key=gaps.__getitem__)
 
@@ -122,8 +137,17 @@ def format_table(rows, names, markdown=False):
         plain = r["method"] == "joint" or r["method"].endswith(" alone")
         share = "-" if plain else f"{100 * r['balance_share'][0]:.0f}"
         peak = "-" if r["peak_mib"][0] != r["peak_mib"][0] else f"{r['peak_mib'][0]:.0f}"
-        body.append([r["label"], _pct(r["fused"]), *(_pct(p) for p in r["probe"]), f"{r['ms_per_step'][0]:.2f}",
-                     share, peak, r["verdict"]])
+        body.append(
+            [
+                r["label"],
+                _pct(r["fused"]),
+                *(_pct(p) for p in r["probe"]),
+                f"{r['ms_per_step'][0]:.2f}",
+                share,
+                peak,
+                r["verdict"],
+            ]
+        )
     return _render(head, body, markdown)
 
 
@@ -137,8 +161,14 @@ def format_diagnostics(rows, names, markdown=False):
             a = "-" if acc != acc else f"{100 * acc:.1f}"
             cells.append(a if d != d else f"{a} / {d:.2f}")
         spread, rel = r["imbalance"][0], r["imbalance_rel"][0]
-        body.append([r["label"], *cells, "-" if spread != spread else f"{100 * spread:.1f}",
-                     "-" if rel != rel else f"{rel:.2f}"])
+        body.append(
+            [
+                r["label"],
+                *cells,
+                "-" if spread != spread else f"{100 * spread:.1f}",
+                "-" if rel != rel else f"{rel:.2f}",
+            ]
+        )
     return _render(head, body, markdown)
 
 
@@ -148,8 +178,10 @@ def format_update_ratios(rows, names, markdown=False):
     if not have:
         return ""
     head = ["method", *(f"{n}: achieved / k" for n in names)]
-    body = [[r["label"], *(f"{a:.2f} / {k:.2f}" for (a, _), (k, _) in zip(r["update_ratio"], r["update_coef"]))]
-            for r in have]
+    body = [
+        [r["label"], *(f"{a:.2f} / {k:.2f}" for (a, _), (k, _) in zip(r["update_ratio"], r["update_coef"]))]
+        for r in have
+    ]
     return _render(head, body, markdown)
 
 
@@ -177,8 +209,14 @@ def write_png(path, results, rows, names):
     for j, key in enumerate(bars):
         xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(n)]
         vals = [r["fused"] if j == 0 else r["probe"][j - 1] for r in rows]
-        ax.bar(xs, [100 * v[0] for v in vals], width, yerr=[100 * v[1] for v in vals], color=f"C{j}",
-               label=key if j == 0 else f"{key} (linear probe)")
+        ax.bar(
+            xs,
+            [100 * v[0] for v in vals],
+            width,
+            yerr=[100 * v[1] for v in vals],
+            color=f"C{j}",
+            label=key if j == 0 else f"{key} (linear probe)",
+        )
     ax.set_xticks(range(n))
     ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("test accuracy %")
@@ -190,8 +228,10 @@ def write_png(path, results, rows, names):
         if r.ratio_trace and r.method not in first:
             first[r.method] = r
     a, z = names[0], names[-1]
-    for ax, key, title in ((axes[1], "ratio_trace", f"ratio of {a} (rho; AGM: r; MLB: r; OLM: lambda)"),
-                           (axes[2], "coef_trace", f"coefficient, {a} solid / {z} dashed")):
+    for ax, key, title in (
+        (axes[1], "ratio_trace", f"ratio of {a} (rho; AGM: r; MLB: r; OLM: lambda)"),
+        (axes[2], "coef_trace", f"coefficient, {a} solid / {z} dashed"),
+    ):
         for name, r in first.items():
             i = [row["method"] for row in rows].index(name)
             pts = [(s, t) for s, t in zip(r.trace_steps, getattr(r, key)) if t is not None]

@@ -1,5 +1,6 @@
 """Step and section timers that never synchronise inside the step: perf_counter on CPU, CUDA events on a GPU
 (read back once, after training)."""
+
 from __future__ import annotations
 
 import time
@@ -11,8 +12,8 @@ import torch
 class StepTimer:
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
-        self.steps = []        # CPU: seconds; CUDA: (start, end) event pairs
-        self.sections = []     # same, for the balancing sections
+        self.steps = []  # CPU: seconds; CUDA: (start, end) event pairs
+        self.sections = []  # same, for the balancing sections
         self._enabled = True
 
     def _mark(self):
@@ -53,5 +54,8 @@ class StepTimer:
         n = max(len(self.steps), 1)
         step_ms = self._total_ms(self.steps) / n
         bal_ms = self._total_ms(self.sections) / n
-        return {"ms_per_step": step_ms, "balance_ms_per_step": bal_ms,
-                "balance_share": (bal_ms / step_ms) if step_ms > 0 else 0.0}
+        return {
+            "ms_per_step": step_ms,
+            "balance_ms_per_step": bal_ms,
+            "balance_share": (bal_ms / step_ms) if step_ms > 0 else 0.0,
+        }

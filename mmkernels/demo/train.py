@@ -1,4 +1,5 @@
 """Training, evaluation, the linear probe and the diagnostics of the demo, for any number of views."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,12 +21,12 @@ class DemoConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    optimizer: str = "sgd"         # sgd (lr, momentum) | adam | adamw (adaptive_lr)
+    optimizer: str = "sgd"  # sgd (lr, momentum) | adam | adamw (adaptive_lr)
     adaptive_lr: float = 1e-3
     backbone: str = "mlp"
     device: str = "cpu"
     trace_every: int = 10
-    warmup_steps: int = 20         # excluded from the step timing (first-call costs)
+    warmup_steps: int = 20  # excluded from the step timing (first-call costs)
     probe_iters: int = 100
 
 
@@ -34,17 +35,17 @@ class RunResult:
     method: str
     seed: int
     fused_acc: float
-    modality_acc: list             # [M] linear-probe accuracy of each encoder (frozen), on the test split
+    modality_acc: list  # [M] linear-probe accuracy of each encoder (frozen), on the test split
     ms_per_step: float
     balance_share: float
     trace_steps: list = field(default_factory=list)
-    ratio_trace: list = field(default_factory=list)   # [n_trace][M] (what each method calls its ratio)
-    coef_trace: list = field(default_factory=list)    # [n_trace][M] (its coefficient)
-    peak_mib: float = float("nan")                    # peak CUDA memory of the training loop (nan on CPU)
+    ratio_trace: list = field(default_factory=list)  # [n_trace][M] (what each method calls its ratio)
+    coef_trace: list = field(default_factory=list)  # [n_trace][M] (its coefficient)
+    peak_mib: float = float("nan")  # peak CUDA memory of the training loop (nan on CPU)
     unimodal_acc: list = field(default_factory=list)  # [M] accuracy of each view's unimodal logits u_m, test split
-    competition: list | None = None                   # [M] AGM competition strength d^m (None: no alone runs)
-    update_ratio: list | None = None   # [M] mean over probe steps of the update-norm ratio achieved (parameter mode)
-    update_coef: list | None = None    # [M] mean coefficient k_m over the same steps
+    competition: list | None = None  # [M] AGM competition strength d^m (None: no alone runs)
+    update_ratio: list | None = None  # [M] mean over probe steps of the update-norm ratio achieved (parameter mode)
+    update_coef: list | None = None  # [M] mean coefficient k_m over the same steps
 
 
 def _batches(n, batch_size, steps, seed, device):
@@ -55,7 +56,7 @@ def _batches(n, batch_size, steps, seed, device):
         for i in range(0, n - batch_size + 1, batch_size):
             if done >= steps:
                 return
-            yield perm[i:i + batch_size].to(device)
+            yield perm[i : i + batch_size].to(device)
             done += 1
 
 
@@ -68,7 +69,7 @@ def _inputs(data, idx=None):
 
 @torch.no_grad()
 def _features(encoder, x, chunk=1024):
-    return torch.cat([encoder(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+    return torch.cat([encoder(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 
 def linear_probe_accuracy(encoder, x_train, y_train, x_test, y_test, num_classes, *, iters=100, seed=0):
@@ -108,7 +109,7 @@ def _peak_start(dev):
 
 def _peak_mib(dev):
     """Peak CUDA memory allocated since _peak_start, in MiB; nan on CPU."""
-    return torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else float("nan")
+    return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
 
 def train_unimodal(splits: Splits, modality: int, seed: int, cfg: DemoConfig, on_step=None):
@@ -142,15 +143,17 @@ def train_unimodal(splits: Splits, modality: int, seed: int, cfg: DemoConfig, on
     with torch.no_grad():
         concept = (_logits(model, [dv.views[modality]]), _logits(model, [x_te]))
         acc = (concept[1].argmax(1) == te.labels).float().mean().item()  # sync-ok: evaluation
-    probe = linear_probe_accuracy(enc, x_tr, tr.labels, x_te, te.labels, splits.num_classes, iters=cfg.probe_iters,
-                                  seed=seed)
+    probe = linear_probe_accuracy(
+        enc, x_tr, tr.labels, x_te, te.labels, splits.num_classes, iters=cfg.probe_iters, seed=seed
+    )
     accs = [float("nan")] * len(splits.names)
     accs[modality] = probe
     uni = [float("nan")] * len(splits.names)
     uni[modality] = acc
     t = timer.summary()
-    result = RunResult(f"{splits.names[modality]} alone", seed, acc, accs, t["ms_per_step"], 0.0, peak_mib=peak,
-                       unimodal_acc=uni)
+    result = RunResult(
+        f"{splits.names[modality]} alone", seed, acc, accs, t["ms_per_step"], 0.0, peak_mib=peak, unimodal_acc=uni
+    )
     return result, concept
 
 
@@ -176,13 +179,13 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
     for step, idx in enumerate(_batches(len(tr), cfg.batch_size, cfg.steps, seed, dev)):
         inputs, y = _inputs(tr, idx)
         probe = probing and step % cfg.trace_every == 0
-        if probe:   # the achieved update ratio needs a counterfactual optimizer step: not timed
+        if probe:  # the achieved update ratio needs a counterfactual optimizer step: not timed
             runner.probe_next_step()
         timer.skip(probe or step < min(cfg.warmup_steps, cfg.steps // 4))  # short runs time 3/4 of their steps
         with timer.step():
             runner.step(inputs, y, opt, timer)
         if step % cfg.trace_every == 0 or step == cfg.steps - 1:
-            r, c = runner.trace(inputs, y)   # device tensors, read back after training
+            r, c = runner.trace(inputs, y)  # device tensors, read back after training
             steps_seen.append(step)
             ratios.append(r)
             coefs.append(c)
@@ -194,9 +197,20 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
     inputs, y = _inputs(te)
     with torch.no_grad():
         fused = (runner.eval_logits(inputs).argmax(1) == y).float().mean().item()  # sync-ok: evaluation
-        uni = unimodal_accuracy(runner.unimodal_logits(inputs), y).tolist()    # sync-ok: evaluation
-    probes = [linear_probe_accuracy(model.encoders[m], tr.views[m], tr.labels, inputs[m], y, splits.num_classes,
-                                    iters=cfg.probe_iters, seed=seed) for m in range(len(inputs))]
+        uni = unimodal_accuracy(runner.unimodal_logits(inputs), y).tolist()  # sync-ok: evaluation
+    probes = [
+        linear_probe_accuracy(
+            model.encoders[m],
+            tr.views[m],
+            tr.labels,
+            inputs[m],
+            y,
+            splits.num_classes,
+            iters=cfg.probe_iters,
+            seed=seed,
+        )
+        for m in range(len(inputs))
+    ]
     strength = None
     if concepts is not None:
         with torch.no_grad():
@@ -206,23 +220,37 @@ def train_method(splits: Splits, method: str, seed: int, cfg: DemoConfig, on_ste
     update_ratio = update_coef = None
     if probing and runner.achieved:
         update_ratio = torch.stack([r for r, _ in runner.achieved]).mean(0).tolist()  # sync-ok: after training
-        update_coef = torch.stack([k for _, k in runner.achieved]).mean(0).tolist()   # sync-ok: after training
+        update_coef = torch.stack([k for _, k in runner.achieved]).mean(0).tolist()  # sync-ok: after training
     ratio_trace = [r.tolist() if r is not None else None for r in ratios]  # sync-ok: after training
-    coef_trace = [c.tolist() if c is not None else None for c in coefs]    # sync-ok: after training
-    return RunResult(method, seed, fused, probes, t["ms_per_step"], t["balance_share"], steps_seen, ratio_trace,
-                     coef_trace, peak_mib=peak, unimodal_acc=uni, competition=strength, update_ratio=update_ratio,
-                     update_coef=update_coef)
+    coef_trace = [c.tolist() if c is not None else None for c in coefs]  # sync-ok: after training
+    return RunResult(
+        method,
+        seed,
+        fused,
+        probes,
+        t["ms_per_step"],
+        t["balance_share"],
+        steps_seen,
+        ratio_trace,
+        coef_trace,
+        peak_mib=peak,
+        unimodal_acc=uni,
+        competition=strength,
+        update_ratio=update_ratio,
+        update_coef=update_coef,
+    )
 
 
 def _logits(model, views, chunk=1024):
     """model(views) in row chunks: [N, K]."""
-    return torch.cat([model([x[i:i + chunk] for x in views]) for i in range(0, views[0].shape[0], chunk)])
+    return torch.cat([model([x[i : i + chunk] for x in views]) for i in range(0, views[0].shape[0], chunk)])
 
 
 def _fused_features(model, views, chunk=1024):
     """z: the concatenated encoder outputs, the input of the last classifier layer, [N, sum_m D_m]."""
-    return torch.cat([torch.cat(model.encode([x[i:i + chunk] for x in views]), 1)
-                      for i in range(0, views[0].shape[0], chunk)])
+    return torch.cat(
+        [torch.cat(model.encode([x[i : i + chunk] for x in views]), 1) for i in range(0, views[0].shape[0], chunk)]
+    )
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """The compiled module mmkernels._C, loaded on first use (import torch first; the loader in _backend does)."""
+
 from __future__ import annotations
 
 from .._backend import ext_available, load_ext

@@ -5,6 +5,7 @@ mmkernels::cov_noise_tap_backward(grad, k, sigma, seed, offset): grad [B, ...] *
 mmkernels::sample_cov_noise(per_sample_grads, seed, offset): (z - mean z)^T G / B, [P] fp32 (fp64 for fp64).
 Both have fake implementations, so they trace under torch.compile as opaque calls.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ mmkernels::shapley_responses(subset_outputs, kappa): [2^M - 1, B, ...] -> phi [M
     Backward (mmkernels::shapley_responses_backward): grad_v[S - 1] = sum_m kappa_m w_m(S) grad_phi[m], i.e. the
     gradient reaching phi_m is scaled by kappa_m (AGM's modulation; kappa None = the exact gradient).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -19,10 +20,14 @@ from ._ext import ext
 
 
 # infer_schema does not take Optional[List[Tensor]]: the schema is spelled out
-@torch.library.custom_op("mmkernels::shapley_masked_batch", mutates_args=(),
-                         schema="(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]")
-def shapley_masked_batch(inputs: List[torch.Tensor], num_blocks: int,
-                         fill: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+@torch.library.custom_op(
+    "mmkernels::shapley_masked_batch",
+    mutates_args=(),
+    schema="(Tensor[] inputs, SymInt num_blocks, Tensor[]? fill=None) -> Tensor[]",
+)
+def shapley_masked_batch(
+    inputs: List[torch.Tensor], num_blocks: int, fill: Optional[List[torch.Tensor]] = None
+) -> List[torch.Tensor]:
     fill = None if fill is None else [f.contiguous() for f in fill]
     return ext().shapley_masked_batch([x.contiguous() for x in inputs], num_blocks, fill)
 
@@ -55,12 +60,12 @@ def _masked_backward(ctx, grads):
         blocks = g.reshape(n, -1)
         out.append((keep @ blocks).reshape(shape))
         if ctx.fill_shapes is not None:
-            muted = (1 - keep) @ blocks                                   # [B * row]
+            muted = (1 - keep) @ blocks  # [B * row]
             out_fill.append(muted.reshape(shape[0], -1).sum(0).reshape(ctx.fill_shapes[m]))
     grads_in = (out, None, out_fill if ctx.fill_shapes is not None else None)
     # One gradient per input the dispatcher actually passed: it drops `fill` when it equals its default (None),
     # and torch 2.11 insists on that count (later versions also accept one per schema argument).
-    return grads_in[:len(ctx.needs_input_grad)]
+    return grads_in[: len(ctx.needs_input_grad)]
 
 
 shapley_masked_batch.register_autograd(_masked_backward, setup_context=_masked_setup)
@@ -78,7 +83,9 @@ def _shapley_responses_fake(subset_outputs, kappa):
 
 
 @torch.library.custom_op("mmkernels::shapley_responses_backward", mutates_args=())
-def shapley_responses_backward(grad_phi: torch.Tensor, kappa: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+def shapley_responses_backward(
+    grad_phi: torch.Tensor, kappa: Optional[torch.Tensor], out_dtype: torch.dtype
+) -> torch.Tensor:
     return ext().shapley_responses_backward(grad_phi.contiguous(), kappa, out_dtype)
 
 

@@ -17,6 +17,7 @@ pmr, mmpareto, valuation; _common holds the shared constants and dtype helpers.
 Papers (one page per method under docs/methods/): TPAMI = Wei et al. 2024 (OPM/OGM), AGM = Li et al. ICCV 2023,
 MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code (docs/methods/ogm_ge.md).
 """
+
 from __future__ import annotations
 
 from . import coefficients, mmpareto, noise, olm, philox, pmr, shapley, taps, unimodal, valuation
@@ -32,5 +33,8 @@ from .unimodal import *  # noqa: F401,F403
 from .pmr import *  # noqa: F401,F403
 from .valuation import *  # noqa: F401,F403
 
-__all__ = [name for module in (coefficients, olm, shapley, unimodal, philox, noise, taps, pmr, mmpareto, valuation)
-           for name in module.__all__]
+__all__ = [
+    name
+    for module in (coefficients, olm, shapley, unimodal, philox, noise, taps, pmr, mmpareto, valuation)
+    for name in module.__all__
+]

@@ -1,14 +1,15 @@
 """Constants and dtype helpers shared by the reference modules."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-PROB_FLOOR = 1e-8          # AGM Eq. 4: p < 1e-8 is treated as 1e-8 in the 'ce' score
+PROB_FLOOR = 1e-8  # AGM Eq. 4: p < 1e-8 is treated as 1e-8 in the 'ce' score
 LOG_PROB_FLOOR = math.log(PROB_FLOOR)
-OLM_EPS = 1e-8             # guard for C_m = 0 in OLM Eq. 8 (G/C with C clamped below at this value)
-GE_STD_EPS = 1e-8          # authors' OGM-GE: noise std = unbiased std of the grad + 1e-8
+OLM_EPS = 1e-8  # guard for C_m = 0 in OLM Eq. 8 (G/C with C clamped below at this value)
+GE_STD_EPS = 1e-8  # authors' OGM-GE: noise std = unbiased std of the grad + 1e-8
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,7 +20,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _acc(t) -> torch.Tensor:
     """A tensor in its accumulation dtype (fp32, fp64 for fp64); numbers / lists of numbers become fp64."""
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t, dtype=torch.float64)                   # Python numbers: keep their precision
+        t = torch.as_tensor(t, dtype=torch.float64)  # Python numbers: keep their precision
     if not t.is_floating_point():
         t = t.to(torch.float32)
     return t.to(_acc_dtype(t.dtype))
@@ -30,7 +31,7 @@ def _acc_like(x, ref: torch.Tensor) -> torch.Tensor:
     dtype = _acc_dtype(ref.dtype)
     if isinstance(x, torch.Tensor):
         return x.to(device=ref.device, dtype=dtype)
-    return torch.as_tensor(x, dtype=dtype, device=ref.device)       # a Python float straight into the target dtype
+    return torch.as_tensor(x, dtype=dtype, device=ref.device)  # a Python float straight into the target dtype
 
 
 def _stack(x) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Scores, discrepancy ratios and coefficients of OGM-GE, OGM, OPM, AGM and MLB, and the pipeline that chains them
 (docs/methods/ogm_ge.md, ogm.md, opm.md, agm.md, mlb.md)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,22 @@ import torch
 from .. import _methods
 from ._common import LOG_PROB_FLOOR, _acc, _acc_like, _offdiag, _stack, _z
 
-__all__ = ["score_sums", "scores", "ratio_tpami", "ratio_mlb", "ogm_ge_coefficients", "ogm_coefficients",
-           "opm_drop_probability", "agm_kappa", "agm_update_running", "mlb_coefficients", "balance_coefficients_ref",
-           "new_agm_state", "balance_from_sums_ref", "METHOD_DEFAULTS"]
+__all__ = [
+    "score_sums",
+    "scores",
+    "ratio_tpami",
+    "ratio_mlb",
+    "ogm_ge_coefficients",
+    "ogm_coefficients",
+    "opm_drop_probability",
+    "agm_kappa",
+    "agm_update_running",
+    "mlb_coefficients",
+    "balance_coefficients_ref",
+    "new_agm_state",
+    "balance_from_sums_ref",
+    "METHOD_DEFAULTS",
+]
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -65,11 +79,11 @@ def ratio_tpami(s, *, variant: str = "ratio") -> torch.Tensor:
     s = _acc(s)
     m = s.shape[0]
     if variant == "ratio":
-        pair = s.view(m, 1) / s.view(1, m)                              # pair[m, j] = s_m / s_j
+        pair = s.view(m, 1) / s.view(1, m)  # pair[m, j] = s_m / s_j
         pair = torch.where(_offdiag(m, s.device), pair, torch.zeros_like(pair))
         rho = pair.sum(dim=1) / (m - 1)
     elif variant == "difference":
-        rho = 1.0 + (s * m - s.sum()) / (m - 1)                          # 1/(M-1) sum_{j!=m}(s_m - s_j) = (M s_m - sum s)/(M-1)
+        rho = 1.0 + (s * m - s.sum()) / (m - 1)  # 1/(M-1) sum_{j!=m}(s_m - s_j) = (M s_m - sum s)/(M-1)
     else:
         raise ValueError(f"variant must be 'ratio' or 'difference', got {variant!r}")
     return rho.to(torch.float32)
@@ -100,7 +114,7 @@ def ogm_ge_coefficients(s, *, alpha: float = _methods.default("ogm_ge", "alpha")
         rho = torch.stack([s[0] / s[1], s[1] / s[0]])
         sup = 1.0 - torch.tanh(alpha * rho)
         one = torch.ones_like(rho[0])
-        first_ahead = ~(rho[1] > 1.0) if tie == 0 else rho[0] > 1.0    # who is suppressed (at a tie: modality `tie`)
+        first_ahead = ~(rho[1] > 1.0) if tie == 0 else rho[0] > 1.0  # who is suppressed (at a tie: modality `tie`)
         k = torch.stack([torch.where(first_ahead, sup[0], one), torch.where(first_ahead, one, sup[1])])
     else:
         rho = _acc(ratio_tpami(s))
@@ -115,8 +129,13 @@ def ogm_coefficients(rho, *, alpha: float = _methods.default("ogm", "alpha"), z:
     return k.to(torch.float32)
 
 
-def opm_drop_probability(rho, *, q_base: float = _methods.default("opm", "q_base"),
-                         lam: float = _methods.default("opm", "lam"), z: str = "tanh") -> torch.Tensor:
+def opm_drop_probability(
+    rho,
+    *,
+    q_base: float = _methods.default("opm", "q_base"),
+    lam: float = _methods.default("opm", "lam"),
+    z: str = "tanh",
+) -> torch.Tensor:
     """OPM, TPAMI Eq. 8: q_m = min(1, q_base * (1 + lam * z(rho_m))) if rho_m > 1 else 0 (also clamped at 0)."""
     rho = _acc(rho)
     q = torch.where(rho > 1.0, (q_base * (1.0 + lam * _z(rho, z))).clamp(0.0, 1.0), torch.zeros_like(rho))
@@ -165,8 +184,9 @@ def agm_update_running(s_hat, steps, s):
     return new.to(torch.float32), t.to(torch.float32)
 
 
-def mlb_coefficients(r, *, alpha: float = _methods.default("mlb", "alpha"),
-                     beta_max: float = _methods.default("mlb", "beta_max")) -> torch.Tensor:
+def mlb_coefficients(
+    r, *, alpha: float = _methods.default("mlb", "alpha"), beta_max: float = _methods.default("mlb", "beta_max")
+) -> torch.Tensor:
     """MLB Eq. 6-7: beta_m = beta_max if r_m > 1 else 2; k_m = 1 + (beta_m - 1) * tanh(alpha * (r_m - 1)).
 
     k > 1 accelerates a lagging modality (r > 1), k < 1 decelerates a leading one, k -> 1 as they converge.
@@ -182,12 +202,15 @@ METHOD_DEFAULTS = _methods.METHOD_DEFAULTS  # hyperparameters of each method and
 
 def new_agm_state(num_modalities: int, device=None) -> dict:
     """A fresh AGM state: dict(s_hat=zeros [M] fp32, steps=0 [] fp32)."""
-    return {"s_hat": torch.zeros(num_modalities, dtype=torch.float32, device=device),
-            "steps": torch.zeros((), dtype=torch.float32, device=device)}
+    return {
+        "s_hat": torch.zeros(num_modalities, dtype=torch.float32, device=device),
+        "steps": torch.zeros((), dtype=torch.float32, device=device),
+    }
 
 
-def balance_coefficients_ref(logits, labels: torch.Tensor, method: str, *, state: dict | None = None,
-                             ignore_index: int = -100, **hp) -> dict:
+def balance_coefficients_ref(
+    logits, labels: torch.Tensor, method: str, *, state: dict | None = None, ignore_index: int = -100, **hp
+) -> dict:
     """The whole pipeline scores -> ratios -> coefficients for one batch (docs/methods/), no host sync.
 
     logits [M, B, C] or a list of M [B, C]; labels int [B]; method in ogm_ge | ogm | opm | agm | mlb.
@@ -220,10 +243,14 @@ def _check_method(method: str, hp: dict) -> None:
         raise ValueError(f"method must be one of {tuple(METHOD_DEFAULTS)}, got {method!r}")
     unknown = set(hp) - set(METHOD_DEFAULTS[method])
     if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(METHOD_DEFAULTS[method])}")
+        raise TypeError(
+            f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(METHOD_DEFAULTS[method])}"
+        )
 
 
-def balance_from_sums_ref(sums: torch.Tensor, count: torch.Tensor, method: str, *, state: dict | None = None, **hp) -> dict:
+def balance_from_sums_ref(
+    sums: torch.Tensor, count: torch.Tensor, method: str, *, state: dict | None = None, **hp
+) -> dict:
     """The tail of the pipeline: score sums [M] and valid-row count [] (from score_sums, possibly all-reduced
     across ranks) -> dict(scores, ratios, coefficients, flag), updating the AGM state in place. See
     balance_coefficients_ref for the methods, the flag (2 no valid rows; else 1 a non-finite score, ratio or

@@ -25,19 +25,28 @@ Degenerate cases (ours; defined, documented in README "What differs"):
 - A non-finite a, b or c (a NaN/Inf gradient): that encoder's gradient is 0 (no NaN/Inf reaches a parameter),
   weights (1/2, 1/2), flag = 1 (takes precedence over 2).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
-__all__ = ["MMPARETO_GAMMA", "MMPARETO_RESCALE", "MMPARETO_VANISH_MIN", "mmpareto_vanish_tol",
-           "mmpareto_inner_products", "mmpareto_weights", "mmpareto_scales", "mmpareto_combine"]
+__all__ = [
+    "MMPARETO_GAMMA",
+    "MMPARETO_RESCALE",
+    "MMPARETO_VANISH_MIN",
+    "mmpareto_vanish_tol",
+    "mmpareto_inner_products",
+    "mmpareto_weights",
+    "mmpareto_scales",
+    "mmpareto_combine",
+]
 
-MMPARETO_GAMMA = 1.5                      # authors hard-code 1.5 (toolkit: `alpha`)
+MMPARETO_GAMMA = 1.5  # authors hard-code 1.5 (toolkit: `alpha`)
 MMPARETO_RESCALE = ("per_tensor", "global")  # per_tensor: the authors' (one r per parameter tensor)
-MMPARETO_VANISH_MIN = 1e-6                # floor of the vanishing tolerance (float64 inner products resolve ~1e-8)
-W_HIGH, W_LOW = 0.999, 0.001              # the authors' clamped solutions when one gradient dominates
+MMPARETO_VANISH_MIN = 1e-6  # floor of the vanishing tolerance (float64 inner products resolve ~1e-8)
+W_HIGH, W_LOW = 0.999, 0.001  # the authors' clamped solutions when one gradient dominates
 
 
 def mmpareto_vanish_tol(dtype: torch.dtype) -> float:
@@ -70,8 +79,15 @@ def _per_encoder(x: torch.Tensor, encoder_of: torch.Tensor, k: int) -> torch.Ten
     return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, encoder_of, x)
 
 
-def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: int, *, gamma: float = MMPARETO_GAMMA,
-                    rescale: str = "per_tensor", tau=MMPARETO_VANISH_MIN) -> dict:
+def mmpareto_scales(
+    abc: torch.Tensor,
+    encoder_of: torch.Tensor,
+    num_encoders: int,
+    *,
+    gamma: float = MMPARETO_GAMMA,
+    rescale: str = "per_tensor",
+    tau=MMPARETO_VANISH_MIN,
+) -> dict:
     """Per-tensor factors from the per-tensor inner products abc [T, 3] (float64) and encoder_of [T] (int64).
 
     tau: the vanishing tolerance, a float or [T] (mmpareto_vanish_tol of each tensor's dtype).
@@ -84,10 +100,10 @@ def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: i
     k = num_encoders
     a, b, c = _per_encoder(abc, encoder_of, k).unbind(1)
     cos, w_m, conflict, finite = mmpareto_weights(a, b, c)
-    w = torch.stack([w_m, 1 - w_m], 1)                                               # [K, 2]
-    wt = w[encoder_of]                                                               # [T, 2]
+    w = torch.stack([w_m, 1 - w_m], 1)  # [K, 2]
+    wt = w[encoder_of]  # [T, 2]
     at, bt, ct = abc.unbind(1)
-    sum_sq = (at + 2 * bt + ct).clamp(min=0)                                         # ||g_m + g_u||^2
+    sum_sq = (at + 2 * bt + ct).clamp(min=0)  # ||g_m + g_u||^2
     wm_t, wu_t = wt.unbind(1)
     h_sq = (4 * (wm_t * wm_t * at + 2 * wm_t * wu_t * bt + wu_t * wu_t * ct)).clamp(min=0)  # ||h||^2
     tau_t = torch.as_tensor(tau, dtype=abc.dtype, device=abc.device).expand(at.shape)
@@ -95,10 +111,11 @@ def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: i
         sum_sq = _per_encoder(sum_sq, encoder_of, k)[encoder_of]
         h_sq = _per_encoder(h_sq, encoder_of, k)[encoder_of]
         bound = (2 * (w * torch.stack([a, c], 1).clamp(min=0).sqrt()).sum(1))[encoder_of]
-        tau_t = torch.zeros(k, dtype=abc.dtype, device=abc.device).scatter_reduce_(0, encoder_of, tau_t,
-                                                                                  "amax")[encoder_of]
+        tau_t = torch.zeros(k, dtype=abc.dtype, device=abc.device).scatter_reduce_(0, encoder_of, tau_t, "amax")[
+            encoder_of
+        ]
     else:
-        bound = 2 * (wt * torch.stack([at, ct], 1).clamp(min=0).sqrt()).sum(1)      # >= ||h_T||
+        bound = 2 * (wt * torch.stack([at, ct], 1).clamp(min=0).sqrt()).sum(1)  # >= ||h_T||
     h = h_sq.sqrt()
     conflict_t = conflict[encoder_of]
     vanished = conflict_t & (bound > 0) & (h <= tau_t * bound)
@@ -106,8 +123,14 @@ def mmpareto_scales(abc: torch.Tensor, encoder_of: torch.Tensor, num_encoders: i
     r = torch.where(h_sq > 0, (sum_sq / h_sq).sqrt(), 1.0)
     scale = torch.where(pareto.unsqueeze(1), (2 * gamma) * r.clamp(min=1).unsqueeze(1) * wt, gamma)  # (s_m, s_u)
     flag = torch.where(finite.all(), torch.where(vanished.any(), 2.0, 0.0), 1.0).to(torch.float32)
-    return {"scale": scale, "keep": finite[encoder_of], "cos": cos.to(torch.float32),
-            "weights": w.to(torch.float32), "conflict": conflict, "flag": flag}
+    return {
+        "scale": scale,
+        "keep": finite[encoder_of],
+        "cos": cos.to(torch.float32),
+        "weights": w.to(torch.float32),
+        "conflict": conflict,
+        "flag": flag,
+    }
 
 
 def mmpareto_combine(grads_mm, grads_uni, *, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor"):
@@ -120,8 +143,7 @@ def mmpareto_combine(grads_mm, grads_uni, *, gamma: float = MMPARETO_GAMMA, resc
     flat_m = [g for group in grads_mm for g in group]
     flat_u = [g for group in grads_uni for g in group]
     device = flat_m[0].device
-    encoder_of = torch.tensor([k for k, group in enumerate(grads_mm) for _ in group], dtype=torch.int64,
-                              device=device)
+    encoder_of = torch.tensor([k for k, group in enumerate(grads_mm) for _ in group], dtype=torch.int64, device=device)
     tau = torch.tensor([mmpareto_vanish_tol(g.dtype) for g in flat_u], dtype=torch.float64, device=device)
     abc = mmpareto_inner_products(flat_m, flat_u)
     res = mmpareto_scales(abc, encoder_of, len(grads_mm), gamma=gamma, rescale=rescale, tau=tau)

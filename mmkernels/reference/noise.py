@@ -1,5 +1,6 @@
 """OGM-GE's generalisation enhancement noise: the covariance tap and the isotropic parameter noise
 (docs/methods/ogm_ge.md)."""
+
 from __future__ import annotations
 
 import torch

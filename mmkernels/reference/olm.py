@@ -1,4 +1,5 @@
 """OLM (Zong et al.): learning rates, rebalance factors, logit norms and the weight update (docs/methods/olm.md)."""
+
 from __future__ import annotations
 
 import torch

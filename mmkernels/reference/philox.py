@@ -1,12 +1,19 @@
 """Philox4x32-10 streams addressed by (seed, offset), as the Triton and CUDA kernels draw them (docs/architecture.md)."""
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
-__all__ = ["philox4x32_10", "philox_words", "philox_normals", "philox_ge_normals", "philox_uniforms_triton",
-           "uniforms_from_words"]
+__all__ = [
+    "philox4x32_10",
+    "philox_words",
+    "philox_normals",
+    "philox_ge_normals",
+    "philox_uniforms_triton",
+    "uniforms_from_words",
+]
 
 
 # ----------------------------------------------------------------------------------------------- Philox (docs/architecture.md)
@@ -15,18 +22,18 @@ __all__ = ["philox4x32_10", "philox_words", "philox_normals", "philox_ge_normals
 #   key = (seed & 0xffffffff, seed >> 32); counter of position ctr = (ctr & 0xffffffff, ctr >> 32, 0, 0), ctr mod 2^64.
 # Words are held in int64 tensors in [0, 2^32); a 32 x 32 -> 64-bit product is formed from 32 x 16-bit pieces
 # (each < 2^48), so nothing overflows int64. Vectorised over counters; the only loop is over the 10 rounds.
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57      # round multipliers
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85      # key schedule (Weyl constants)
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key schedule (Weyl constants)
 _MASK32 = 0xFFFFFFFF
-_TWO_M32 = 2.0 ** -32
-_TRITON_UNIFORM_SCALE = 4.6566127342e-10             # triton/language/random.py uint_to_uniform_float (as fp32)
+_TWO_M32 = 2.0**-32
+_TRITON_UNIFORM_SCALE = 4.6566127342e-10  # triton/language/random.py uint_to_uniform_float (as fp32)
 
 
 def _mulhilo32(a: int, b: torch.Tensor):
     """(hi, lo) 32-bit halves of the 64-bit product a * b, a a 32-bit constant, b int64 words in [0, 2^32)."""
-    t = a * (b >> 16)                                   # < 2^48: the product is t * 2^16 + s
-    s = a * (b & 0xFFFF)                                # < 2^48
-    r = ((t & 0xFFFF) << 16) + s                        # < 2^49: the low 48 bits' worth
+    t = a * (b >> 16)  # < 2^48: the product is t * 2^16 + s
+    s = a * (b & 0xFFFF)  # < 2^48
+    r = ((t & 0xFFFF) << 16) + s  # < 2^49: the low 48 bits' worth
     return (t >> 16) + (r >> 32), r & _MASK32
 
 
@@ -47,8 +54,8 @@ def philox_words(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
     """int64 [n, 4]: the Philox words of stream positions offset .. offset + n - 1 (mod 2^64) for `seed`
     (the layout above; the same words as mmkernels._C.philox_words and Triton's tl.randint4x(seed, offset + i))."""
     seed, offset = int(seed), int(offset)
-    i = torch.arange(n, dtype=torch.int64, device=device)                # n < 2^63
-    low = (i & _MASK32) + (offset & _MASK32)                             # < 2^33: carry into the high word
+    i = torch.arange(n, dtype=torch.int64, device=device)  # n < 2^63
+    low = (i & _MASK32) + (offset & _MASK32)  # < 2^33: carry into the high word
     c0 = low & _MASK32
     c1 = ((i >> 32) + ((offset >> 32) & _MASK32) + (low >> 32)) & _MASK32
     zero = torch.zeros_like(c0)
@@ -82,8 +89,8 @@ def philox_ge_normals(numels: Sequence[int], seed: int, offset: int, device=None
     position offset + (base_t + j) // 4, base_t = sum_{s<t} 4 ceil(numel_s / 4). Returns T flat fp32 tensors;
     the call consumes sum_t ceil(numel_t / 4) positions."""
     counts = [(int(n) + 3) // 4 for n in numels]
-    z = philox_normals(seed, offset, sum(counts), device)                # [sum counts, 4], one draw for all tensors
-    return [blk.reshape(-1)[:int(n)] for blk, n in zip(z.split(counts), numels)]
+    z = philox_normals(seed, offset, sum(counts), device)  # [sum counts, 4], one draw for all tensors
+    return [blk.reshape(-1)[: int(n)] for blk, n in zip(z.split(counts), numels)]
 
 
 def philox_uniforms_triton(seed: int, offset: int, n: int, device=None) -> torch.Tensor:
@@ -94,6 +101,6 @@ def philox_uniforms_triton(seed: int, offset: int, n: int, device=None) -> torch
 
 def uniforms_from_words(x: torch.Tensor) -> torch.Tensor:
     """tl.rand's fp32 uniforms from Philox word 0 (int64 [n] holding uint32 values): see philox_uniforms_triton."""
-    x = torch.where(x >= 2 ** 31, _MASK32 - x, x)                        # ~x of the int32 reading, for x < 0
+    x = torch.where(x >= 2**31, _MASK32 - x, x)  # ~x of the int32 reading, for x < 0
     scale = torch.tensor(_TRITON_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
     return x.to(torch.float32) * scale

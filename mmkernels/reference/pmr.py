@@ -16,6 +16,7 @@ Per batch (docs/methods/pmr.md), over the valid rows (label != ignore_index; the
 flag: 2 no valid row; else 1 a non-finite score or PCE (then every c_m = 0, the loss is 0); else 0.
 A label outside [0, C) that is not ignore_index makes its row's score and PCE NaN (flag 1), as on every backend.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,22 @@ import math
 import torch
 
 __all__ = [
-    "pmr_pad", "pmr_distances", "pmr_row_log_probs", "pmr_sums", "pmr_coefficients", "pmr_ratios",
-    "pmr_from_sums_ref", "pmr_forward_ref", "pmr_backward_ref", "pmr_class_sums", "pmr_refresh_ref",
-    "pmr_prototypes_ref", "pmr_toolkit_factors", "pmr_literal", "pmr_literal_grad", "pmr_literal_prototypes",
+    "pmr_pad",
+    "pmr_distances",
+    "pmr_row_log_probs",
+    "pmr_sums",
+    "pmr_coefficients",
+    "pmr_ratios",
+    "pmr_from_sums_ref",
+    "pmr_forward_ref",
+    "pmr_backward_ref",
+    "pmr_class_sums",
+    "pmr_refresh_ref",
+    "pmr_prototypes_ref",
+    "pmr_toolkit_factors",
+    "pmr_literal",
+    "pmr_literal_grad",
+    "pmr_literal_prototypes",
 ]
 
 
@@ -81,8 +95,11 @@ def pmr_coefficients(scores: torch.Tensor, *, alpha: float = 1.0) -> torch.Tenso
 def pmr_ratios(scores: torch.Tensor) -> torch.Tensor:
     """ratio_m = s_m / max_{j != m} s_j (M = 2: rho = s_0 / s_1 and 1 / rho). As computed (inf / NaN possible)."""
     m = scores.shape[0]
-    others = scores.unsqueeze(0).expand(m, m).masked_fill(torch.eye(m, dtype=torch.bool, device=scores.device),
-                                                          float("-inf"))
+    others = (
+        scores.unsqueeze(0)
+        .expand(m, m)
+        .masked_fill(torch.eye(m, dtype=torch.bool, device=scores.device), float("-inf"))
+    )
     return scores / others.max(1).values
 
 
@@ -96,8 +113,15 @@ def pmr_from_sums_ref(score_sums, pce_sums, count, *, alpha: float = 1.0, local_
     coef = torch.where(flag == 0, pmr_coefficients(score_sums, alpha=alpha), 0.0)
     loss = torch.where(coef != 0, coef * pce, 0.0).sum()
     f32 = torch.float32
-    return {"scores": score_sums.to(f32), "pce": pce.to(f32), "ratios": pmr_ratios(score_sums).to(f32),
-            "coefficients": coef.to(f32), "flag": flag.to(f32), "loss": loss, "count": local.to(f32)}
+    return {
+        "scores": score_sums.to(f32),
+        "pce": pce.to(f32),
+        "ratios": pmr_ratios(score_sums).to(f32),
+        "coefficients": coef.to(f32),
+        "flag": flag.to(f32),
+        "loss": loss,
+        "count": local.to(f32),
+    }
 
 
 def pmr_forward_ref(z, protos, labels, *, alpha: float = 1.0, ignore_index: int = -100) -> dict:
@@ -124,7 +148,7 @@ def pmr_backward_ref(grad_loss, z, protos, labels, coefficients, count, *, ignor
     scale = _acc(torch.as_tensor(grad_loss)).to(p.dtype) * coef / count.to(p.dtype).clamp(min=1)
     w = (p - onehot) / torch.where(d > 0, d, 1.0)
     w = torch.where((d > 0) & valid.view(1, -1, 1) & (coef != 0).view(-1, 1, 1), w * scale.view(-1, 1, 1), 0.0)
-    diff = pp[:, None, :, :].to(p.dtype) - zz[:, :, None, :].to(p.dtype)          # [M, B, C, D]: P_k - z_i
+    diff = pp[:, None, :, :].to(p.dtype) - zz[:, :, None, :].to(p.dtype)  # [M, B, C, D]: P_k - z_i
     dz = (w.unsqueeze(-1) * torch.where(w.unsqueeze(-1) != 0, diff, 0.0)).sum(2)
     return dz.to(z.dtype)
 
@@ -136,7 +160,7 @@ def pmr_class_sums(z, labels, num_classes: int, *, ignore_index: int = -100):
     for that modality (neither summed nor counted) and counted in skipped[m]. Accumulation dtype."""
     zz = _acc(z)
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    finite = torch.isfinite(zz).all(-1)                                          # [M, N]
+    finite = torch.isfinite(zz).all(-1)  # [M, N]
     keep = valid.view(1, -1) & finite
     idx = torch.where(valid, labels, 0).long()
     rows = torch.where(keep.unsqueeze(-1), zz, 0.0)

@@ -1,4 +1,5 @@
 """AGM's Shapley values (ICCV 2023 Eq. 1-3): subset weights, the combination, masked inputs (docs/methods/agm.md)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ __all__ = ["shapley_weights", "shapley_combine", "shapley_masked_inputs", "shapl
 # ----------------------------------------------------------------------------------------------- Shapley (AGM Eq. 1-3)
 def _subset_bits(m: int, device=None) -> torch.Tensor:
     """bits[S-1, j] = True iff modality j is in subset S, S = 1 .. 2^M - 1 (bitmask order)."""
-    s = torch.arange(1, 2 ** m, device=device)
+    s = torch.arange(1, 2**m, device=device)
     return ((s.view(-1, 1) >> torch.arange(m, device=device).view(1, -1)) & 1).bool()
 
 
@@ -35,7 +36,7 @@ def shapley_weights(num_modalities: int, *, dtype: torch.dtype = torch.float32, 
 
 def _num_modalities_from_subsets(n: int) -> int:
     m = (n + 1).bit_length() - 1
-    if 2 ** m - 1 != n:
+    if 2**m - 1 != n:
         raise ValueError(f"the number of subset outputs must be 2^M - 1, got {n}")
     return m
 
@@ -64,14 +65,14 @@ def shapley_masked_inputs(inputs, fill=None) -> list:
     """
     xs = list(inputs)
     m = len(xs)
-    bits = _subset_bits(m, xs[0].device)[:-1]                          # [2^M - 2, M]
+    bits = _subset_bits(m, xs[0].device)[:-1]  # [2^M - 2, M]
     out = []
-    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+    for j, x in enumerate(xs):  # loop over modalities, not rows
         keep = bits[:, j].view((-1,) + (1,) * x.dim())
         if fill is None:
             other = torch.zeros((), dtype=x.dtype, device=x.device)
         else:
-            other = fill[j].reshape((1, 1) + tuple(x.shape[1:]))         # one row, broadcast over blocks and rows
+            other = fill[j].reshape((1, 1) + tuple(x.shape[1:]))  # one row, broadcast over blocks and rows
         blk = torch.where(keep, x.unsqueeze(0), other)
         out.append(blk.reshape((-1,) + tuple(x.shape[1:])))
     return out

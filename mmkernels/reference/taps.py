@@ -1,4 +1,5 @@
 """OPM's modality drop (TPAMI Eq. 8, Alg. 1) and the gradient tap (docs/methods/opm.md, docs/methods/ogm_ge.md)."""
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,15 @@ def modality_drop_ref(features, q, uniforms: torch.Tensor, *, rescale: str = "of
     m = len(xs)
     u = _acc(uniforms)
     qq = _acc_like(q, u).view(m)
-    keep = u >= qq.view(m, 1)                                         # [M, B]
+    keep = u >= qq.view(m, 1)  # [M, B]
     keep = keep | ~keep.any(dim=0, keepdim=True)
     one = torch.ones((), dtype=u.dtype, device=u.device)
     if rescale == "official":
-        d = torch.tensor([float(x[0].numel()) if x.shape[0] > 0 else float(math.prod(x.shape[1:])) for x in xs],
-                         dtype=u.dtype, device=u.device)
+        d = torch.tensor(
+            [float(x[0].numel()) if x.shape[0] > 0 else float(math.prod(x.shape[1:])) for x in xs],
+            dtype=u.dtype,
+            device=u.device,
+        )
         theta = (d * qq).sum() / d.sum()
         scale = torch.where(theta < 1.0, 1.0 / (1.0 - theta), one).expand(m)
     elif rescale == "per_modality":
@@ -44,10 +48,12 @@ def modality_drop_ref(features, q, uniforms: torch.Tensor, *, rescale: str = "of
     else:
         raise ValueError(f"rescale must be 'official', 'per_modality' or 'none', got {rescale!r}")
     out = []
-    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+    for j, x in enumerate(xs):  # loop over modalities, not rows
         shape = (-1,) + (1,) * (x.dim() - 1)
         xa = _acc(x)
-        y = torch.where(keep[j].view(shape), xa * scale[j].to(xa.dtype), torch.zeros((), dtype=xa.dtype, device=x.device))
+        y = torch.where(
+            keep[j].view(shape), xa * scale[j].to(xa.dtype), torch.zeros((), dtype=xa.dtype, device=x.device)
+        )
         out.append(y.to(x.dtype))
     return out
 

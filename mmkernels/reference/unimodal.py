@@ -1,4 +1,5 @@
 """Unimodal logits from a fused head: concatenation, summation and zero-out conventions (docs/methods/README.md)."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -22,7 +23,7 @@ def concat_unimodal_logits(feats, weight: torch.Tensor, bias: torch.Tensor | Non
     widths = [x.shape[-1] for x in xs]
     out_dtype = xs[0].dtype
     ws = _acc(weight).split(widths, dim=1)
-    u = torch.stack([_acc(x) @ w_m.t() for x, w_m in zip(xs, ws)])   # [M, B, C]
+    u = torch.stack([_acc(x) @ w_m.t() for x, w_m in zip(xs, ws)])  # [M, B, C]
     if bias is not None:
         g = torch.full((m,), 1.0 / m, dtype=u.dtype, device=u.device) if gamma is None else _acc_like(gamma, u).view(m)
         u = u + g.view(m, 1, 1) * _acc(bias).view(1, 1, -1)
@@ -44,9 +45,12 @@ def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
     m, b = len(xs), xs[0].shape[0]
     eye = torch.eye(m, dtype=torch.bool, device=xs[0].device)
     batched = []
-    for j, x in enumerate(xs):                                        # loop over modalities, not rows
+    for j, x in enumerate(xs):  # loop over modalities, not rows
         keep = eye[:, j].view((m,) + (1,) * x.dim())
-        batched.append(torch.where(keep, x.unsqueeze(0), torch.zeros((), dtype=x.dtype, device=x.device))
-                       .reshape((m * b,) + tuple(x.shape[1:])))
+        batched.append(
+            torch.where(keep, x.unsqueeze(0), torch.zeros((), dtype=x.dtype, device=x.device)).reshape(
+                (m * b,) + tuple(x.shape[1:])
+            )
+        )
     out = head(batched)
     return out.reshape((m, b) + tuple(out.shape[1:]))

@@ -15,6 +15,7 @@ Subsets are bitmasks S = 1 .. 2^M - 1 (bit m = modality m kept), subset S at ind
   |gap_m - gap_j| / (M - 1) (alpha ignored; 2x the authors' at M = 2). modality_gaps_exact / modality_extra_rows
   count floor(p N) in exact rational arithmetic (M! phi are integers), modality_gaps / modality_rate in fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,24 @@ import torch
 
 from .shapley import _subset_bits, shapley_weights
 
-__all__ = ["VALUATION_LOW", "VALUATION_MID", "VALUATION_HIGH", "valuation_values", "valuation_finite_rows",
-           "valuation_weight_table", "valuation_shapley", "valuation_copies", "sample_valuation", "modality_gaps",
-           "modality_rate", "modality_gaps_exact", "modality_extra_rows", "valuation_rows"]
+__all__ = [
+    "VALUATION_LOW",
+    "VALUATION_MID",
+    "VALUATION_HIGH",
+    "valuation_values",
+    "valuation_finite_rows",
+    "valuation_weight_table",
+    "valuation_shapley",
+    "valuation_copies",
+    "sample_valuation",
+    "modality_gaps",
+    "modality_rate",
+    "modality_gaps_exact",
+    "modality_extra_rows",
+    "valuation_rows",
+]
 
-VALUATION_LOW, VALUATION_MID, VALUATION_HIGH = -0.1, 0.4, 1.0   # the authors' copy thresholds
+VALUATION_LOW, VALUATION_MID, VALUATION_HIGH = -0.1, 0.4, 1.0  # the authors' copy thresholds
 CURVES = ("linear", "tanh", "square")
 
 
@@ -117,7 +131,7 @@ def modality_rate(gaps: torch.Tensor, *, alpha: float = 1.0, curve: str = "linea
     keep = torch.argmax(gaps)
     if rate == "toolkit":
         return (2.0 / 3.0) * diff.sum() / (m - 1), keep
-    d = diff.sum() / (m * (m - 1))                   # mean over unordered pairs (each pair counted twice above)
+    d = diff.sum() / (m * (m - 1))  # mean over unordered pairs (each pair counted twice above)
     x = (2.0 / 3.0) * d
     if curve == "linear":
         p = x * alpha
@@ -144,14 +158,15 @@ def modality_gaps_exact(scaled_sums: torch.Tensor, counts: torch.Tensor, fact: i
         return [Fraction(1)] * m
     sums = scaled_sums.long().cpu()
     total = [Fraction(0)] * m
-    for c in counts[valued].unique().tolist():                 # a few distinct counts: exact integer sums per count
+    for c in counts[valued].unique().tolist():  # a few distinct counts: exact integer sums per count
         for j, s in enumerate(sums[:, counts == c].sum(1).tolist()):
             total[j] += Fraction(s, c)
     return [1 - t / (k * fact) for t in total]
 
 
-def modality_extra_rows(gaps, num_samples: int, *, alpha: float = 1.0, curve: str = "linear",
-                        rate: str = "authors") -> tuple:
+def modality_extra_rows(
+    gaps, num_samples: int, *, alpha: float = 1.0, curve: str = "linear", rate: str = "authors"
+) -> tuple:
     """(floor(p N), p as a float, the kept modality argmax_m gap_m (first maximum)) from exact gaps (Fractions).
 
     "linear" and rate="toolkit" are rational in the gaps and alpha (a float is an exact binary fraction), so floor(p N)
@@ -161,14 +176,14 @@ def modality_extra_rows(gaps, num_samples: int, *, alpha: float = 1.0, curve: st
     keep = max(range(m), key=lambda j: gaps[j])
     pair_sum = sum(abs(gaps[i] - gaps[j]) for i in range(m) for j in range(i + 1, m))
     if rate == "toolkit":
-        p = Fraction(2, 3) * 2 * pair_sum / (m - 1)      # ordered pairs: twice the unordered sum
+        p = Fraction(2, 3) * 2 * pair_sum / (m - 1)  # ordered pairs: twice the unordered sum
         return math.floor(p * num_samples), float(p), keep
-    x = Fraction(2, 3) * pair_sum / (m * (m - 1) // 2)     # (2/3) d, d the mean over unordered pairs
+    x = Fraction(2, 3) * pair_sum / (m * (m - 1) // 2)  # (2/3) d, d the mean over unordered pairs
     a = Fraction(alpha)
     if curve == "linear":
         return math.floor(x * a * num_samples), float(x * a), keep
     if curve == "square":
-        n_extra = math.isqrt(math.floor(x ** 3 * a ** 2 * num_samples ** 2))
+        n_extra = math.isqrt(math.floor(x**3 * a**2 * num_samples**2))
         return n_extra, float(x) ** 1.5 * float(alpha), keep
     if curve == "tanh":
         p = math.tanh(float(x * a))

@@ -25,6 +25,7 @@ label is outside [0, C) (and not ignore_index) gives a NaN score; a 'prob' score
 (softmax[y] underflows on every valid row) gives an inf or 0/0 = NaN ratio; an overflowing AGM kappa is
 inf. Each gives flag 1 and neutral coefficients (scores and ratios are stored as computed).
 """
+
 from __future__ import annotations
 
 import functools
@@ -150,10 +151,25 @@ def _fin_agm(s, s_hat, steps, mm, M, alpha, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M,
-              alpha, q_base, lam, beta_max, clip, tie,
-              METHOD: tl.constexpr, Z_SIGMOID: tl.constexpr, RATIO_DIFF: tl.constexpr, HAS_CLIP: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+def _finalize(
+    ws_ptr,
+    cnt_ptr,
+    out_ptr,
+    shat_ptr,
+    steps_ptr,
+    M,
+    alpha,
+    q_base,
+    lam,
+    beta_max,
+    clip,
+    tie,
+    METHOD: tl.constexpr,
+    Z_SIGMOID: tl.constexpr,
+    RATIO_DIFF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     mi = tl.arange(0, BLOCK_M)
     mm = mi < M
     sums = tl.load(ws_ptr + mi, mask=mm, other=0.0, volatile=True)
@@ -208,12 +224,37 @@ def _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M,
 # --------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def balance_coefficients_kernel(
-        x_ptr, sxm, sxb, sxc, y_ptr, sy,
-        ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr,
-        M, B, C, ignore_index, n_programs,
-        alpha, q_base, lam, beta_max, clip, tie,
-        METHOD: tl.constexpr, Z_SIGMOID: tl.constexpr, RATIO_DIFF: tl.constexpr, HAS_CLIP: tl.constexpr,
-        PHASE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    x_ptr,
+    sxm,
+    sxb,
+    sxc,
+    y_ptr,
+    sy,
+    ws_ptr,
+    cnt_ptr,
+    out_ptr,
+    shat_ptr,
+    steps_ptr,
+    M,
+    B,
+    C,
+    ignore_index,
+    n_programs,
+    alpha,
+    q_base,
+    lam,
+    beta_max,
+    clip,
+    tie,
+    METHOD: tl.constexpr,
+    Z_SIGMOID: tl.constexpr,
+    RATIO_DIFF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """PHASE 0: accumulate + last program finalizes; 1: accumulate only; 2: finalize only (grid (1, 1))."""
     if PHASE != 2:
         pid_m = tl.program_id(1)
@@ -228,8 +269,11 @@ def balance_coefficients_kernel(
         l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(row_base[:, None] + cols.to(tl.int64)[None, :] * sxc,
-                        mask=valid[:, None] & (cols < C)[None, :], other=float("-inf")).to(tl.float32)
+            x = tl.load(
+                row_base[:, None] + cols.to(tl.int64)[None, :] * sxc,
+                mask=valid[:, None] & (cols < C)[None, :],
+                other=float("-inf"),
+            ).to(tl.float32)
             new_m = tl.maximum(m_i, tl.max(x, axis=1))
             safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # rows that are -inf so far stay at l = 0
             l_i = l_i * tl.exp(m_i - safe_m) + tl.sum(tl.exp(x - safe_m[:, None]), axis=1)
@@ -248,11 +292,45 @@ def balance_coefficients_kernel(
         if PHASE == 0:
             ticket = tl.atomic_add(cnt_ptr, 1)  # acq_rel: our adds are visible to the last ticket holder
             if ticket == n_programs - 1:
-                _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip, tie,
-                          METHOD, Z_SIGMOID, RATIO_DIFF, HAS_CLIP, BLOCK_M)
+                _finalize(
+                    ws_ptr,
+                    cnt_ptr,
+                    out_ptr,
+                    shat_ptr,
+                    steps_ptr,
+                    M,
+                    alpha,
+                    q_base,
+                    lam,
+                    beta_max,
+                    clip,
+                    tie,
+                    METHOD,
+                    Z_SIGMOID,
+                    RATIO_DIFF,
+                    HAS_CLIP,
+                    BLOCK_M,
+                )
     else:
-        _finalize(ws_ptr, cnt_ptr, out_ptr, shat_ptr, steps_ptr, M, alpha, q_base, lam, beta_max, clip, tie,
-                  METHOD, Z_SIGMOID, RATIO_DIFF, HAS_CLIP, BLOCK_M)
+        _finalize(
+            ws_ptr,
+            cnt_ptr,
+            out_ptr,
+            shat_ptr,
+            steps_ptr,
+            M,
+            alpha,
+            q_base,
+            lam,
+            beta_max,
+            clip,
+            tie,
+            METHOD,
+            Z_SIGMOID,
+            RATIO_DIFF,
+            HAS_CLIP,
+            BLOCK_M,
+        )
 
 
 # ------------------------------------------------------------------------------------------- launcher
@@ -266,8 +344,10 @@ def _workspace(device: torch.device):
     key = (str(device), stream)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = (torch.zeros(2 * MAX_M, dtype=torch.float32, device=device),
-              torch.zeros(1, dtype=torch.int32, device=device))
+        ws = (
+            torch.zeros(2 * MAX_M, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
         _WORKSPACES[key] = ws
     return ws
 
@@ -284,10 +364,25 @@ def _blocks(B: int, C: int, elem: int, interpreting: bool):
     return block_b, block_c, num_warps
 
 
-def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_hat: torch.Tensor | None,
-                                steps: torch.Tensor | None, method: str, *, ignore_index: int, alpha: float,
-                                q_base: float, lam: float, beta_max: float, clip: float | None, z: str, ratio: str,
-                                tie: int = 0, sync: bool = False, group=None) -> torch.Tensor:
+def balance_coefficients_launch(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    s_hat: torch.Tensor | None,
+    steps: torch.Tensor | None,
+    method: str,
+    *,
+    ignore_index: int,
+    alpha: float,
+    q_base: float,
+    lam: float,
+    beta_max: float,
+    clip: float | None,
+    z: str,
+    ratio: str,
+    tie: int = 0,
+    sync: bool = False,
+    group=None,
+) -> torch.Tensor:
     """logits [M, B, C] (any strides), labels [B] int. Inputs already validated. Returns the fp32 buffer
     out [3M + 1] (scores, ratios, coefficients, flag). For AGM, s_hat [M] and steps [] are updated in place
     by the kernel (None: a throw-away state with no history). Other methods ignore s_hat and steps.
@@ -310,11 +405,39 @@ def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_ha
     # per modality, all rows masked, so the finalize still runs (flag 2) and a synced rank joins the all-reduce
     n_programs = grid[0] * grid[1]
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
-    common = dict(METHOD=_METHOD_ID[method], Z_SIGMOID=(z == "sigmoid"), RATIO_DIFF=(ratio == "difference"),
-                  HAS_CLIP=clip is not None, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=MAX_M)
-    args = (logits, logits.stride(0), logits.stride(1), logits.stride(2), labels, labels.stride(0),
-            ws, counter, out, s_hat, steps, M, B, C, int(ignore_index), n_programs,
-            float(alpha), float(q_base), float(lam), float(beta_max), float(0.0 if clip is None else clip), int(tie))
+    common = dict(
+        METHOD=_METHOD_ID[method],
+        Z_SIGMOID=(z == "sigmoid"),
+        RATIO_DIFF=(ratio == "difference"),
+        HAS_CLIP=clip is not None,
+        BLOCK_B=block_b,
+        BLOCK_C=block_c,
+        BLOCK_M=MAX_M,
+    )
+    args = (
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        logits.stride(2),
+        labels,
+        labels.stride(0),
+        ws,
+        counter,
+        out,
+        s_hat,
+        steps,
+        M,
+        B,
+        C,
+        int(ignore_index),
+        n_programs,
+        float(alpha),
+        float(q_base),
+        float(lam),
+        float(beta_max),
+        float(0.0 if clip is None else clip),
+        int(tie),
+    )
     with device_guard(device):  # Triton launches on the current device's current stream
         if not distributed:
             balance_coefficients_kernel[grid](*args, PHASE=0, num_warps=num_warps, **common)
@@ -323,7 +446,6 @@ def balance_coefficients_launch(logits: torch.Tensor, labels: torch.Tensor, s_ha
             torch.distributed.all_reduce(ws[: 2 * M], group=group)  # sums [0:M] and counts [M:2M], in place
             balance_coefficients_kernel[(1, 1)](*args, PHASE=2, num_warps=1, **common)
     return out
-
 
 
 def launch_kernel(grid, args: tuple, meta: dict) -> None:
@@ -343,24 +465,44 @@ class PreparedLaunch:
         self.out_size = 3 * M + 1
         self.agm = method == "agm"
         if self.agm:  # a throw-away state (no history) for calls without one, reset before each use
-            self._tmp_state = (torch.zeros(M, dtype=torch.float32, device=self.device),
-                               torch.zeros((), dtype=torch.float32, device=self.device))
+            self._tmp_state = (
+                torch.zeros(M, dtype=torch.float32, device=self.device),
+                torch.zeros((), dtype=torch.float32, device=self.device),
+            )
         block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
         self.grid = (max(1, cdiv(B, block_b)), M)
         clip = hp["clip"]
-        self.meta = dict(METHOD=_METHOD_ID[method], Z_SIGMOID=(hp["z"] == "sigmoid"),
-                         RATIO_DIFF=(hp["ratio"] == "difference"), HAS_CLIP=clip is not None, BLOCK_B=block_b,
-                         BLOCK_C=block_c, BLOCK_M=MAX_M, PHASE=0, num_warps=num_warps)
+        self.meta = dict(
+            METHOD=_METHOD_ID[method],
+            Z_SIGMOID=(hp["z"] == "sigmoid"),
+            RATIO_DIFF=(hp["ratio"] == "difference"),
+            HAS_CLIP=clip is not None,
+            BLOCK_B=block_b,
+            BLOCK_C=block_c,
+            BLOCK_M=MAX_M,
+            PHASE=0,
+            num_warps=num_warps,
+        )
         self.strides = (logits.stride(0), logits.stride(1), logits.stride(2))
-        self.tail = (M, B, C, int(hp["ignore_index"]), self.grid[0] * self.grid[1], float(hp["alpha"]),
-                     float(hp["q_base"]), float(hp["lam"]), float(hp["beta_max"]),
-                     float(0.0 if clip is None else clip), int(hp["tie"]))
+        self.tail = (
+            M,
+            B,
+            C,
+            int(hp["ignore_index"]),
+            self.grid[0] * self.grid[1],
+            float(hp["alpha"]),
+            float(hp["q_base"]),
+            float(hp["lam"]),
+            float(hp["beta_max"]),
+            float(0.0 if clip is None else clip),
+            int(hp["tie"]),
+        )
         self.label_stride = labels.stride(0)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, s_hat, steps) -> torch.Tensor:
         out = torch.empty(self.out_size, dtype=torch.float32, device=self.device)
         if not self.agm:
-            s_hat = steps = out                                            # never read
+            s_hat = steps = out  # never read
         elif s_hat is None:
             s_hat, steps = self._tmp_state
             s_hat.zero_()

@@ -3,20 +3,22 @@
 The tap's forward is a view (no kernel, no copy): see mmkernels/taps.py. This file holds the kernel and its
 launcher; the custom op `mmkernels::grad_scale` that calls it is registered in mmkernels/taps.py.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._sizes import cdiv, next_pow2
+from ._sizes import cdiv
 
 from .._backend import device_guard
 
 
 @triton.jit
-def grad_scale_kernel(g_ptr, out_ptr, k_ptr, k_value, n,
-                      K_FROM_PTR: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def grad_scale_kernel(
+    g_ptr, out_ptr, k_ptr, k_value, n, K_FROM_PTR: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr
+):
     """out[i] = k * g[i] over n elements of flat memory; computed in fp32 (fp64 for fp64), stored in g's dtype.
     k is read from device memory (K_FROM_PTR, no host sync) or passed by value."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -62,6 +64,15 @@ def grad_scale_triton(grad: torch.Tensor, k: torch.Tensor | None, k_value: float
     block = 4096
     grid = (cdiv(n, block),)
     with device_guard(grad.device):  # Triton launches on the current device
-        grad_scale_kernel[grid](grad, out, grad if k is None else k, float(k_value), n,
-                                K_FROM_PTR=k is not None, F64=grad.dtype == torch.float64, BLOCK=block, num_warps=8)
+        grad_scale_kernel[grid](
+            grad,
+            out,
+            grad if k is None else k,
+            float(k_value),
+            n,
+            K_FROM_PTR=k is not None,
+            F64=grad.dtype == torch.float64,
+            BLOCK=block,
+            num_warps=8,
+        )
     return out

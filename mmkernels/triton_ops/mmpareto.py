@@ -15,6 +15,7 @@ parameters' .grad are views of it), so a block is just an element range; the blo
 and uploaded once (mmkernels.mmpareto.MMParetoLayout). Launches 1 and 3 run once per dtype group (usually one);
 the finalize runs once for all encoders, whatever their dtypes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,18 +24,18 @@ import triton.language as tl
 
 from .._backend import device_guard
 
-BLOCK = 1024      # elements per tile
-ITERS = 8         # tiles per block: a block (chunk) is BLOCK * ITERS elements of one tensor
+BLOCK = 1024  # elements per tile
+ITERS = 8  # tiles per block: a block (chunk) is BLOCK * ITERS elements of one tensor
 CHUNK = BLOCK * ITERS
-BLOCK_T = 16      # tensors per tile in the finalize (float64 tiles: 64 and 32 spilled on sm_90 / sm_80)
-BLOCK_K = 8       # encoders (M <= 8)
+BLOCK_T = 16  # tensors per tile in the finalize (float64 tiles: 64 and 32 spilled on sm_90 / sm_80)
+BLOCK_K = 8  # encoders (M <= 8)
 
 
 @triton.jit
 def _load_pair(gm_ptr, gu_ptr, offs, mask, SUMMED: tl.constexpr):
     """(g_m, g_u) in float64 at offs; SUMMED: the second buffer holds g_m + g_u, so g_u is the difference (exact in
     float64 for fp32/fp16/bf16 buffers)."""
-    gm = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)   # exact; via fp32 for bf16
+    gm = tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)  # exact; via fp32 for bf16
     gu = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
     if SUMMED:
         gu = gu - gm
@@ -42,8 +43,17 @@ def _load_pair(gm_ptr, gu_ptr, offs, mask, SUMMED: tl.constexpr):
 
 
 @triton.jit
-def mmpareto_reduce_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, part_ptr, blk_base,
-                           SUMMED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def mmpareto_reduce_kernel(
+    gm_ptr,
+    gu_ptr,
+    blk_start_ptr,
+    blk_end_ptr,
+    part_ptr,
+    blk_base,
+    SUMMED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     """part[blk_base + j] = (sum g_m^2, sum g_m g_u, sum g_u^2) over block j's element range, float64 (the products
     of fp32 values are exact: ||h_T||^2 rebuilt from them keeps its digits when the Pareto point nearly cancels).
     SUMMED: the second buffer holds g_m + g_u (one backward of the summed loss, the DDP path): g_u = it - g_m."""
@@ -99,10 +109,25 @@ def _norms(a, b, c, wm, wu):
 
 
 @triton.jit
-def mmpareto_finalize_kernel(part_ptr, t_blk0_ptr, t_nblk_ptr, t_enc_ptr, t_tau_ptr, scale_ptr, cos_ptr, w_ptr,
-                             conflict_ptr, flag_ptr,
-                             T, K, max_nblk, gamma,
-                             GLOBAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def mmpareto_finalize_kernel(
+    part_ptr,
+    t_blk0_ptr,
+    t_nblk_ptr,
+    t_enc_ptr,
+    t_tau_ptr,
+    scale_ptr,
+    cos_ptr,
+    w_ptr,
+    conflict_ptr,
+    flag_ptr,
+    T,
+    K,
+    max_nblk,
+    gamma,
+    GLOBAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One program, float64. Per encoder k: (a, b, c), cos, w (the weight rule of mmkernels.reference.mmpareto); per
     tensor scale[t] = (s_m, s_u, keep): on conflict 2 gamma max(1, r) (w_m, w_u), or (gamma, gamma) where the
     Pareto point vanished (||h|| <= tau bound) or without conflict; keep = 0 for a non-finite encoder (written 0)."""
@@ -121,10 +146,10 @@ def mmpareto_finalize_kernel(part_ptr, t_blk0_ptr, t_nblk_ptr, t_enc_ptr, t_tau_
         C += tl.sum(tl.where(hit, c[:, None], 0.0), axis=0)
         tau = tl.load(t_tau_ptr + t, mask=tm, other=0.0)
         TAU = tl.maximum(TAU, tl.max(tl.where(hit, tau[:, None], 0.0), axis=0))
-    finite = (A - A == 0.0) & (B - B == 0.0) & (C - C == 0.0)       # x - x is NaN for inf and NaN
+    finite = (A - A == 0.0) & (B - B == 0.0) & (C - C == 0.0)  # x - x is NaN for inf and NaN
     denom = tl.sqrt(tl.maximum(A, 0.0)) * tl.sqrt(tl.maximum(C, 0.0))
     cos = tl.where(denom > 0.0, B / tl.where(denom > 0.0, denom, 1.0), 0.0)
-    solved = (C - B) / (A + C - 2.0 * B)                               # read only where b < a and b < c
+    solved = (C - B) / (A + C - 2.0 * B)  # read only where b < a and b < c
     wm = tl.where(B >= A, 0.999, tl.where(B >= C, 0.001, solved))
     conflict = finite & ~(cos > 0.0)
     wm = tl.where(conflict, wm, 0.5)
@@ -180,8 +205,17 @@ def mmpareto_finalize_kernel(part_ptr, t_blk0_ptr, t_nblk_ptr, t_enc_ptr, t_tau_
 
 
 @triton.jit
-def mmpareto_write_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, blk_tensor_ptr, scale_ptr,
-                          SUMMED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def mmpareto_write_kernel(
+    gm_ptr,
+    gu_ptr,
+    blk_start_ptr,
+    blk_end_ptr,
+    blk_tensor_ptr,
+    scale_ptr,
+    SUMMED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     """g_u <- s_m g_m + s_u g_u over block j's element range (float64, rounded to fp32, then to g_u's dtype); 0
     where the tensor's encoder was not finite (keep = 0: no NaN/Inf is written)."""
     j = tl.program_id(0)
@@ -199,8 +233,7 @@ def mmpareto_write_kernel(gm_ptr, gu_ptr, blk_start_ptr, blk_end_ptr, blk_tensor
         tl.store(gu_ptr + offs, out.to(tl.float32).to(gu_ptr.dtype.element_ty), mask=mask)
 
 
-def mmpareto_combine_triton(flats_mm, flats, tables: dict, *, gamma: float, rescale: str,
-                            summed: bool = False) -> dict:
+def mmpareto_combine_triton(flats_mm, flats, tables: dict, *, gamma: float, rescale: str, summed: bool = False) -> dict:
     """flats_mm[g], flats[g]: 1-D flat buffers of dtype group g (g_m and g_u; flats[g] is overwritten with the
     combined gradient; summed: flats[g] holds g_m + g_u instead of g_u). tables: the device tables of
     MMParetoLayout.tables() (block ranges per group, per-tensor block spans, encoders and vanishing tolerances tau)
@@ -218,15 +251,33 @@ def mmpareto_combine_triton(flats_mm, flats, tables: dict, *, gamma: float, resc
         for g, (fm, fu) in enumerate(zip(flats_mm, flats)):
             start, end, _, base = tables["groups"][g]
             if start.numel():
-                mmpareto_reduce_kernel[(start.numel(),)](fm, fu, start, end, part, base, SUMMED=summed,
-                                                         BLOCK=BLOCK, ITERS=ITERS, num_warps=4)
-        mmpareto_finalize_kernel[(1,)](part, tables["t_blk0"], tables["t_nblk"], tables["t_enc"], tables["tau"],
-                                       scale, cos, w, conflict, flag,
-                                       n_tensors, k, tables["max_nblk"], float(gamma), GLOBAL=rescale == "global",
-                                       BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=4)
+                mmpareto_reduce_kernel[(start.numel(),)](
+                    fm, fu, start, end, part, base, SUMMED=summed, BLOCK=BLOCK, ITERS=ITERS, num_warps=4
+                )
+        mmpareto_finalize_kernel[(1,)](
+            part,
+            tables["t_blk0"],
+            tables["t_nblk"],
+            tables["t_enc"],
+            tables["tau"],
+            scale,
+            cos,
+            w,
+            conflict,
+            flag,
+            n_tensors,
+            k,
+            tables["max_nblk"],
+            float(gamma),
+            GLOBAL=rescale == "global",
+            BLOCK_T=BLOCK_T,
+            BLOCK_K=BLOCK_K,
+            num_warps=4,
+        )
         for g, (fm, fu) in enumerate(zip(flats_mm, flats)):
             start, end, tensor, _ = tables["groups"][g]
             if start.numel():
-                mmpareto_write_kernel[(start.numel(),)](fm, fu, start, end, tensor, scale, SUMMED=summed,
-                                                        BLOCK=BLOCK, ITERS=ITERS, num_warps=4)
+                mmpareto_write_kernel[(start.numel(),)](
+                    fm, fu, start, end, tensor, scale, SUMMED=summed, BLOCK=BLOCK, ITERS=ITERS, num_warps=4
+                )
     return {"cos": cos, "weights": w, "conflict": conflict, "flag": flag}

@@ -12,6 +12,7 @@ Every program recomputes the keep decision of its rows from (seed, offset) (Phil
 the row, cheap next to the feature tile), so the same kernel applied to the incoming gradient is the exact
 backward and no mask is stored (docs/architecture.md, memory).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,26 @@ def _theta(q_ptr, M, w0, w1, w2, w3, w4, w5, w6, w7):
 
 
 @triton.jit
-def _row_scale(q_ptr, seed, offset, m, rows, M, B, p_exe, w0, w1, w2, w3, w4, w5, w6, w7,
-               RESCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_scale(
+    q_ptr,
+    seed,
+    offset,
+    m,
+    rows,
+    M,
+    B,
+    p_exe,
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    RESCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Scale of rows `rows` of modality m: 0 (dropped), the rescale factor (kept), 1 (gate closed)."""
     mi = tl.arange(0, BLOCK_M)
     mm = mi < M
@@ -65,10 +84,34 @@ def _row_scale(q_ptr, seed, offset, m, rows, M, B, p_exe, w0, w1, w2, w3, w4, w5
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def modality_drop_kernel(x_ptr, out_ptr, sxm, sxb, sxd, q_ptr, seed, offset, m_base, M, B, D, p_exe,
-                         w0, w1, w2, w3, w4, w5, w6, w7,
-                         RESCALE: tl.constexpr, F64: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def modality_drop_kernel(
+    x_ptr,
+    out_ptr,
+    sxm,
+    sxb,
+    sxd,
+    q_ptr,
+    seed,
+    offset,
+    m_base,
+    M,
+    B,
+    D,
+    p_exe,
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    RESCALE: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """out[j, i, :] = scale(m_base + j, i) * x[j, i, :] for x viewed as [Mx, B, D] (any strides); out contiguous.
     Grid (cdiv(B, BLOCK_B), cdiv(D, BLOCK_D), Mx): the row blocks on axis 0 (limit 2^31 - 1; axes 1 and 2 stop at
     65535, so D <= 65535 * BLOCK_D and Mx <= 8 fit there). Used for the forward (x = features) and the backward
@@ -76,8 +119,9 @@ def modality_drop_kernel(x_ptr, out_ptr, sxm, sxb, sxd, q_ptr, seed, offset, m_b
     j = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    scale = _row_scale(q_ptr, seed, offset, m_base + j, rows, M, B, p_exe, w0, w1, w2, w3, w4, w5, w6, w7,
-                       RESCALE, BLOCK_M)
+    scale = _row_scale(
+        q_ptr, seed, offset, m_base + j, rows, M, B, p_exe, w0, w1, w2, w3, w4, w5, w6, w7, RESCALE, BLOCK_M
+    )
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     mask = (rows < B)[:, None] & (cols < D)[None, :]
@@ -113,8 +157,9 @@ def _drop_blocks(b: int, d: int) -> tuple:
     return block_d, block_b
 
 
-def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int,
-                               widths: list, rescale: int, p_exe: float) -> torch.Tensor:
+def modality_drop_apply_triton(
+    x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int, widths: list, rescale: int, p_exe: float
+) -> torch.Tensor:
     """x [Mx, B, D] holding modalities m_base .. m_base + Mx - 1 of M = len(widths); returns scale * x, contiguous."""
     mx, b, d = x.shape
     out = torch.empty((mx, b, d), dtype=x.dtype, device=x.device)
@@ -125,10 +170,28 @@ def modality_drop_apply_triton(x: torch.Tensor, q: torch.Tensor, seed: int, offs
     if grid[1] > 65535:
         raise ValueError(f"modality_drop: {d} elements per row exceed the kernel's limit {65535 * block_d}")
     with device_guard(x.device):  # Triton launches on the current device
-        modality_drop_kernel[grid](x, out, x.stride(0), x.stride(1), x.stride(2), q, int(seed), int(offset), int(m_base),
-                                   len(widths), b, d, float(p_exe), *_weights(widths),
-                                   RESCALE=int(rescale), F64=x.dtype == torch.float64,
-                                   BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=MAX_M, num_warps=4)
+        modality_drop_kernel[grid](
+            x,
+            out,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            q,
+            int(seed),
+            int(offset),
+            int(m_base),
+            len(widths),
+            b,
+            d,
+            float(p_exe),
+            *_weights(widths),
+            RESCALE=int(rescale),
+            F64=x.dtype == torch.float64,
+            BLOCK_B=block_b,
+            BLOCK_D=block_d,
+            BLOCK_M=MAX_M,
+            num_warps=4,
+        )
     return out
 
 

@@ -22,6 +22,7 @@ ticket (counts[M, 0] is the fp32 ticket slot) and its last program applies the m
 old prototype entry is not finite) to every prototype (one launch for a one-batch refresh); PHASE 1 only accumulates (a refresh over many batches, or
 before an all-reduce) and the finalize kernel then runs over the [M, C, D] entries.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,16 +41,32 @@ MAX_M = 8
 @triton.jit
 def _load_tiles(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, dd, d_ok):
     """fp32 tiles z[rows, dd] [BLOCK_B, BLOCK_D] and P[cols, dd] [BLOCK_C, BLOCK_D] (masked entries 0)."""
-    zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=rows_ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    pt = tl.load(p_base + cols.to(tl.int64)[:, None] * spc + dd.to(tl.int64)[None, :] * spd,
-                 mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    zt = tl.load(z_base[:, None] + dd.to(tl.int64)[None, :] * szd, mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(
+        tl.float32
+    )
+    pt = tl.load(
+        p_base + cols.to(tl.int64)[:, None] * spc + dd.to(tl.int64)[None, :] * spd,
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
     return zt, pt
 
 
 @triton.jit
-def _sq_dist(z_base, p_base, szd, spc, spd, rows_ok, cols, col_ok, D,
-             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sq_dist(
+    z_base,
+    p_base,
+    szd,
+    spc,
+    spd,
+    rows_ok,
+    cols,
+    col_ok,
+    D,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """sum_d (z[i, d] - P[k, d])^2 for a [BLOCK_B, BLOCK_C] tile, fp32, from the differences."""
     sq = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -98,10 +115,35 @@ def _pmr_finalize(ws_ptr, cnt_ptr, out_ptr, loss_ptr, M, alpha, BLOCK_M: tl.cons
 
 
 @triton.jit
-def pmr_forward_kernel(z_ptr, szm, szb, szd, p_ptr, spm, spc, spd, y_ptr, sy, lse_ptr,
-                       ws_ptr, cnt_ptr, out_ptr, loss_ptr, M, B, C, D, ignore_index, n_programs, alpha,
-                       PHASE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+def pmr_forward_kernel(
+    z_ptr,
+    szm,
+    szb,
+    szd,
+    p_ptr,
+    spm,
+    spc,
+    spd,
+    y_ptr,
+    sy,
+    lse_ptr,
+    ws_ptr,
+    cnt_ptr,
+    out_ptr,
+    loss_ptr,
+    M,
+    B,
+    C,
+    D,
+    ignore_index,
+    n_programs,
+    alpha,
+    PHASE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """PHASE 0: accumulate + the last program finalizes; 1: accumulate only; 2: finalize only (grid (1, 1))."""
     if PHASE != 2:
         pid_m = tl.program_id(1)
@@ -146,9 +188,32 @@ def pmr_forward_kernel(z_ptr, szm, szb, szd, p_ptr, spm, spc, spd, y_ptr, sy, ls
 
 # -------------------------------------------------------------------------------------------- backward
 @triton.jit
-def pmr_backward_kernel(z_ptr, szm, szb, szd, p_ptr, spm, spc, spd, y_ptr, sy, lse_ptr, out_ptr, g_ptr,
-                        dz_ptr, sdm, sdb, M, B, C, D, ignore_index,
-                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def pmr_backward_kernel(
+    z_ptr,
+    szm,
+    szb,
+    szd,
+    p_ptr,
+    spm,
+    spc,
+    spd,
+    y_ptr,
+    sy,
+    lse_ptr,
+    out_ptr,
+    g_ptr,
+    dz_ptr,
+    sdm,
+    sdb,
+    M,
+    B,
+    C,
+    D,
+    ignore_index,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_in = rows < B
@@ -203,16 +268,38 @@ def _refresh_entries(sums_ptr, counts_ptr, p_ptr, spm, spc, spd, offs, M, C, D, 
     if FIRST:
         new = mean
     else:
-        old_ok = tl.abs(old) < float("inf")                  # false for NaN and +-Inf
+        old_ok = tl.abs(old) < float("inf")  # false for NaN and +-Inf
         new = tl.where(old_ok, (1.0 - mu) * mean + mu * old, mean)
     tl.store(ptrs, tl.where(n > 0.0, new, old).to(p_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def pmr_accumulate_kernel(z_ptr, szm, szb, szd, y_ptr, sy, sums_ptr, counts_ptr, p_ptr, spm, spc, spd,
-                          M, B, C, D, ignore_index, n_programs, mu,
-                          PHASE: tl.constexpr, FIRST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_F: tl.constexpr):
+def pmr_accumulate_kernel(
+    z_ptr,
+    szm,
+    szb,
+    szd,
+    y_ptr,
+    sy,
+    sums_ptr,
+    counts_ptr,
+    p_ptr,
+    spm,
+    spc,
+    spd,
+    M,
+    B,
+    C,
+    D,
+    ignore_index,
+    n_programs,
+    mu,
+    PHASE: tl.constexpr,
+    FIRST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     """sums[m, y_i] += z[m, i], counts[m, y_i] += 1 (index_add by label) for the rows of modality m whose features
     are all finite; the others add 1 to counts[m, C] (skipped). PHASE 0: the last program then refreshes P."""
     pid_m = tl.program_id(1)
@@ -223,7 +310,7 @@ def pmr_accumulate_kernel(z_ptr, szm, szb, szd, y_ptr, sy, sums_ptr, counts_ptr,
     valid = row_in & (lab != ignore_index) & (lab >= 0) & (lab < C)
     z_base = z_ptr + pid_m.to(tl.int64) * szm + rows64 * szb
     s_base = sums_ptr + (pid_m.to(tl.int64) * C + lab) * D
-    bad = tl.zeros([BLOCK_B], dtype=tl.int32)               # non-finite entries per row (first pass: no write)
+    bad = tl.zeros([BLOCK_B], dtype=tl.int32)  # non-finite entries per row (first pass: no write)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         mask = valid[:, None] & (dd < D)[None, :]
@@ -247,8 +334,9 @@ def pmr_accumulate_kernel(z_ptr, szm, szb, szd, y_ptr, sy, sums_ptr, counts_ptr,
 
 
 @triton.jit
-def pmr_refresh_kernel(sums_ptr, counts_ptr, p_ptr, spm, spc, spd, M, C, D, mu,
-                       FIRST: tl.constexpr, BLOCK_F: tl.constexpr):
+def pmr_refresh_kernel(
+    sums_ptr, counts_ptr, p_ptr, spm, spc, spd, M, C, D, mu, FIRST: tl.constexpr, BLOCK_F: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     _refresh_entries(sums_ptr, counts_ptr, p_ptr, spm, spc, spd, offs, M, C, D, mu, FIRST)
 
@@ -263,8 +351,10 @@ def _workspace(device: torch.device):
     key = (str(device), stream)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = (torch.zeros(2 * MAX_M + 2, dtype=torch.float32, device=device),
-              torch.zeros(1, dtype=torch.int32, device=device))
+        ws = (
+            torch.zeros(2 * MAX_M + 2, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
         _WORKSPACES[key] = ws
     return ws
 
@@ -280,8 +370,16 @@ def _blocks(B: int, C: int, D: int, interp: bool):
     return block_b, block_c, block_d, 4
 
 
-def pmr_forward_launch(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, *, alpha: float,
-                       ignore_index: int, sync: bool = False, group=None):
+def pmr_forward_launch(
+    z: torch.Tensor,
+    protos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    ignore_index: int,
+    sync: bool = False,
+    group=None,
+):
     """z [M, B, D], protos [M, C, D] (any strides), labels [B] -> (out fp32 [4M + 3], lse fp32 [M, B], loss fp32 [],
     a copy of out[4M]); module doc.
     sync under torch.distributed: accumulate, all-reduce the score sums and global count, finalize (2 launches)."""
@@ -294,9 +392,30 @@ def pmr_forward_launch(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tens
     lse = torch.empty(M, B, dtype=torch.float32, device=device)
     bb, bc, bd, warps = _blocks(B, C, D, interpreting())
     grid = (max(1, cdiv(B, bb)), M)  # B = 0: one block per modality, all rows masked (flag 2; a synced rank joins)
-    args = (z, z.stride(0), z.stride(1), z.stride(2), protos, protos.stride(0), protos.stride(1), protos.stride(2),
-            labels, labels.stride(0), lse, ws, ticket, out, loss, M, B, C, D, int(ignore_index), grid[0] * grid[1],
-            float(alpha))
+    args = (
+        z,
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
+        protos,
+        protos.stride(0),
+        protos.stride(1),
+        protos.stride(2),
+        labels,
+        labels.stride(0),
+        lse,
+        ws,
+        ticket,
+        out,
+        loss,
+        M,
+        B,
+        C,
+        D,
+        int(ignore_index),
+        grid[0] * grid[1],
+        float(alpha),
+    )
     meta = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, BLOCK_M=MAX_M)
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
     with device_guard(device):
@@ -309,8 +428,16 @@ def pmr_forward_launch(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tens
     return out, lse, loss
 
 
-def pmr_backward_launch(grad: torch.Tensor, z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
+def pmr_backward_launch(
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    protos: torch.Tensor,
+    labels: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    ignore_index: int,
+) -> torch.Tensor:
     """dL/dz [M, B, D] (contiguous, z's dtype) for the loss out[4M]; grad: the 0-d upstream gradient (device)."""
     M, B, D = z.shape
     C = protos.shape[1]
@@ -320,10 +447,33 @@ def pmr_backward_launch(grad: torch.Tensor, z: torch.Tensor, protos: torch.Tenso
     bb, bc, bd, warps = _blocks(B, C, D, interpreting())
     grid = (cdiv(B, bb), M)
     with device_guard(z.device):
-        pmr_backward_kernel[grid](z, z.stride(0), z.stride(1), z.stride(2), protos, protos.stride(0),
-                                  protos.stride(1), protos.stride(2), labels, labels.stride(0), lse, out, grad,
-                                  dz, dz.stride(0), dz.stride(1), M, B, C, D, int(ignore_index),
-                                  BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps)
+        pmr_backward_kernel[grid](
+            z,
+            z.stride(0),
+            z.stride(1),
+            z.stride(2),
+            protos,
+            protos.stride(0),
+            protos.stride(1),
+            protos.stride(2),
+            labels,
+            labels.stride(0),
+            lse,
+            out,
+            grad,
+            dz,
+            dz.stride(0),
+            dz.stride(1),
+            M,
+            B,
+            C,
+            D,
+            int(ignore_index),
+            BLOCK_B=bb,
+            BLOCK_C=bc,
+            BLOCK_D=bd,
+            num_warps=warps,
+        )
     return dz
 
 
@@ -333,9 +483,18 @@ def _refresh_blocks(B: int, D: int, interp: bool):
     return block_b, block_d, (4096 if interp else 1024)
 
 
-def pmr_accumulate_launch(z: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
-                          protos: torch.Tensor, *, ignore_index: int, finalize: bool = False, mu: float = 0.0,
-                          first: bool = False) -> None:
+def pmr_accumulate_launch(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    protos: torch.Tensor,
+    *,
+    ignore_index: int,
+    finalize: bool = False,
+    mu: float = 0.0,
+    first: bool = False,
+) -> None:
     """sums [M, C, D] (contiguous fp32) += per-class row sums of z [M, B, D]; counts [M + 1, C + 1] fp32
     (contiguous; counts[m, C]: skipped non-finite rows of modality m; counts[M, 0]: the ticket slot, zero before the
     call) += rows per class and modality. finalize: the last program also refreshes protos [M, C, D] in place (one
@@ -345,14 +504,38 @@ def pmr_accumulate_launch(z: torch.Tensor, labels: torch.Tensor, sums: torch.Ten
     bb, bd, bf = _refresh_blocks(B, D, interpreting())
     grid = (max(1, cdiv(B, bb)), M)
     with device_guard(z.device):
-        pmr_accumulate_kernel[grid](z, z.stride(0), z.stride(1), z.stride(2), labels, labels.stride(0), sums, counts,
-                                    protos, protos.stride(0), protos.stride(1), protos.stride(2), M, B, C, D,
-                                    int(ignore_index), grid[0] * grid[1], float(mu), PHASE=0 if finalize else 1,
-                                    FIRST=bool(first), BLOCK_B=bb, BLOCK_D=bd, BLOCK_F=bf, num_warps=4)
+        pmr_accumulate_kernel[grid](
+            z,
+            z.stride(0),
+            z.stride(1),
+            z.stride(2),
+            labels,
+            labels.stride(0),
+            sums,
+            counts,
+            protos,
+            protos.stride(0),
+            protos.stride(1),
+            protos.stride(2),
+            M,
+            B,
+            C,
+            D,
+            int(ignore_index),
+            grid[0] * grid[1],
+            float(mu),
+            PHASE=0 if finalize else 1,
+            FIRST=bool(first),
+            BLOCK_B=bb,
+            BLOCK_D=bd,
+            BLOCK_F=bf,
+            num_warps=4,
+        )
 
 
-def pmr_refresh_launch(sums: torch.Tensor, counts: torch.Tensor, protos: torch.Tensor, *, mu: float,
-                       first: bool) -> None:
+def pmr_refresh_launch(
+    sums: torch.Tensor, counts: torch.Tensor, protos: torch.Tensor, *, mu: float, first: bool
+) -> None:
     """protos [M, C, D] <- the EMA of the class means sums / counts (in place; one launch over the entries)."""
     M, C, D = protos.shape
     _, _, bf = _refresh_blocks(1, D, interpreting())
@@ -360,5 +543,18 @@ def pmr_refresh_launch(sums: torch.Tensor, counts: torch.Tensor, protos: torch.T
     if n == 0:
         return
     with device_guard(protos.device):
-        pmr_refresh_kernel[(cdiv(n, bf),)](sums, counts, protos, protos.stride(0), protos.stride(1), protos.stride(2),
-                                           M, C, D, float(mu), FIRST=bool(first), BLOCK_F=bf, num_warps=4)
+        pmr_refresh_kernel[(cdiv(n, bf),)](
+            sums,
+            counts,
+            protos,
+            protos.stride(0),
+            protos.stride(1),
+            protos.stride(2),
+            M,
+            C,
+            D,
+            float(mu),
+            FIRST=bool(first),
+            BLOCK_F=bf,
+            num_warps=4,
+        )

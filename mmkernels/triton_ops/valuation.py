@@ -9,6 +9,7 @@ flag [] fp32 (zeroed by the launcher, atomic max: 1 when a row holds a non-finit
 Non-finite logits (docs/methods/sample_valuation.md, "Edge cases"): a row f_S[i] holding a NaN or +-inf is never
 correct, as in the reference; its logits are replaced by -inf before the max, so no NaN reaches a reduction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,26 @@ from ._sizes import cdiv, next_pow2
 
 
 @triton.jit
-def sample_valuation_kernel(x_ptr, sxs, sxb, sxc, y_ptr, w_ptr, phi_ptr, copies_ptr, flag_ptr, B, C, NS, M, fact,
-                            SCALED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_M: tl.constexpr):
+def sample_valuation_kernel(
+    x_ptr,
+    sxs,
+    sxb,
+    sxc,
+    y_ptr,
+    w_ptr,
+    phi_ptr,
+    copies_ptr,
+    flag_ptr,
+    B,
+    C,
+    NS,
+    M,
+    fact,
+    SCALED: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rm = rows < B
     rows64 = rows.to(tl.int64)
@@ -34,7 +52,7 @@ def sample_valuation_kernel(x_ptr, sxs, sxb, sxc, y_ptr, w_ptr, phi_ptr, copies_
     for s in range(0, NS):
         best = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
         arg = tl.zeros([BLOCK_B], dtype=tl.int64)
-        bad = tl.zeros([BLOCK_B], dtype=tl.int32)               # the row holds a non-finite logit
+        bad = tl.zeros([BLOCK_B], dtype=tl.int32)  # the row holds a non-finite logit
         base = x_ptr + tl.cast(s, tl.int64) * sxs + rows64[:, None] * sxb
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -45,13 +63,13 @@ def sample_valuation_kernel(x_ptr, sxs, sxb, sxc, y_ptr, w_ptr, phi_ptr, copies_
             x = tl.where(cm & (nonfinite == 0), x, float("-inf"))
             tmax = tl.max(x, axis=1)
             targ = tl.argmax(x, axis=1).to(tl.int64) + c0
-            upd = tmax > best                                  # strict: an earlier tile keeps a tie
+            upd = tmax > best  # strict: an earlier tile keeps a tie
             arg = tl.where(upd, targ, arg)
             best = tl.where(upd, tmax, best)
         any_bad = tl.maximum(any_bad, bad)
-        correct = (arg == y) & (bad == 0)                      # a non-finite row is never correct
+        correct = (arg == y) & (bad == 0)  # a non-finite row is never correct
         if SCALED:
-            size = tl.sum(((s + 1) >> mi) & 1, axis=0).to(tl.float32)   # |S| = popcount(S)
+            size = tl.sum(((s + 1) >> mi) & 1, axis=0).to(tl.float32)  # |S| = popcount(S)
         else:
             size = 1.0
         v = tl.where(correct, size, 0.0)
@@ -60,15 +78,19 @@ def sample_valuation_kernel(x_ptr, sxs, sxb, sxc, y_ptr, w_ptr, phi_ptr, copies_
     out = mi.to(tl.int64)[None, :] * B + rows64[:, None]
     om = rm[:, None] & mm[None, :]
     tl.store(phi_ptr + out, phi / fact, mask=om)
-    p10 = 10.0 * phi                                           # phi holds M! phi: integers, exact in fp32
-    copies = tl.where((p10 > 4.0 * fact) & (p10 < 10.0 * fact), 1, 0) + \
-        tl.where((p10 > -fact) & (p10 < 4.0 * fact), 2, 0) + tl.where(p10 < -fact, 3, 0)
+    p10 = 10.0 * phi  # phi holds M! phi: integers, exact in fp32
+    copies = (
+        tl.where((p10 > 4.0 * fact) & (p10 < 10.0 * fact), 1, 0)
+        + tl.where((p10 > -fact) & (p10 < 4.0 * fact), 2, 0)
+        + tl.where(p10 < -fact, 3, 0)
+    )
     tl.store(copies_ptr + out, copies.to(tl.int64), mask=om)
     tl.atomic_max(flag_ptr, tl.max(any_bad, axis=0).to(tl.float32))
 
 
-def sample_valuation_triton(subset_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, fact: float, *,
-                            scaled: bool):
+def sample_valuation_triton(
+    subset_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, fact: float, *, scaled: bool
+):
     """subset_logits [2^M - 1, B, C] (any strides, float), labels [B] int64, weights [2^M - 1, M] fp32 contiguous
     (Shapley weights times fact = M!).
     Returns (phi [M, B] fp32, copies [M, B] int64, flag [] fp32: 1 when a row holds a non-finite logit)."""
@@ -78,9 +100,25 @@ def sample_valuation_triton(subset_logits: torch.Tensor, labels: torch.Tensor, w
     copies = torch.empty((m, b), dtype=torch.int64, device=subset_logits.device)
     flag = torch.zeros((), dtype=torch.float32, device=subset_logits.device)
     block_c = min(next_pow2(c), 256)
-    block_b = max(1, min(next_pow2(b), 2048 // block_c, 64))   # <= 16 logits per thread (4 warps): no spills
+    block_b = max(1, min(next_pow2(b), 2048 // block_c, 64))  # <= 16 logits per thread (4 warps): no spills
     with device_guard(subset_logits.device):
         sample_valuation_kernel[(cdiv(b, block_b),)](
-            subset_logits, *subset_logits.stride(), labels, weights, phi, copies, flag, b, c, ns, m, fact,
-            SCALED=scaled, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=8, num_warps=4)
+            subset_logits,
+            *subset_logits.stride(),
+            labels,
+            weights,
+            phi,
+            copies,
+            flag,
+            b,
+            c,
+            ns,
+            m,
+            fact,
+            SCALED=scaled,
+            BLOCK_B=block_b,
+            BLOCK_C=block_c,
+            BLOCK_M=8,
+            num_warps=4,
+        )
     return phi, copies, flag
