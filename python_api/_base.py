@@ -111,6 +111,8 @@ class Balancer(metaclass=_Constructed):
         the next step's first call (observe, tap, drop, forward, loss) once its backward has run; `skipped_steps`
         counts them, and the first one raises a RuntimeWarning (gradient accumulation, which is not supported yet,
         would show up here: each micro-batch after the first is taken for a skipped step).
+      num_classes: C, optional; when given, unimodal logits whose last dimension is not C are refused (a ValueError
+        that says encoder features were probably passed instead of logits). Without it the width is not checked.
     """
 
     method: str = ""            # name stored in state_dict
@@ -119,8 +121,10 @@ class Balancer(metaclass=_Constructed):
 
     def __init__(self, num_modalities: int, *, start: int = 0, end: int | None = None, unit: str = "step",
                  enabled: bool = True, official: bool = False, ignore_index: int = -100, seed: int = 0,
-                 sync: bool | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 sync: bool | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 num_classes: int | None = None):
         self.num_modalities = check_num_modalities(num_modalities)
+        check_int(num_classes, "num_classes", minimum=1, allow_none=True)
         check_int(start, "start")
         check_int(end, "end", allow_none=True)
         if end is not None and end <= start:
@@ -133,6 +137,7 @@ class Balancer(metaclass=_Constructed):
         self.official = bool(official)
         self.ignore_index = int(ignore_index)
         self.seed = int(seed)
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.sync = sync
         self.training = True
         self._step = 0
@@ -288,8 +293,15 @@ class Balancer(metaclass=_Constructed):
         if x.shape[0] != self.num_modalities:
             raise ValueError(f"{name} has {x.shape[0]} modalities but num_modalities={self.num_modalities}")
         _validate.check_labels(labels, x.shape[1], x.device, "labels")
+        self._check_width(x.shape[2], name)
         check_label_values(labels, x.shape[2], self.ignore_index)
         return x
+
+    def _check_width(self, width: int, name: str) -> None:
+        """The class dimension of logits against num_classes (when given)."""
+        if self.num_classes is not None and width != self.num_classes:
+            raise ValueError(f"{name} must have num_classes={self.num_classes} columns (the unimodal logits [B, C]), "
+                             f"got {width}: were encoder features passed instead of logits?")
 
     # ---------------------------------------------------------------- observe
     def _begin_observe(self, what: str = "observe", *, mark: bool = True) -> None:

@@ -160,6 +160,7 @@ class AGM(Balancer):
         self._to_device(subsets.device)
         if observe:
             phi = _ops.shapley_responses(subsets.detach())  # [M, B, C], scores only (the extension where built)
+            self._check_width(phi.shape[-1], "the model's (head's) output")
             check_label_values(labels, phi.shape[-1], self.ignore_index)  # a rejected call changes no state
             self._observed_step = self._step
             self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)

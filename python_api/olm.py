@@ -98,6 +98,7 @@ class OLM(Balancer):
         x = _validate.as_stacked(logits_per_branch, "logits_per_branch", ndim=2)
         if x.shape[0] != self.num_modalities:
             raise ValueError(f"logits_per_branch has {x.shape[0]} branches but num_modalities={self.num_modalities}")
+        self._check_width(x.shape[2], "logits_per_branch")
         self._to_device(x.device)
         if self.enabled and self.training and x.shape[1] > 0:
             self._norm_sum = self._norm_sum + reference.logit_norms(x.detach())

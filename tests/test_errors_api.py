@@ -181,3 +181,37 @@ def test_unimodal_helper_errors():
         api.concat_unimodal_logits(feats, torch.nn.Linear(12, 3), gamma=[0.5, 0.25, 0.25])
     with pytest.raises(ValueError, match="len\\(heads\\)"):
         api.summation_unimodal_logits(feats, [torch.nn.Linear(6, 3)])
+
+
+@pytest.mark.parametrize("kind", ["ogm_ge", "ogm", "opm", "mlb", "agm", "olm"])
+def test_num_classes_catches_features_passed_as_logits(kind):
+    """With num_classes=C, logits of another width (encoder features by mistake) are refused with a ValueError that
+    names num_classes; the call changes no state; the right width is accepted; without num_classes nothing is
+    checked (the default)."""
+    import mmkernels.api as api
+    from _api_models import C, TinyModel, batch
+
+    make = {"ogm_ge": api.OGMGE, "ogm": api.OGM, "opm": api.OPM, "mlb": api.MLB, "agm": api.AGM, "olm": api.OLM}[kind]
+    model = TinyModel(2)
+    xs, y = batch(2, b=8)
+    feats = model.feats(xs)                                   # [B, 6]: not [B, C]
+    assert feats[0].shape[1] != C
+
+    def call(bal, outs):
+        if kind == "agm":
+            return bal(xs, y, encoders=list(model.encoders), head=lambda fs: outs(fs))
+        if kind == "olm":
+            return bal.combine(outs(feats))
+        return bal.observe(outs(feats), y)
+
+    wrong = (lambda fs: torch.stack(list(fs))) if kind != "agm" else (lambda fs: sum(fs))
+    right = (lambda fs: torch.stack([f[:, :C] for f in fs])) if kind != "agm" else (lambda fs: sum(fs)[:, :C])
+    bal = make(2, num_classes=C)
+    before = bal.state_dict()
+    with pytest.raises(ValueError, match=f"num_classes={C}"):
+        call(bal, wrong)
+    after = bal.state_dict()
+    assert after["step"] == before["step"] and all(torch.equal(after["tensors"][k], v)
+                                                   for k, v in before["tensors"].items())
+    call(bal, right)
+    call(make(2), wrong) if kind != "olm" else None           # no num_classes: not checked
