@@ -138,7 +138,8 @@ class _ReportingBuild:
                     failing = [line for line in str(exc).splitlines() if "csrc/" in line][:5]
                     _log("building mmkernels._C FAILED. " + ("Failing steps: " + "; ".join(failing) if failing else ""))
                     _log(
-                        "Set MMKERNELS_BUILD_CUDA=0 to build the CPU twins only, or MMKERNELS_SKIP_EXT=1 to skip the extension."
+                        "Set MMKERNELS_BUILD_CUDA=0 to build the CPU twins only, or MMKERNELS_SKIP_EXT=1 to skip the "
+                        "extension."
                     )
                     raise
 
@@ -150,7 +151,8 @@ ext_modules, cmdclass = _ext_modules()
 setup(
     name="mmkernels",
     version=VERSION,
-    description="Fused kernels and a torch.autograd API for balanced multimodal learning (OGM-GE, OGM, OPM, AGM, MLB, OLM)",
+    description="Fused kernels and a torch.autograd API for balanced multimodal learning "
+    "(OGM-GE, OGM, OPM, AGM, MLB, OLM)",
     long_description=open(os.path.join(ROOT, "README.md")).read()
     if os.path.exists(os.path.join(ROOT, "README.md"))
     else "",

@@ -120,7 +120,8 @@ def cases(tiny: bool):
 
 
 def measure(impls: dict, reset, *, repeat: int, number: int) -> dict:
-    """Interleaved rounds: each round times `number` calls of every implementation. Returns name -> seconds/call list."""
+    """Interleaved rounds: each round times `number` calls of every implementation. Returns name -> seconds/call
+    list."""
     times = {name: [] for name in impls}
     for fn in impls.values():  # warm-up (allocator, thread pool, lazy imports)
         if reset:

@@ -1,10 +1,11 @@
-"""Host time per call (docs/architecture.md): microseconds until each public op or balancer call returns, and the aten ops
-it dispatches, beside the few lines of plain torch a user would write instead. On a GPU a small model's step is often
-host-bound, so this is paid there too; on CPU it is most of the cost at small shapes.
+"""Host time per call (docs/architecture.md): microseconds until each public op or balancer call returns, and the aten
+ops it dispatches, beside the few lines of plain torch a user would write instead. On a GPU a small model's step is
+often host-bound, so this is paid there too; on CPU it is most of the cost at small shapes.
 
 No device sync inside the timed call (host time is what is measured); extra_info["aten_ops"] counts the aten ops one
 call dispatches (a TorchDispatchMode counter), so the suite shows launch-relevant op counts on every backend.
-Runs on CPU and CUDA (`bench_device`); shapes are the small ones where host time dominates: M = 2, B = 64, C = 6, D = 512.
+Runs on CPU and CUDA (`bench_device`); shapes are the small ones where host time dominates: M = 2, B = 64, C = 6, D =
+512.
 """
 
 from __future__ import annotations

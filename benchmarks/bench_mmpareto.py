@@ -1,5 +1,5 @@
-"""Benchmark of MMPareto's combine op (docs/methods/mmpareto.md): the encoders' multimodal and unimodal gradients -> the Pareto
-gradient, in place, as MMPareto.backward() runs it (flat per-dtype buffers, mmkernels.mmpareto_combine_flat_).
+"""Benchmark of MMPareto's combine op (docs/methods/mmpareto.md): the encoders' multimodal and unimodal gradients -> the
+Pareto gradient, in place, as MMPareto.backward() runs it (flat per-dtype buffers, mmkernels.mmpareto_combine_flat_).
 
 - mmkernels: the flat op (3 launches on CUDA: reduce, finalize, write; a torch path on CPU; no host sync);
 - authors: their per-encoder loop: inner products read on the host (`if cos > 0`, the solver on CPU), then per tensor

@@ -62,7 +62,6 @@ def test_bench_tap_backward_compiled_reference(benchmark, shape, dtype):
 
     g = torch.randn(shape, device="cuda", dtype=dtype)
     k = torch.tensor(0.7, device="cuda")
-    z = torch.randn(shape[0], device="cuda")
     fn = torch.compile(lambda g, k, z: reference.cov_noise_tap_backward(g, k, z, sigma=1.0))
     benchmark.group = f"cov_noise_tap {shape} {dtype}"
     timed_gbps(benchmark, lambda: fn(g, k, torch.randn(shape[0], device="cuda")), 2 * nbytes(g))

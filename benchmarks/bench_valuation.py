@@ -1,5 +1,5 @@
-"""Benchmark of the sample-level valuation op (docs/methods/sample_valuation.md) on one batch of subset outputs [2^M - 1, B, C]:
-argmax per subset, v(S) = |S| 1[correct], Shapley phi, copy counts.
+"""Benchmark of the sample-level valuation op (docs/methods/sample_valuation.md) on one batch of subset outputs [2^M -
+1, B, C]: argmax per subset, v(S) = |S| 1[correct], Shapley phi, copy counts.
 
 - mmkernels: mmkernels.sample_valuation (one Triton launch on CUDA; vectorised torch on CPU; no host sync);
 - authors: their per-sample loop: each subset's prediction read back to the host (`.cpu().numpy()` argmax), v(S)

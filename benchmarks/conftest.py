@@ -2,8 +2,9 @@
 
 Files are named bench_*.py and collected here (the root pytest.ini only lists tests/).
 Size switch: reduced CPU shapes by default; full (papers') shapes with `--bench-full` or MMKERNELS_BENCH_FULL=1.
-Fixtures: `bench_full` (bool), `bench_device` ("cuda" when a GPU is visible, else "cpu"; MMKERNELS_BENCH_DEVICE overrides).
-In CI the lane runs `pytest benchmarks --benchmark-disable`: each benchmark body runs once and nothing is timed.
+Fixtures: `bench_full` (bool), `bench_device` ("cuda" when a GPU is visible, else "cpu"; MMKERNELS_BENCH_DEVICE
+overrides). In CI the lane runs `pytest benchmarks --benchmark-disable`: each benchmark body runs once and nothing is
+timed.
 """
 
 from __future__ import annotations

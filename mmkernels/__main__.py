@@ -14,7 +14,8 @@ def main(argv=None) -> int:
     build_parser(
         sub.add_parser(
             "demo",
-            help="modality imbalance and every method's fix: a synthetic audio-visual set or UCI Multiple Features (--data mfeat, 6 real views)",
+            help="modality imbalance and every method's fix: a synthetic audio-visual set or UCI Multiple Features "
+            "(--data mfeat, 6 real views)",
         )
     )
     sub.add_parser("env", help="versions and available backends")

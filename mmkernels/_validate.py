@@ -19,7 +19,8 @@ MAX_COUNTER = 2**63 - 1  # Philox seeds and counter offsets are int64 on the dev
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # The ranges of the coefficient hyperparameters: ONE table (mmkernels/_methods.py), used by
-# mmkernels.balance_coefficients and by the balancers' constructors. name: (low, high, low_open, high_open, None allowed).
+# mmkernels.balance_coefficients and by the balancers' constructors. name: (low, high, low_open, high_open, None
+# allowed).
 HYPERPARAMETER_RANGES = _methods.HYPERPARAMETER_RANGES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -161,7 +162,8 @@ def check_hyperparameter(value, name: str) -> None:
 
 
 def check_ignore_index(value, name: str = "ignore_index") -> None:
-    """A label value that counts nowhere: a Python int (not a bool) that fits in int64 (the kernels compare in int64)."""
+    """A label value that counts nowhere: a Python int (not a bool) that fits in int64 (the kernels compare in
+    int64)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not INT64_MIN <= value <= INT64_MAX:

@@ -1,13 +1,14 @@
-"""balance_coefficients: per-modality scores -> discrepancy ratios -> coefficients (docs/methods/ogm.md, TPAMI Eq. 6-7 and 11).
+"""balance_coefficients: per-modality scores -> discrepancy ratios -> coefficients (docs/methods/ogm.md, TPAMI Eq. 6-7
+and 11).
 
 Validation happens here, once; then the backend runs: the fused Triton kernel on CUDA tensors (ONE launch,
 zero host syncs; mmkernels/triton_ops/coefficients.py), the extension's C++ twin on CPU tensors (ONE call: scores,
 ratios, coefficients, flag and AGM state; csrc/coefficients.cpp, math in csrc/coefficients_math.h; a list input is
 read in place, not stacked), or the pure-PyTorch reference elsewhere (mmkernels/reference/, also the CPU path
 under torch.compile and with sync), which computes the same numbers. Under torch.compile the one-launch Triton
-path is the custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the launcher's
-workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is called
-directly, skipping the op's dispatch (host time that would exceed the kernel's own).
+path is the custom op `mmkernels::balance_coefficients` (with a fake implementation): one opaque call, and the
+launcher's workspace cache (keyed by device and stream) stays out of the traced graph. In eager mode the launcher is
+called directly, skipping the op's dispatch (host time that would exceed the kernel's own).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def balance_coefficients(
     method and its hyperparameters (defaults in METHOD_DEFAULTS):
       "ogm_ge": authors' coefficient k (alpha; tie=0: an exact M = 2 tie suppresses modality 0, as the CVPR 2022
                 code; tie=1: modality 1, as the TPAMI repository's OGM script)
-      "ogm":    TPAMI Eq. 11, k = max(0, 1 - alpha z(rho)) where rho > 1 (alpha, z="tanh"|"sigmoid", ratio="ratio"|"difference")
+      "ogm":    TPAMI Eq. 11, k = max(0, 1 - alpha z(rho)) where rho > 1 (alpha, z="tanh"|"sigmoid",
+                ratio="ratio"|"difference")
       "opm":    TPAMI Eq. 8, drop probability q (q_base, lam, z, ratio)
       "agm":    AGM Eq. 7-10, ratios r and coefficients kappa (alpha, clip=None); `state` (from
                 mmkernels.reference.new_agm_state) holds the running means and is updated IN PLACE
@@ -270,8 +272,9 @@ _METHOD_ID = _methods.KERNEL_IDS  # = csrc/coefficients_math.h CoeffMethod (test
 
 
 def _reference_synced(logits, labels, method, state, ignore_index, group, hp) -> dict:
-    """Reference path with the score sums and counts all-reduced across ranks (docs/architecture.md, Conventions: every rank joins every collective); the
-    rest of the pipeline is built from mmkernels/reference/coefficients.py's own pieces."""
+    """Reference path with the score sums and counts all-reduced across ranks (docs/architecture.md, Conventions: every
+    rank joins every collective); the rest of the pipeline is built from mmkernels/reference/coefficients.py's own
+    pieces."""
     kind = "ce" if method == "agm" else "prob"
     sums, count = reference.score_sums(logits, labels, kind=kind, ignore_index=ignore_index)
     packed = torch.cat([sums, count.view(1)])
@@ -287,8 +290,9 @@ class CoefficientPlan:
     output buffer, grid, constants) or its C++ / reference call bound. A call looks the layout up and launches.
 
     plan(logits [M, B, C] tensor, labels [B], state=None) -> dict(scores [M], ratios [M], coefficients [M], flag [])
-    with the same numbers as balance_coefficients(logits, labels, method, ...), in fresh tensors every call. A list of logits, sync=True under torch.distributed, and tracing under torch.compile take balance_coefficients
-    itself. AGM: `state` is checked on every call (it may be replaced between calls).
+    with the same numbers as balance_coefficients(logits, labels, method, ...), in fresh tensors every call. A list of
+    logits, sync=True under torch.distributed, and tracing under torch.compile take balance_coefficients itself. AGM:
+    `state` is checked on every call (it may be replaced between calls).
     """
 
     def __init__(self, method: str, *, ignore_index: int = -100, **hyperparameters):

@@ -14,10 +14,10 @@ Backends: Triton on CUDA tensors (3 launches: reduce, finalize, write; mmkernels
 reference math (mmkernels.reference.mmpareto_*) elsewhere: on flat CPU buffers float64 dots and a write per tensor
 (in buckets of up to BUCKET elements, no host read), on lists the reference itself. Every backend takes the inner
 products, weights and scales in float64 and forms the combination in float64 (rounded once), so ||h_T|| keeps its
-digits when the Pareto point nearly cancels. Statistics: cos [K], weights [K, 2] (w_m, w_u), conflict [K] (1. where the Pareto rule acted),
-flag [] (1.: an encoder's inner products were not finite, its gradient is 0; else 2.: a Pareto point vanished
-(exactly opposite gradients), that tensor fell back to gamma (g_m + g_u); see mmkernels.reference.mmpareto), fp32 on the
-grads' device.
+digits when the Pareto point nearly cancels. Statistics: cos [K], weights [K, 2] (w_m, w_u), conflict [K] (1. where the
+Pareto rule acted), flag [] (1.: an encoder's inner products were not finite, its gradient is 0; else 2.: a Pareto point
+vanished (exactly opposite gradients), that tensor fell back to gamma (g_m + g_u); see mmkernels.reference.mmpareto),
+fp32 on the grads' device.
 No host sync on any path.
 """
 

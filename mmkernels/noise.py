@@ -27,6 +27,7 @@ double log/cos/sin of torch, the C library, SLEEF (the CPU twins' vector paths) 
 arithmetic after the draw may differ in the last bits (the reference's fp32 mean and std against the extension's
 double accumulation).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,8 @@ def cov_noise_normals(batch: int, *, seed: int, offset: int, device="cpu") -> to
 
 
 def _as_k_tensor(k, feature: torch.Tensor) -> torch.Tensor:
-    """k (checked) as a 0-dim float tensor on feature's device (a number becomes one; a tensor is only detached/reshaped)."""
+    """k (checked) as a 0-dim float tensor on feature's device (a number becomes one; a tensor is only
+    detached/reshaped)."""
     check_coefficient(k, feature)
     if isinstance(k, torch.Tensor):
         if k.dim() == 0 and not k.requires_grad:  # already what the op takes: no view ops (host time per call)
@@ -113,13 +115,16 @@ def cov_noise_tap(feature: torch.Tensor, k, *, sigma: float = 1.0, seed: int, of
 
 
 def sample_cov_noise(per_sample_grads: torch.Tensor, *, seed: int, offset: int) -> torch.Tensor:
-    """h = (z - mean z)^T G / B (docs/methods/ogm_ge.md) from per-sample gradients G [B, P] (e.g. torch.func.vmap(grad)).
+    """h = (z - mean z)^T G / B (docs/methods/ogm_ge.md) from per-sample gradients G [B, P]
+    (e.g. torch.func.vmap(grad)).
 
     Returns [P] fp32 (fp64 for fp64 G); z as in cov_noise_tap for the same (seed, offset). Not differentiable.
     """
     check_float(per_sample_grads, "per_sample_grads")
     if per_sample_grads.dim() != 2 or per_sample_grads.shape[0] == 0:
-        raise ValueError(f"per_sample_grads must have shape [B, P] with B > 0, got shape {tuple(per_sample_grads.shape)}")
+        raise ValueError(
+            f"per_sample_grads must have shape [B, P] with B > 0, got shape {tuple(per_sample_grads.shape)}"
+        )
     check_counter(seed, "seed")
     check_counter(offset, "offset")
     G = per_sample_grads.detach()
@@ -139,15 +144,20 @@ def _check_grads(grads, name: str = "grads") -> List[torch.Tensor]:
             raise TypeError(f"{name}[{i}] is None (a parameter without a gradient); leave it out of the list")
         check_float(g, f"{name}[{i}]")
         if not g.is_contiguous():
-            raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got shape {tuple(g.shape)} "
-                             f"with strides {g.stride()}")
+            raise ValueError(
+                f"{name}[{i}] must be contiguous (it is updated in place), got shape {tuple(g.shape)} "
+                f"with strides {g.stride()}"
+            )
         if g.device != gs[0].device:
-            raise ValueError(f"{name}[{i}] is on {g.device} but {name}[0] is on {gs[0].device}; all tensors must share a device")
+            raise ValueError(
+                f"{name}[{i}] is on {g.device} but {name}[0] is on {gs[0].device}; all tensors must share a device"
+            )
     return gs
 
 
-def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
-                  group_index: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+def ge_isotropic_(
+    grads: Sequence[torch.Tensor], k, *, seed: int, offset: int, group_index: Optional[Sequence[int]] = None
+) -> List[torch.Tensor]:
     """The authors' OGM-GE rule over many gradient tensors, in place (module docstring). Returns `grads` as a list.
 
     grads: T contiguous float tensors on one device (e.g. [p.grad for p in encoder.parameters()]).
@@ -178,7 +188,9 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
     T = len(gs)
     if group_index is None:
         if k.numel() != T:
-            raise ValueError(f"k must hold one value per tensor ({T}) when group_index is not given, got {k.numel()} values")
+            raise ValueError(
+                f"k must hold one value per tensor ({T}) when group_index is not given, got {k.numel()} values"
+            )
         groups: List[int] = []
     else:
         groups = [int(g) for g in group_index]
@@ -186,7 +198,9 @@ def ge_isotropic_(grads: Sequence[torch.Tensor], k, *, seed: int, offset: int,
             raise ValueError(f"group_index must have one entry per tensor ({T}), got {len(groups)}")
         bad = [g for g in groups if not 0 <= g < k.numel()]
         if bad:
-            raise ValueError(f"group_index entries must be in [0, {k.numel()}) (k has {k.numel()} values), got {bad[0]}")
+            raise ValueError(
+                f"group_index entries must be in [0, {k.numel()}) (k has {k.numel()} values), got {bad[0]}"
+            )
     if backend_for(*gs, k, op="ge_isotropic_", available=_OPS) == "ext":
         _ge_ops.ge_isotropic_(gs, k, groups, int(seed), int(offset))
         return gs

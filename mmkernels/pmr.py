@@ -6,8 +6,8 @@ pmr_class_sums_ / pmr_refresh_ / pmr_update_prototypes_: the per-epoch refresh (
   EMA), in place.
 
 Validation happens here, once; then the backend (mmkernels._backend.backend_for): the Triton kernels of
-mmkernels/triton_ops/pmr.py on CUDA tensors, the reference (mmkernels/reference/pmr.py) elsewhere. Under torch.compile the
-Triton path goes through the custom ops `mmkernels::pmr_forward` / `mmkernels::pmr_backward` (fake implementations
+mmkernels/triton_ops/pmr.py on CUDA tensors, the reference (mmkernels/reference/pmr.py) elsewhere. Under torch.compile
+the Triton path goes through the custom ops `mmkernels::pmr_forward` / `mmkernels::pmr_backward` (fake implementations
 given); eager calls the launchers directly. Modalities of different widths D_m are zero-padded to max D_m (exact:
 mmkernels/reference/pmr.py docstring); the padded prototype tensor [M, C, D] is what the balancer keeps.
 """
@@ -103,7 +103,6 @@ class _PMRLoss(torch.autograd.Function):
             torch.distributed.all_reduce(packed, group=group)
             s, count = packed[:-1], packed[-1]
         res = R.pmr_from_sums_ref(s, pce, count, alpha=alpha, local_count=local)
-        m = z.shape[0]
         out = torch.cat(
             [
                 res["scores"],

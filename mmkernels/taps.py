@@ -80,7 +80,8 @@ def grad_tap(feature: torch.Tensor, k) -> torch.Tensor:
 def modality_drop_apply(
     x: torch.Tensor, q: torch.Tensor, seed: int, offset: int, m_base: int, widths: List[int], rescale: int, p_exe: float
 ) -> torch.Tensor:
-    """Triton drop of x [Mx, B, D] = modalities m_base .. m_base + Mx - 1 of len(widths); returns a contiguous tensor."""
+    """Triton drop of x [Mx, B, D] = modalities m_base .. m_base + Mx - 1 of len(widths); returns a contiguous
+    tensor."""
     from .triton_ops.modality_drop import modality_drop_apply_triton
 
     return modality_drop_apply_triton(x, q, seed, offset, m_base, widths, rescale, p_exe)
@@ -123,8 +124,8 @@ def _reference_uniforms(seed: int, offset: int, num_modalities: int, batch: int,
 def drop_uniforms(seed: int, offset: int, num_modalities: int, batch: int, device="cpu") -> tuple:
     """(u [M, B], u_gate []) fp32: the uniforms modality_drop draws on this device's backend for (seed, offset).
 
-    Both backends (Philox, tl.rand's stream): u[m, i] = rand(seed, offset + m * B + i), u_gate = rand(seed, offset + M * B);
-    the reference computes the same numbers as the Triton kernel (mmkernels.reference.philox_uniforms_triton).
+    Both backends (Philox, tl.rand's stream): u[m, i] = rand(seed, offset + m * B + i), u_gate = rand(seed, offset + M *
+    B); the reference computes the same numbers as the Triton kernel (mmkernels.reference.philox_uniforms_triton).
     keep[m, i] = u[m, i] >= q_m; the drop runs iff u_gate < p_exe. Feed them to
     mmkernels.reference.modality_drop_ref to reproduce a call."""
     device = torch.device(device)

@@ -1,9 +1,9 @@
 """mmkernels.api: the trainer-facing torch.autograd API (balancers and unimodal-logit helpers).
 
-One balancer class per method, all with the same protocol (see README.md, "The trainer API"): tap()/drop()/combine()/forward()
-in the model's forward, observe() (or loss()) on this step's unimodal logits, step() after optimizer.step(),
-a modulation window, state_dict()/load_state_dict(), read-only `scores`, `ratios`, `coefficients` device tensors.
-Nothing in a training step reads a device value on the host.
+One balancer class per method, all with the same protocol (see README.md, "The trainer API"):
+tap()/drop()/combine()/forward() in the model's forward, observe() (or loss()) on this step's unimodal logits, step()
+after optimizer.step(), a modulation window, state_dict()/load_state_dict(), read-only `scores`, `ratios`,
+`coefficients` device tensors. Nothing in a training step reads a device value on the host.
 """
 
 from ._base import Balancer

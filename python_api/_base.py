@@ -4,11 +4,11 @@ Host state (Python ints and bools): the step and epoch counters, the modulation 
 (observed? backward seen?). Device state (fp32 tensors): scores, ratios, coefficients, the flag, and each
 method's running state. Nothing in a training step reads a device value on the host.
 """
+
 from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Sequence
 
 import torch
 
@@ -46,8 +46,10 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bool(bad.any()):  # sync-ok: CPU tensor, no device involved
         i = int(bad.nonzero()[0, 0])  # sync-ok: CPU tensor, error path
-        raise ValueError(f"{name} must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; "
-                         f"{name}[{i}] = {int(labels[i])}")  # sync-ok: error path
+        raise ValueError(
+            f"{name} must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; "
+            f"{name}[{i}] = {int(labels[i])}"
+        )  # sync-ok: error path
 
 
 class _Neutral:
@@ -115,14 +117,25 @@ class Balancer(metaclass=_Constructed):
         that says encoder features were probably passed instead of logits). Without it the width is not checked.
     """
 
-    method: str = ""            # name stored in state_dict
+    method: str = ""  # name stored in state_dict
     coefficient_method: str = ""  # method name of mmkernels.balance_coefficients
-    neutral: float = 1.0        # coefficient value that means "no modulation"
+    neutral: float = 1.0  # coefficient value that means "no modulation"
 
-    def __init__(self, num_modalities: int, *, start: int = 0, end: int | None = None, unit: str = "step",
-                 enabled: bool = True, official: bool = False, ignore_index: int = -100, seed: int = 0,
-                 sync: bool | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        num_modalities: int,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        unit: str = "step",
+        enabled: bool = True,
+        official: bool = False,
+        ignore_index: int = -100,
+        seed: int = 0,
+        sync: bool | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        num_classes: int | None = None,
+    ):
         self.num_modalities = check_num_modalities(num_modalities)
         check_int(num_classes, "num_classes", minimum=1, allow_none=True)
         check_int(start, "start")
@@ -142,17 +155,19 @@ class Balancer(metaclass=_Constructed):
         self.training = True
         self._step = 0
         self._epoch = 0
-        self._observed_step = -1      # step of the last observe()
-        self._backward_step = -1      # step in which a backward through our taps (or modulate_grads) was seen
+        self._observed_step = -1  # step of the last observe()
+        self._backward_step = -1  # step in which a backward through our taps (or modulate_grads) was seen
         self._device = torch.device("cpu")
         m = self.num_modalities
         self._stats = {
-            "scores": torch.zeros(m), "ratios": torch.zeros(m),
-            "coefficients": torch.full((m,), float(self.neutral)), "flag": torch.zeros(()),
+            "scores": torch.zeros(m),
+            "ratios": torch.zeros(m),
+            "coefficients": torch.full((m,), float(self.neutral)),
+            "flag": torch.zeros(()),
         }
         self._auto_step = optimizer is not None
         self._optimizer = optimizer
-        self.skipped_steps = 0        # steps ended without optimizer.step() (GradScaler skips), optimizer= only
+        self.skipped_steps = 0  # steps ended without optimizer.step() (GradScaler skips), optimizer= only
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
@@ -171,11 +186,14 @@ class Balancer(metaclass=_Constructed):
         came (GradScaler skipped it): end the step here, as the hook would have."""
         if self._auto_step and self._backward_step == self._step:
             if not self.skipped_steps:
-                warnings.warn(f"{type(self).__name__}: step {self._step} ended without optimizer.step() and was "
-                              f"counted in skipped_steps, as after a torch.amp.GradScaler skip. Gradient "
-                              f"accumulation over micro-batches is not supported yet: with optimizer= every "
-                              f"micro-batch after the first is taken for a skipped step.", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{type(self).__name__}: step {self._step} ended without optimizer.step() and was "
+                    f"counted in skipped_steps, as after a torch.amp.GradScaler skip. Gradient "
+                    f"accumulation over micro-batches is not supported yet: with optimizer= every "
+                    f"micro-batch after the first is taken for a skipped step.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             self.skipped_steps += 1
             self.step()
 
@@ -270,7 +288,8 @@ class Balancer(metaclass=_Constructed):
 
     @property
     def nonfinite(self) -> torch.Tensor:
-        """Bool 0-d device tensor: the last observed batch gave a non-finite score, ratio or coefficient (they fell back)."""
+        """Bool 0-d device tensor: the last observed batch gave a non-finite score, ratio or coefficient (they fell
+        back)."""
         return self._stats["flag"] == 1
 
     # ---------------------------------------------------------------- validation
@@ -300,19 +319,25 @@ class Balancer(metaclass=_Constructed):
     def _check_width(self, width: int, name: str) -> None:
         """The class dimension of logits against num_classes (when given)."""
         if self.num_classes is not None and width != self.num_classes:
-            raise ValueError(f"{name} must have num_classes={self.num_classes} columns (the unimodal logits [B, C]), "
-                             f"got {width}: were encoder features passed instead of logits?")
+            raise ValueError(
+                f"{name} must have num_classes={self.num_classes} columns (the unimodal logits [B, C]), "
+                f"got {width}: were encoder features passed instead of logits?"
+            )
 
     # ---------------------------------------------------------------- observe
     def _begin_observe(self, what: str = "observe", *, mark: bool = True) -> None:
         """Check that this step may observe (raises otherwise, changing nothing) and, if mark, record it."""
         self._roll_over()
         if self._observed_step == self._step:
-            raise RuntimeError(f"{type(self).__name__}.{what}() was called twice in step {self._step}; call "
-                               f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() was called twice in step {self._step}; call "
+                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
+            )
         if self._backward_step == self._step:
-            raise RuntimeError(f"{type(self).__name__}.{what}() called after backward in step {self._step}; "
-                               f"call bal.step() to start the next step first")
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() called after backward in step {self._step}; "
+                f"call bal.step() to start the next step first"
+            )
         if mark:
             self._observed_step = self._step
 
@@ -335,9 +360,12 @@ class Balancer(metaclass=_Constructed):
     def _store(self, res: dict | None, *, modulate: bool) -> None:
         """Keep the op's outputs; coefficients exactly neutral when not modulating (host decision)."""
         if res is None:  # empty batch: nothing observed, nothing updated except the neutral fall back
-            res = {"scores": self._stats["scores"], "ratios": self._stats["ratios"],
-                   "flag": torch.full((), 2.0, device=self._device),
-                   "coefficients": torch.full((self.num_modalities,), float(self.neutral), device=self._device)}
+            res = {
+                "scores": self._stats["scores"],
+                "ratios": self._stats["ratios"],
+                "flag": torch.full((), 2.0, device=self._device),
+                "coefficients": torch.full((self.num_modalities,), float(self.neutral), device=self._device),
+            }
         coef = res["coefficients"] if modulate else torch.full_like(res["coefficients"], float(self.neutral))
         self._stats = {"scores": res["scores"], "ratios": res["ratios"], "coefficients": coef, "flag": res["flag"]}
 
@@ -355,7 +383,8 @@ class Balancer(metaclass=_Constructed):
 
     # ---------------------------------------------------------------- taps
     def _noise_offset(self, step: int, modality: int) -> int:
-        """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality) (docs/methods/ogm_ge.md)."""
+        """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality)
+        (docs/methods/ogm_ge.md)."""
         rank, world = self._rank_world()
         return ((step * world + rank) * self.num_modalities + modality) << 32
 
@@ -382,33 +411,45 @@ class Balancer(metaclass=_Constructed):
         """
         xs = self._check_list(feats, "feats")
         if not self._uses_taps():
-            raise RuntimeError(f"{type(self).__name__} is in parameter mode (params= given): call "
-                               f"modulate_grads() after backward instead of tap()")
+            raise RuntimeError(
+                f"{type(self).__name__} is in parameter mode (params= given): call "
+                f"modulate_grads() after backward instead of tap()"
+            )
         if not self._grad_step():
             return xs
         self._roll_over()
         if self._backward_step == self._step:
-            raise RuntimeError(f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
-                               f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)")
+            raise RuntimeError(
+                f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
+                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
+            )
         self._to_device(xs[0].device)
         step = self._step
         if xs[0].shape[0] == 0:  # no rows: nothing to scale (the ops need B > 0)
             self._mark_on_backward(xs)
             return xs
-        if self._observed_step == step:   # coefficients known now: pass them to the op (compile-friendly)
+        if self._observed_step == step:  # coefficients known now: pass them to the op (compile-friendly)
             coef = self._stats["coefficients"]
             out = [self._tap_op(x, coef, m, step) for m, x in enumerate(xs)]
             self._mark_on_backward(out)
             return out
         if torch.compiler.is_compiling():
-            raise RuntimeError(f"under torch.compile call {type(self).__name__}.observe() before tap() "
-                               f"(the deferred tap reads the coefficients at backward time, eager only)")
+            raise RuntimeError(
+                f"under torch.compile call {type(self).__name__}.observe() before tap() "
+                f"(the deferred tap reads the coefficients at backward time, eager only)"
+            )
         return [_DeferredTap.apply(x, self, m, step) for m, x in enumerate(xs)]
 
     # ---------------------------------------------------------------- state
     def _hparams_state(self) -> dict:
-        return {"start": self.start, "end": self.end, "unit": self.unit, "official": self.official,
-                "ignore_index": self.ignore_index, **self._hyperparameters()}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "unit": self.unit,
+            "official": self.official,
+            "ignore_index": self.ignore_index,
+            **self._hyperparameters(),
+        }
 
     def _extra_tensors(self) -> dict:
         return {}
@@ -429,8 +470,10 @@ class Balancer(metaclass=_Constructed):
         if state["method"] != self.method:
             raise ValueError(f"state was saved by a {state['method']!r} balancer, cannot load it into {self.method!r}")
         if state["num_modalities"] != self.num_modalities:
-            raise ValueError(f"state was saved for num_modalities={state['num_modalities']}, "
-                             f"this balancer has num_modalities={self.num_modalities}")
+            raise ValueError(
+                f"state was saved for num_modalities={state['num_modalities']}, "
+                f"this balancer has num_modalities={self.num_modalities}"
+            )
         missing = [k for k in ("hyperparameters", "step", "epoch", "seed", "enabled", "tensors") if k not in state]
         if missing:
             raise ValueError(f"state lacks the entries {missing} (expected a balancer's state_dict())")
@@ -448,29 +491,44 @@ class Balancer(metaclass=_Constructed):
         m = self.num_modalities
         for k, v in t.items():
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-                raise TypeError(f"state['tensors'][{k!r}] must be a floating tensor, got "
-                                f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}")
+                raise TypeError(
+                    f"state['tensors'][{k!r}] must be a floating tensor, got "
+                    f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}"
+                )
             if v.is_meta:
-                raise ValueError(f"state['tensors'][{k!r}] is a meta tensor (no data); load a state_dict saved with "
-                                 f"its values (e.g. torch.load(..., map_location='cpu'))")
+                raise ValueError(
+                    f"state['tensors'][{k!r}] is a meta tensor (no data); load a state_dict saved with "
+                    f"its values (e.g. torch.load(..., map_location='cpu'))"
+                )
             want = tuple(mine[k].shape) if k in mine else ((m,) if k in self._optional_tensors else None)
             if want is not None and tuple(v.shape) != want:
                 raise ValueError(f"state['tensors'][{k!r}] must have shape {list(want)}, got {list(v.shape)}")
         hp, current = state["hyperparameters"], self._hparams_state()
         if strict and hp != current:
             diff = {k: (hp.get(k), current.get(k)) for k in set(current) | set(hp) if hp.get(k) != current.get(k)}
-            raise ValueError(f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep "
-                             f"the current ones")
+            raise ValueError(
+                f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep the current ones"
+            )
 
     def state_dict(self) -> dict:
         """Everything a resume needs for bit-identical coefficients: method, M, hyperparameters, host counters,
         seed, and the device tensors (cloned)."""
-        tensors = {**{k: v.detach().clone() for k, v in self._stats.items()},
-                   **{k: v.detach().clone() for k, v in self._extra_tensors().items()}}
-        return {"method": self.method, "num_modalities": self.num_modalities, "version": STATE_VERSION,
-                "hyperparameters": self._hparams_state(), "step": self._step, "epoch": self._epoch,
-                "seed": self.seed, "enabled": self.enabled, "observed_step": self._observed_step,
-                "tensors": tensors}
+        tensors = {
+            **{k: v.detach().clone() for k, v in self._stats.items()},
+            **{k: v.detach().clone() for k, v in self._extra_tensors().items()},
+        }
+        return {
+            "method": self.method,
+            "num_modalities": self.num_modalities,
+            "version": STATE_VERSION,
+            "hyperparameters": self._hparams_state(),
+            "step": self._step,
+            "epoch": self._epoch,
+            "seed": self.seed,
+            "enabled": self.enabled,
+            "observed_step": self._observed_step,
+            "tensors": tensors,
+        }
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too.
@@ -512,14 +570,18 @@ class ParameterModeMixin:
         _validate.check_choice(modulate, ("grad", "update"), "modulate")
         self._params = None
         if params is None and modulate == "update":
-            raise ValueError(f"{type(self).__name__}(modulate='update') needs params= (a list of num_modalities="
-                             f"{self.num_modalities} iterables of tensors: the tensors whose update is scaled)")
+            raise ValueError(
+                f"{type(self).__name__}(modulate='update') needs params= (a list of num_modalities="
+                f"{self.num_modalities} iterables of tensors: the tensors whose update is scaled)"
+            )
         if params is None:
             return
         if not isinstance(params, (list, tuple)) or len(params) != self.num_modalities:
             got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
-            raise ValueError(f"params must be a list of num_modalities={self.num_modalities} iterables of tensors "
-                             f"(one per modality), got {got}")
+            raise ValueError(
+                f"params must be a list of num_modalities={self.num_modalities} iterables of tensors "
+                f"(one per modality), got {got}"
+            )
         groups, seen = [], {}
         for m, group in enumerate(params):
             ts = [group] if isinstance(group, torch.Tensor) else list(group)
@@ -527,8 +589,10 @@ class ParameterModeMixin:
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{m}][{i}] must be a tensor, got {type(t).__name__}")
                 if id(t) in seen:
-                    raise ValueError(f"params[{m}][{i}] is also listed as params{list(seen[id(t)])}: a tensor belongs "
-                                     f"to one modality")
+                    raise ValueError(
+                        f"params[{m}][{i}] is also listed as params{list(seen[id(t)])}: a tensor belongs "
+                        f"to one modality"
+                    )
                 seen[id(t)] = (m, i)
             groups.append(ts)
         if modulate == "update":
@@ -541,7 +605,7 @@ class ParameterModeMixin:
         return self._params is None
 
     def _attach_optimizer_hooks(self) -> None:
-        super()._attach_optimizer_hooks()   # the step counter's post-hook first
+        super()._attach_optimizer_hooks()  # the step counter's post-hook first
         if self._update is not None:
             self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
             self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
@@ -550,7 +614,8 @@ class ParameterModeMixin:
         return [[p.grad for p in group if p.grad is not None] for group in self._params]
 
     def _scale_grads_(self, coef: torch.Tensor) -> None:
-        """grad <- k_m * grad for modality m's tensors (docs/methods/ogm_ge.md without noise): one foreach launch per modality."""
+        """grad <- k_m * grad for modality m's tensors (docs/methods/ogm_ge.md without noise): one foreach launch per
+        modality."""
         for m, grads in enumerate(self._grads()):
             if grads:
                 torch._foreach_mul_(grads, coef[m])
@@ -578,13 +643,15 @@ class ParameterModeMixin:
         if not self.active or self._observed_step != self._step:
             return
         if self._backward_step != self._step:
-            raise RuntimeError(f"{type(self).__name__}(modulate='update'): optimizer.step() came before "
-                               f"modulate_grads() in step {self._step}; call bal.modulate_grads() after backward")
+            raise RuntimeError(
+                f"{type(self).__name__}(modulate='update'): optimizer.step() came before "
+                f"modulate_grads() in step {self._step}; call bal.modulate_grads() after backward"
+            )
         self._update.before_step(self._stats["coefficients"])
 
     @property
     def modulate(self) -> str:
-        """"grad" (the coefficients scale the gradients) or "update" (they scale optimizer.step()'s change)."""
+        """ "grad" (the coefficients scale the gradients) or "update" (they scale optimizer.step()'s change)."""
         return self._modulate
 
     def update_snapshot_bytes(self) -> int:

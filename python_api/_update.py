@@ -16,6 +16,7 @@ A step that GradScaler skips never calls optimizer.step(), so neither hook runs 
 optimizer that skips internally (found_inf) leaves p == snap, and snap + k * 0 == snap.
 In float32 the rewritten tensor carries one extra rounding of p (|error| <= ulp(p)/2 on top of k * delta).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,20 +31,25 @@ _REFUSED = {
 def check_optimizer(optimizer, groups: list[list[torch.Tensor]], owner: str) -> None:
     """Every listed tensor must be optimised by `optimizer`, and the optimizer must be one we can support."""
     if optimizer is None:
-        raise ValueError(f"{owner}(modulate='update') needs optimizer= (the torch.optim.Optimizer whose step is "
-                         f"rescaled)")
+        raise ValueError(
+            f"{owner}(modulate='update') needs optimizer= (the torch.optim.Optimizer whose step is rescaled)"
+        )
     name = type(optimizer).__name__
     if name in _REFUSED:
         raise ValueError(f"{owner}(modulate='update') does not support torch.optim.{name}: {_REFUSED[name]}")
     if getattr(optimizer, "defaults", {}).get("differentiable", False):
-        raise ValueError(f"{owner}(modulate='update') does not support differentiable=True optimizers (the rewrite "
-                         f"of the parameters is not part of the autograd graph)")
+        raise ValueError(
+            f"{owner}(modulate='update') does not support differentiable=True optimizers (the rewrite "
+            f"of the parameters is not part of the autograd graph)"
+        )
     optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for m, group in enumerate(groups):
         for i, p in enumerate(group):
             if id(p) not in optimised:
-                raise ValueError(f"params[{m}][{i}] (shape {list(p.shape)}) is not in optimizer.param_groups: with "
-                                 f"modulate='update' every listed tensor must be updated by the optimizer")
+                raise ValueError(
+                    f"params[{m}][{i}] (shape {list(p.shape)}) is not in optimizer.param_groups: with "
+                    f"modulate='update' every listed tensor must be updated by the optimizer"
+                )
 
 
 class UpdateScaler:
@@ -53,7 +59,7 @@ class UpdateScaler:
         self.groups = groups
         self.flat = [p for g in groups for p in g]
         self.snapshots: list[torch.Tensor] | None = None
-        self.pending: torch.Tensor | None = None   # [M] coefficients of the step in flight, or None
+        self.pending: torch.Tensor | None = None  # [M] coefficients of the step in flight, or None
 
     def extra_bytes(self) -> int:
         """Memory the snapshot holds once allocated (bytes)."""
@@ -61,8 +67,10 @@ class UpdateScaler:
 
     def before_step(self, coef: torch.Tensor) -> None:
         with torch.no_grad():
-            if self.snapshots is None or any(s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
-                                             for s, p in zip(self.snapshots, self.flat)):
+            if self.snapshots is None or any(
+                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
+                for s, p in zip(self.snapshots, self.flat)
+            ):
                 self.snapshots = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.flat]
             torch._foreach_copy_(self.snapshots, [p.detach() for p in self.flat])
         self.pending = coef
@@ -73,10 +81,10 @@ class UpdateScaler:
             return
         with torch.no_grad():
             params = [p.detach() for p in self.flat]
-            torch._foreach_sub_(params, self.snapshots)      # p <- delta computed by the optimizer
+            torch._foreach_sub_(params, self.snapshots)  # p <- delta computed by the optimizer
             i = 0
             for m, group in enumerate(self.groups):
                 if group:
-                    torch._foreach_mul_(params[i:i + len(group)], coef[m])   # delta <- k_m delta
+                    torch._foreach_mul_(params[i : i + len(group)], coef[m])  # delta <- k_m delta
                 i += len(group)
-            torch._foreach_add_(params, self.snapshots)      # p <- p_old + k_m delta
+            torch._foreach_add_(params, self.snapshots)  # p <- p_old + k_m delta

@@ -1,5 +1,6 @@
 """MMPareto balancer (Wei & Hu, ICML 2024): Pareto-combined encoder gradients of the multimodal and
 the unimodal losses, magnitude restored."""
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ class MMPareto(Balancer):
     method = "mmpareto"
     neutral = 0.5
 
-    def __init__(self, num_modalities: int, *, params, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor",
-                 **kwargs):
+    def __init__(
+        self, num_modalities: int, *, params, gamma: float = MMPARETO_GAMMA, rescale: str = "per_tensor", **kwargs
+    ):
         super().__init__(num_modalities, **kwargs)
         _check_gamma_rescale(gamma, rescale)
         self.gamma, self.rescale = float(gamma), rescale
@@ -82,8 +84,9 @@ class MMPareto(Balancer):
                 if not t.requires_grad:
                     raise ValueError(f"params[{k}][{i}] does not require grad: list only trained encoder tensors")
                 if id(t) in seen:
-                    raise ValueError(f"params[{k}][{i}] is also params{list(seen[id(t)])}: a tensor may belong to one "
-                                     f"encoder only")
+                    raise ValueError(
+                        f"params[{k}][{i}] is also params{list(seen[id(t)])}: a tensor may belong to one encoder only"
+                    )
                 seen[id(t)] = (k, i)
                 device = device or t.device
                 if t.device != device:
@@ -120,19 +123,22 @@ class MMPareto(Balancer):
         if multimodal_loss.numel() != 1:
             raise ValueError(f"multimodal_loss must be a scalar, got shape {tuple(multimodal_loss.shape)}")
         if isinstance(unimodal_losses, torch.Tensor):
-            raise TypeError(f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, "
-                            f"got one tensor")
+            raise TypeError(
+                f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, got one tensor"
+            )
         if not isinstance(unimodal_losses, (list, tuple)) or len(unimodal_losses) != self.num_modalities:
             got = len(unimodal_losses) if isinstance(unimodal_losses, (list, tuple)) else type(unimodal_losses).__name__
-            raise ValueError(f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, "
-                             f"got {got}")
+            raise ValueError(
+                f"unimodal_losses must be a list of num_modalities={self.num_modalities} scalar losses, got {got}"
+            )
         for m, loss in enumerate(unimodal_losses):
             _validate.check_float(loss, f"unimodal_losses[{m}]")
             if loss.numel() != 1:
                 raise ValueError(f"unimodal_losses[{m}] must be a scalar, got shape {tuple(loss.shape)}")
             if loss.device != multimodal_loss.device:
-                raise ValueError(f"unimodal_losses[{m}] is on {loss.device} but multimodal_loss on "
-                                 f"{multimodal_loss.device}")
+                raise ValueError(
+                    f"unimodal_losses[{m}] is on {loss.device} but multimodal_loss on {multimodal_loss.device}"
+                )
         if not multimodal_loss.requires_grad:
             raise ValueError("multimodal_loss does not require grad (computed under no_grad?)")
         return list(unimodal_losses)
@@ -143,8 +149,10 @@ class MMPareto(Balancer):
         losses = self._check_losses(multimodal_loss, unimodal_losses)
         self._roll_over()
         if self._backward_step == self._step:
-            raise RuntimeError(f"MMPareto.backward() was called twice in step {self._step}; call bal.step() after "
-                               f"optimizer.step() (or pass optimizer= to the constructor)")
+            raise RuntimeError(
+                f"MMPareto.backward() was called twice in step {self._step}; call bal.step() after "
+                f"optimizer.step() (or pass optimizer= to the constructor)"
+            )
         uni = losses[0]
         for loss in losses[1:]:
             uni = uni + loss
@@ -164,12 +172,17 @@ class MMPareto(Balancer):
             uni.backward(retain_graph=retain_graph)
             self._adopt_grads(missing)
             stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
-        if held is not None:      # gradient accumulation: this micro-batch's combination + what .grad held
+        if held is not None:  # gradient accumulation: this micro-batch's combination + what .grad held
             torch._foreach_add_(self._flats, held)
         self._backward_step = self._step
         w = stats["weights"]
-        self._stats = {"scores": stats["conflict"], "ratios": stats["cos"], "coefficients": w[:, 0], "weights": w,
-                       "flag": stats["flag"]}
+        self._stats = {
+            "scores": stats["conflict"],
+            "ratios": stats["cos"],
+            "coefficients": w[:, 0],
+            "weights": w,
+            "flag": stats["flag"],
+        }
 
     def _backward_summed(self, multimodal_loss, uni, retain_graph: bool, device) -> None:
         """The distributed path (DDP allows one backward per forward): g_m of the encoders by autograd.grad (no DDP
@@ -245,7 +258,7 @@ class MMPareto(Balancer):
         missing = []
         for i, (p, g, v) in enumerate(zip(params, grads, self._views)):
             if g is None:
-                missing.append(i)     # left None: the unimodal backward tells whether any loss reaches it
+                missing.append(i)  # left None: the unimodal backward tells whether any loss reaches it
             elif g is not v:
                 p.grad = v
         return missing
@@ -259,8 +272,10 @@ class MMPareto(Balancer):
                 continue
             if p.grad is None:
                 k, j = self._position(i)
-                raise RuntimeError(f"params[{k}][{j}] received no gradient from the multimodal loss nor from the "
-                                   f"unimodal losses: remove it from params= (or check that its encoder is used)")
+                raise RuntimeError(
+                    f"params[{k}][{j}] received no gradient from the multimodal loss nor from the "
+                    f"unimodal losses: remove it from params= (or check that its encoder is used)"
+                )
             self._views[i].copy_(p.grad)
             p.grad = self._views[i]
 

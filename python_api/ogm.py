@@ -1,4 +1,5 @@
 """OGM-GE and OGM balancers (CVPR 2022 authors' code; TPAMI 2024 Eq. 7, 11 and 13-17)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,20 @@ class OGMGE(ParameterModeMixin, Balancer):
     default_noise = "covariance"
     official_tie = 0  # modality an exact M = 2 tie suppresses with official=True (CVPR 2022 code: 0)
 
-    def __init__(self, num_modalities: int, *, alpha: float = default("ogm_ge", "alpha"), noise=_AUTO, sigma: float = 1.0, params=None,
-                 official: bool = False, z: str = "tanh", ratio: str = "ratio", modulate: str = "grad", **kwargs):
+    def __init__(
+        self,
+        num_modalities: int,
+        *,
+        alpha: float = default("ogm_ge", "alpha"),
+        noise=_AUTO,
+        sigma: float = 1.0,
+        params=None,
+        official: bool = False,
+        z: str = "tanh",
+        ratio: str = "ratio",
+        modulate: str = "grad",
+        **kwargs,
+    ):
         super().__init__(num_modalities, official=official, **kwargs)
         check_hyperparameter(alpha, "alpha")
         check_real(sigma, "sigma", low=0.0)
@@ -47,11 +60,15 @@ class OGMGE(ParameterModeMixin, Balancer):
             noise = "isotropic" if official else self.default_noise
         _validate.check_choice(noise, (None, "covariance", "isotropic"), "noise")
         if noise == "isotropic" and params is None:
-            raise ValueError("noise='isotropic' is the authors' parameter-mode rule: pass params= (a list of M "
-                             "iterables of tensors) and call modulate_grads() after backward")
+            raise ValueError(
+                "noise='isotropic' is the authors' parameter-mode rule: pass params= (a list of M "
+                "iterables of tensors) and call modulate_grads() after backward"
+            )
         if noise == "covariance" and params is not None:
-            raise ValueError("noise='covariance' works through feature taps (per-row factors); with params= use "
-                             "noise='isotropic' or noise=None")
+            raise ValueError(
+                "noise='covariance' works through feature taps (per-row factors); with params= use "
+                "noise='isotropic' or noise=None"
+            )
         self._init_params(params, modulate)
         self.alpha, self.sigma, self.noise, self.z, self.ratio = float(alpha), float(sigma), noise, z, ratio
         self.coefficient_method = "ogm_ge" if official else "ogm"
@@ -62,13 +79,19 @@ class OGMGE(ParameterModeMixin, Balancer):
         return {"alpha": self.alpha, "z": self.z, "ratio": self.ratio}
 
     def _hparams_state(self) -> dict:
-        return {**super()._hparams_state(), "noise": self.noise, "sigma": self.sigma,
-                "mode": "tap" if self._params is None else "parameter", "modulate": self._modulate}
+        return {
+            **super()._hparams_state(),
+            "noise": self.noise,
+            "sigma": self.sigma,
+            "mode": "tap" if self._params is None else "parameter",
+            "modulate": self._modulate,
+        }
 
     def _tap_op(self, x, coef, modality, step):
         if self.noise == "covariance":
-            return _ops.cov_noise_tap(x, coef[modality], sigma=self.sigma, seed=self.seed,
-                                      offset=self._noise_offset(step, modality))
+            return _ops.cov_noise_tap(
+                x, coef[modality], sigma=self.sigma, seed=self.seed, offset=self._noise_offset(step, modality)
+            )
         return _ops.grad_tap(x, coef[modality])
 
     def _apply_param_mode(self, coef: torch.Tensor) -> None:
@@ -80,8 +103,8 @@ class OGMGE(ParameterModeMixin, Balancer):
         if not grads:
             return
         group_index = [m for m, group in enumerate(groups) for _ in group]  # tensor t belongs to modality m
-        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (docs/methods/ogm_ge.md); each
-        # step owns 2^32 Philox counters, so consecutive steps draw disjoint streams
+        # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (docs/methods/ogm_ge.md);
+        # each step owns 2^32 Philox counters, so consecutive steps draw disjoint streams
         _ops.ge_isotropic_(grads, coef, seed=self.seed, offset=self._step << 32, group_index=group_index)
 
 

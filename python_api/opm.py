@@ -29,7 +29,8 @@ class OPM(Balancer):
     Arguments: q_base in (0, 1) (0.5), lam >= 0 (0.5), z, ratio (Tab. 15 variants); p_exe: the whole drop runs with
     this probability per step (default 1.0; official 0.7); rescale of the kept features: "per_modality"
     (1/(1 - q_m), default), "official" (1/(1 - theta), theta = sum d_m q_m / sum d_m; default when official=True)
-    or "none". `coefficients` holds the q the next drop will use (exactly 0 when that drop's step is outside the window).
+    or "none". `coefficients` holds the q the next drop will use (exactly 0 when that drop's step is outside the
+    window).
     """
 
     method = "opm"

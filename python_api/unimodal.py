@@ -1,4 +1,5 @@
 """Unimodal-logit helpers: the per-modality logits every balancer scores (docs/architecture.md)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,10 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
         raise TypeError(f"linear must be an nn.Linear or a (weight, bias) pair, got {type(linear).__name__}")
     widths = [x.shape[-1] for x in xs]
     if weight.dim() != 2 or weight.shape[1] != sum(widths):
-        raise ValueError(f"linear has in_features={weight.shape[-1]} but the features' widths {widths} sum to "
-                         f"{sum(widths)}; feats must be the tensors the head's input concatenates")
+        raise ValueError(
+            f"linear has in_features={weight.shape[-1]} but the features' widths {widths} sum to "
+            f"{sum(widths)}; feats must be the tensors the head's input concatenates"
+        )
     if weight.device != xs[0].device:
         raise ValueError(f"linear is on {weight.device} but feats are on {xs[0].device}")
     if gamma is not None:
@@ -58,12 +61,16 @@ def zero_out_unimodal_logits(head: Callable, feats) -> torch.Tensor:
     into ONE head call of M*B rows. head: callable on a list of M tensors [N, D_j] -> [N, C]. Returns [M, B, C].
     Run it under torch.no_grad() (or detach) when the logits only feed a balancer."""
     if not callable(head) or isinstance(head, (list, tuple, torch.Tensor)):
-        raise TypeError(f"head must be a callable taking a list of M tensors [N, D_j] (arguments: head, feats), "
-                        f"got {type(head).__name__}")
+        raise TypeError(
+            f"head must be a callable taking a list of M tensors [N, D_j] (arguments: head, feats), "
+            f"got {type(head).__name__}"
+        )
     xs = _check_feats(feats)
     try:
         out = reference.zero_out_unimodal_logits(head, xs)
     except TypeError as exc:  # e.g. an nn.Linear, which takes one tensor, not the list of M features
-        raise TypeError(f"head must take a list of M feature tensors [N, D_j] and return logits [N, C] (a fusion "
-                        f"head such as lambda fs: linear(torch.cat(fs, 1))); calling it raised: {exc}") from exc
+        raise TypeError(
+            f"head must take a list of M feature tensors [N, D_j] and return logits [N, C] (a fusion "
+            f"head such as lambda fs: linear(torch.cat(fs, 1))); calling it raised: {exc}"
+        ) from exc
     return out

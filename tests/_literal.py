@@ -96,7 +96,8 @@ def agm_strength(s):
 
 def agm(s, history, alpha, clip=None):
     """AGM Eq. 7-10: tau from the arithmetic mean of the scores of all PAST steps (history: list of score lists);
-    no history -> s_hat = 0 (Alg. 1, the authors' code), tau = 1. kappa = exp(-alpha (r - tau)), the exponent's (tau - r) clipped at `clip`."""
+    no history -> s_hat = 0 (Alg. 1, the authors' code), tau = 1. kappa = exp(-alpha (r - tau)), the exponent's
+    (tau - r) clipped at `clip`."""
     M = len(s)
     r = agm_strength(s)
     if history:
@@ -140,7 +141,8 @@ def shapley_phi(v, M):
 
 
 def shapley_phi_subsets(v, M):
-    """The subset form (AGM Eq. 1 with v(empty) = 0): phi_m = sum_{T not containing m} |T|!(M-|T|-1)!/M! [v(T+m) - v(T)]."""
+    """The subset form (AGM Eq. 1 with v(empty) = 0): phi_m = sum_{T not containing m}
+    |T|!(M-|T|-1)!/M! [v(T+m) - v(T)]."""
 
     def val(S):
         return 0.0 if not S else v[frozenset(S)]

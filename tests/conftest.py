@@ -4,6 +4,7 @@ The `device` fixture is "cpu" except in the cuda lane (MMKERNELS_TEST_DEVICE=cud
 `@pytest.mark.backend("ext")` (on a test, or in a module's pytestmark) runs it with MMKERNELS_BACKEND=ext;
 `backend(None)` runs it with MMKERNELS_BACKEND unset (automatic choice).
 """
+
 import os
 
 import pytest
@@ -46,10 +47,11 @@ def _backend_marker(request, monkeypatch):
 # The heavy tests, marked `full` here in one place: tests/run_lanes.py leaves them out of the quick default run
 # (./scripts/test.sh); --full and CI run them. Measured on a quiet 2-core machine (call + setup, seconds).
 FULL_ONLY = (
-    "tests/test_gpu_suite_dry_run.py",                       # 40 s: benchmarks/gpu_suite.sh --dry-run
-    "tests/test_compile_api.py::test_compiled",              # 30 s: torch.compile of models and whole steps
-    "tests/test_demo_backbone.py",                           # 21 s: the demo with ResNet-18 encoders
-    "tests/test_ddp.py", "tests/test_mmpareto_ddp.py",       # 5 s each: 2-process gloo groups
+    "tests/test_gpu_suite_dry_run.py",  # 40 s: benchmarks/gpu_suite.sh --dry-run
+    "tests/test_compile_api.py::test_compiled",  # 30 s: torch.compile of models and whole steps
+    "tests/test_demo_backbone.py",  # 21 s: the demo with ResNet-18 encoders
+    "tests/test_ddp.py",
+    "tests/test_mmpareto_ddp.py",  # 5 s each: 2-process gloo groups
     "tests/test_valuation_ddp.py",
     "tests/test_examples.py::test_cremad_trainer_end_to_end",  # 11 s: the CREMA-D example, three methods
 )  # (the triton and ext-cpu lanes take under a minute each: nothing there is full-only)

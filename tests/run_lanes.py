@@ -1,6 +1,7 @@
 """Run every test lane in its own pytest process and print one summary line per lane.
 
 Lanes (docs/architecture.md):
+  lint        scripts/lint.sh: ruff check and ruff format --check (pyproject.toml: line length 120), a few seconds
   reference   unmarked tests: the reference, the API, the demo (CPU)
   triton      @pytest.mark.triton with TRITON_INTERPRET=1 set before triton is imported (CPU tensors)
   ext-cpu     @pytest.mark.ext: the C++ CPU twins of mmkernels._C
@@ -17,6 +18,7 @@ MMKERNELS_TEST_FULL=1, which CI sets) runs every test and adds the benchmarks an
 Exit status is non-zero if any lane fails.
 Usage: python tests/run_lanes.py [--full] [--lanes a,b] [pytest args...]
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LANES = {
+    "lint": (["bash", "scripts/lint.sh"], {"PYTHON": sys.executable}),
     "reference": (["tests", "-m", "not triton and not ext and not cuda"], {}),
     "triton": (["tests", "-m", "triton"], {"TRITON_INTERPRET": "1"}),
     "ext-cpu": (["tests", "-m", "ext"], {}),
@@ -36,7 +39,11 @@ LANES = {
     "gpu-stack": (["bash", "scripts/gpu_stack_lane.sh"], {}),
     "cuda": (["tests", "-m", "triton or ext or cuda"], {"MMKERNELS_TEST_DEVICE": "cuda"}),
 }
-COMMAND_LANES = {"gpu-compile", "gpu-stack"}  # whole commands (no pytest arguments); their last output line is the summary
+COMMAND_LANES = {
+    "lint",
+    "gpu-compile",
+    "gpu-stack",
+}  # whole commands (no pytest arguments); their last output line is the summary
 OPT_IN_LANES = {"gpu-stack": "MMKERNELS_GPU_STACK_LANE"}  # run by default only when this variable is 1 (CI sets it)
 FULL_ONLY_LANES = {"benchmarks", "gpu-compile"}  # heavy whole lanes: run with --full (or when named with --lanes)
 FULL_ENV = "MMKERNELS_TEST_FULL"
@@ -76,7 +83,11 @@ def run_lane(name: str, extra: list[str], full: bool = True) -> tuple[str, str]:
         env.pop("TRITON_INTERPRET", None)
     command = name in COMMAND_LANES
     cmd = list(args) if command else [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, *extra]
-    print(f"\n===== lane {name}: {' '.join(cmd[1:])}" + (f"  [{' '.join(f'{k}={v}' for k, v in env_add.items())}]" if env_add else ""), flush=True)
+    print(
+        f"\n===== lane {name}: {' '.join(cmd[1:])}"
+        + (f"  [{' '.join(f'{k}={v}' for k, v in env_add.items())}]" if env_add else ""),
+        flush=True,
+    )
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = ""
@@ -101,8 +112,12 @@ def select(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     full = os.environ.get(FULL_ENV) == "1"
     if "--full" in argv:
         full, argv = True, [a for a in argv if a != "--full"]
-    lanes = [name for name in LANES if (name not in OPT_IN_LANES or os.environ.get(OPT_IN_LANES[name]) == "1")
-             and (full or name not in FULL_ONLY_LANES)]
+    lanes = [
+        name
+        for name in LANES
+        if (name not in OPT_IN_LANES or os.environ.get(OPT_IN_LANES[name]) == "1")
+        and (full or name not in FULL_ONLY_LANES)
+    ]
     if argv[:1] == ["--lanes"]:
         lanes, argv = argv[1].split(","), argv[2:]
         unknown = [n for n in lanes if n not in LANES]

@@ -178,7 +178,7 @@ def test_mlb_scales_encoders_by_k():
 def _agm_reference_grads(model, xs, y, kappa):
     """sum_m kappa_m <phi_m, G> with G = dCE/dfused held constant; phi from explicit zero-masked passes."""
     ref = copy.deepcopy(model)
-    m, b = len(xs), xs[0].shape[0]
+    m = len(xs)
     outs = []
     for s in range(1, 2**m):
         masked = [x if (s >> j) & 1 else torch.zeros_like(x) for j, x in enumerate(xs)]

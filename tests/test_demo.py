@@ -125,7 +125,8 @@ def test_training_and_report_with_eight_views(one_thread):
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_update_mode_rows_measure_the_update_ratio_achieved(one_thread, optimizer):
     """--optimizer adam: the parameter-mode rows report the update-norm ratio achieved per view (a counterfactual
-    unmodulated step on the probe steps). modulate="update" achieves k (MLB has no noise); "grad" under Adam does not."""
+    unmodulated step on the probe steps). modulate="update" achieves k (MLB has no noise); "grad" under Adam does
+    not."""
     from mmkernels.demo.report import format_update_ratios
 
     splits = _random_splits(2)

@@ -194,7 +194,7 @@ def test_num_classes_catches_features_passed_as_logits(kind):
     make = {"ogm_ge": api.OGMGE, "ogm": api.OGM, "opm": api.OPM, "mlb": api.MLB, "agm": api.AGM, "olm": api.OLM}[kind]
     model = TinyModel(2)
     xs, y = batch(2, b=8)
-    feats = model.feats(xs)                                   # [B, 6]: not [B, C]
+    feats = model.feats(xs)  # [B, 6]: not [B, C]
     assert feats[0].shape[1] != C
 
     def call(bal, outs):
@@ -211,7 +211,8 @@ def test_num_classes_catches_features_passed_as_logits(kind):
     with pytest.raises(ValueError, match=f"num_classes={C}"):
         call(bal, wrong)
     after = bal.state_dict()
-    assert after["step"] == before["step"] and all(torch.equal(after["tensors"][k], v)
-                                                   for k, v in before["tensors"].items())
+    assert after["step"] == before["step"] and all(
+        torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items()
+    )
     call(bal, right)
-    call(make(2), wrong) if kind != "olm" else None           # no num_classes: not checked
+    call(make(2), wrong) if kind != "olm" else None  # no num_classes: not checked

@@ -18,7 +18,8 @@ def z_for(batch, seed, offset, device):
 
 
 def ge_normals(numels, seed, offset, device):
-    """The documented GE layout: element j of tensor t is slot (base_t + j) % 4 of counter offset + (base_t + j) // 4."""
+    """The documented GE layout: element j of tensor t is slot (base_t + j) % 4 of counter offset + (base_t + j) //
+    4."""
     out, base = [], 0
     for n in numels:
         count = (n + 3) // 4
@@ -121,7 +122,8 @@ def _per_sample_grads(model, x, y):
 
 
 def test_tap_noise_is_batch_covariance_noise(device):
-    """Tap gradient = k * mean gradient + (z - z_bar)^T G / B (docs/methods/ogm_ge.md), with G the per-sample gradients of the
+    """Tap gradient = k * mean gradient + (z - z_bar)^T G / B (docs/methods/ogm_ge.md), with G the per-sample gradients
+    of the
     encoder (torch.func); and that noise h has mean 0 and covariance U_hat / B (TPAMI Eq. 16)."""
     torch.manual_seed(0)
     B = 16
@@ -173,7 +175,8 @@ def test_cov_noise_normals_are_the_tap_normals(device):
 
 # ------------------------------------------------------------------------------------------------ ge_isotropic_
 def _authors_loop(grads, ks, normals):
-    """The authors' OGM-GE loop (docs/methods/ogm_ge.md, "The authors' code"): per tensor, std read back to the host, then
+    """The authors' OGM-GE loop (docs/methods/ogm_ge.md, "The authors' code"): per tensor, std read back to the host,
+    then
     grad * k + N(0, (std + 1e-8)^2); here with our normals in place of torch's draw."""
     out = []
     for g, k, n in zip(grads, ks, normals):

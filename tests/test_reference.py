@@ -442,7 +442,7 @@ def test_batch_covariance_identity():
         torch.testing.assert_close(k * g_i.mean(0) + h.view_as(g_i[0]), expected, rtol=1e-12, atol=1e-13)
 
 
-# ------------------------------------------------------------------------------------------- noise / drop / taps, by hand
+# ------------------------------------------------------------------------------------ noise / drop / taps, by hand
 def test_cov_noise_hand():
     z = t32(1.0, 2.0, 3.0)
     # k + sigma (z - 2) with k 0.5, sigma 2: [-1.5, 0.5, 2.5]
@@ -493,7 +493,8 @@ def test_modality_drop_hand():
 
 
 def test_modality_drop_statistics():
-    """P(keep) = 1 - q and the per-modality rescale makes the kept mean unbiased (q small enough that fallback is rare)."""
+    """P(keep) = 1 - q and the per-modality rescale makes the kept mean unbiased (q small enough that fallback is
+    rare)."""
     g = torch.Generator().manual_seed(0)
     B = 20000
     x = [torch.ones(B, 3), torch.ones(B, 5)]
@@ -783,7 +784,8 @@ def test_outputs_are_fp32_on_input_device():
 
 
 def test_no_host_sync_calls_in_reference():
-    """Nothing in the reference may read a device value on the host (docs/architecture.md): no .item()/.cpu()/.tolist()/.numpy() calls."""
+    """Nothing in the reference may read a device value on the host (docs/architecture.md): no
+    .item()/.cpu()/.tolist()/.numpy() calls."""
     host_side = {"modality_gaps_exact"}  # exact rational counting on the host, once per epoch (documented there)
     files = sorted(pathlib.Path(R.__file__).parent.glob("*.py"))
     assert len(files) >= 10  # the package's modules, not only __init__

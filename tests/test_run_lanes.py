@@ -24,7 +24,8 @@ def env(monkeypatch):
 def test_quick_by_default(env):
     lanes, full, rest = run_lanes.select(["-x"])
     assert not full and rest == ["-x"]
-    assert {"reference", "triton", "ext-cpu", "cuda"} <= set(lanes)
+    assert {"lint", "reference", "triton", "ext-cpu", "cuda"} <= set(lanes)
+    assert lanes[0] == "lint"  # seconds: a style slip fails before the long lanes
     assert not set(lanes) & {"benchmarks", "gpu-compile", "gpu-stack"}
     assert run_lanes.lane_args("reference", False)[-2:] == ["-m", "(not triton and not ext and not cuda) and not full"]
     assert run_lanes.lane_args("triton", False)[-1] == "(triton) and not full"

@@ -1,6 +1,7 @@
 """Triton lane: the fused sample-valuation kernel (argmax per subset -> v(S) -> phi -> copies, one launch) against the
 reference (TRITON_INTERPRET=1 on CPU, or CUDA). Ties (small integer logits, also across C tiles), M = 2..8, layouts,
-half precision, both value rules. Every case has its launcher specialization in the gpu-compile plan at the end of this file."""
+half precision, both value rules. Every case has its launcher specialization in the gpu-compile plan at the end of this
+file."""
 
 import pytest
 import torch

@@ -150,7 +150,8 @@ def run(args) -> int:
 
     print(
         f"mmkernels {mmkernels.__version__} demo: {description}; {len(methods)} method(s) x {n_seeds} seed(s), "
-        f"{steps} steps of batch {cfg.batch_size}, optimizer {cfg.optimizer}, backbone {cfg.backbone}, device {cfg.device}",
+        f"{steps} steps of batch {cfg.batch_size}, optimizer {cfg.optimizer}, backbone {cfg.backbone}, "
+        f"device {cfg.device}",
         flush=True,
     )
     per_seed = ([] if args.no_alone else [f"{v} alone" for v in names]) + methods

@@ -466,8 +466,8 @@ class PMRRunner(_BalancerRunner):
 
 
 class MMParetoRunner(_BalancerRunner):
-    """MMPareto (Wei & Hu, ICML 2024; docs/methods/mmpareto.md): per-encoder linear unimodal heads (the authors'), the encoder
-    gradients of CE(fused) and of CE(head_m(f_m)) combined by the Pareto rule, gamma 1.5, rescale per tensor."""
+    """MMPareto (Wei & Hu, ICML 2024; docs/methods/mmpareto.md): per-encoder linear unimodal heads (the authors'), the
+    encoder gradients of CE(fused) and of CE(head_m(f_m)) combined by the Pareto rule, gamma 1.5, rescale per tensor."""
 
     name = "mmpareto"
 
@@ -496,9 +496,10 @@ class MMParetoRunner(_BalancerRunner):
 
 
 class ValuationRunner(_BalancerRunner):
-    """Sample-level valuation (Wei et al. CVPR 2024; docs/methods/sample_valuation.md): the runner serves its own rows, the originals plus
-    the single-modality copies of the last valuation (features of the other modalities zeroed), reshuffled per epoch;
-    after each epoch e >= 4 (warm-up 5) a no-grad, eval-mode pass values every training sample (v(S) = |S| correct)."""
+    """Sample-level valuation (Wei et al. CVPR 2024; docs/methods/sample_valuation.md): the runner serves its own rows,
+    the originals plus the single-modality copies of the last valuation (features of the other modalities zeroed),
+    reshuffled per epoch; after each epoch e >= 4 (warm-up 5) a no-grad, eval-mode pass values every training sample
+    (v(S) = |S| correct)."""
 
     name = "valuation"
     kind = "SampleValuation"
@@ -572,7 +573,8 @@ class ValuationRunner(_BalancerRunner):
 
 
 class ModalityValuationRunner(ValuationRunner):
-    """Modality-level valuation (docs/methods/modality_valuation.md): phi on floor(0.2 N) samples drawn with replacement; the next epoch
+    """Modality-level valuation (docs/methods/modality_valuation.md): phi on floor(0.2 N) samples drawn with
+    replacement; the next epoch
     gets floor(p N) extra rows keeping only the larger-gap modality (alpha 1, "linear")."""
 
     name = "valuation_modality"

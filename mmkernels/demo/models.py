@@ -1,4 +1,5 @@
-"""Encoders and the concat-fusion classifier of the demo (MLP by default, torchvision ResNet-18 for the papers' setup)."""
+"""Encoders and the concat-fusion classifier of the demo (MLP by default, torchvision ResNet-18 for the papers'
+setup)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class VectorToImage(nn.Module):
 
 
 class ResNet18Encoder(nn.Module):
-    """torchvision ResNet-18 without pretrained weights, `in_channels` stem (1 for spectrograms), 512-d pooled output."""
+    """torchvision ResNet-18 without pretrained weights, `in_channels` stem (1 for spectrograms), 512-d pooled
+    output."""
 
     def __init__(self, in_channels: int = 3):
         super().__init__()

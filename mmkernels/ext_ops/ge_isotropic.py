@@ -5,6 +5,7 @@ mmkernels::ge_isotropic_(grads, k, group_index, seed, offset): in place, for eve
     g(t) = group_index[t] (or t when group_index is empty), n_t Philox normals (layout in csrc/ge_isotropic.cpp).
 Two multi-tensor passes (statistics, update) over all tensors; k is read on the device.
 """
+
 from __future__ import annotations
 
 from typing import List

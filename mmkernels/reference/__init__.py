@@ -15,7 +15,8 @@ unimodal (unimodal logits from a fused head), philox, noise (OGM-GE's GE), taps 
 pmr, mmpareto, valuation; _common holds the shared constants and dtype helpers.
 
 Papers (one page per method under docs/methods/): TPAMI = Wei et al. 2024 (OPM/OGM), AGM = Li et al. ICCV 2023,
-MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code (docs/methods/ogm_ge.md).
+MLB = Kontras et al., OLM = Zong et al.; the OGM-GE coefficient follows the authors' CVPR 2022 code
+(docs/methods/ogm_ge.md).
 """
 
 from __future__ import annotations

@@ -35,12 +35,14 @@ def _acc_like(x, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _stack(x) -> torch.Tensor:
-    """A list of M tensors [B, ...] or a stacked tensor [M, B, ...] -> the stacked tensor (no copy if already stacked)."""
+    """A list of M tensors [B, ...] or a stacked tensor [M, B, ...] -> the stacked tensor (no copy if already
+    stacked)."""
     return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
 
 
 def _z(x: torch.Tensor, z: str) -> torch.Tensor:
-    """The monotone map z of TPAMI Eq. 8 and 11: 'tanh' -> tanh(x - 1) (main text), 'sigmoid' -> sigmoid(x) (Tab. 15)."""
+    """The monotone map z of TPAMI Eq. 8 and 11: 'tanh' -> tanh(x - 1) (main text),
+    'sigmoid' -> sigmoid(x) (Tab. 15)."""
     if z == "tanh":
         return torch.tanh(x - 1.0)
     if z == "sigmoid":

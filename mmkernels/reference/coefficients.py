@@ -244,7 +244,8 @@ def _check_method(method: str, hp: dict) -> None:
     unknown = set(hp) - set(METHOD_DEFAULTS[method])
     if unknown:
         raise TypeError(
-            f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; expected {sorted(METHOD_DEFAULTS[method])}"
+            f"unknown hyperparameter(s) {sorted(unknown)} for method {method!r}; "
+            f"expected {sorted(METHOD_DEFAULTS[method])}"
         )
 
 

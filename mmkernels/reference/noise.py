@@ -10,10 +10,10 @@ from ._common import GE_STD_EPS, _acc, _acc_like
 __all__ = ["cov_noise_row_factor", "cov_noise_tap_backward", "cov_noise_from_per_sample", "ge_isotropic"]
 
 
-# ----------------------------------------------------------------------------------------------- noise (docs/methods/ogm_ge.md)
+# ------------------------------------------------------------------------------------ noise (docs/methods/ogm_ge.md)
 def cov_noise_row_factor(k, z: torch.Tensor, *, sigma: float = 1.0) -> torch.Tensor:
-    """Row factor of the covariance-noise tap (docs/methods/ogm_ge.md, TPAMI Eq. 13-17): k + sigma * (z_i - mean(z)), [B] fp32
-    (fp64 when z is fp64).
+    """Row factor of the covariance-noise tap (docs/methods/ogm_ge.md, TPAMI Eq. 13-17): k + sigma * (z_i - mean(z)),
+    [B] fp32 (fp64 when z is fp64).
 
     Multiplying row i of the feature gradient of a batch-mean loss by this factor adds
     h = 1/B sum_i sigma (z_i - z_bar) g_i to every encoder parameter gradient, Cov(h) ~ sigma^2 U_hat / B.
@@ -31,7 +31,8 @@ def cov_noise_tap_backward(grad: torch.Tensor, k, z: torch.Tensor, *, sigma: flo
 
 
 def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """docs/methods/ogm_ge.md: h = (z - z_bar)^T G / B from explicit per-sample gradients G [B, P] and normals z [B] -> [P]
+    """docs/methods/ogm_ge.md: h = (z - z_bar)^T G / B from explicit per-sample gradients G [B, P] and normals z [B] ->
+    [P]
     (G's accumulation dtype: fp32, fp64 for fp64)."""
     g = _acc(per_sample_grads)
     zc = _acc(z).to(g.dtype)
@@ -40,8 +41,8 @@ def cov_noise_from_per_sample(per_sample_grads: torch.Tensor, z: torch.Tensor) -
 
 
 def ge_isotropic(grads, k, normals) -> list:
-    """Parameter-mode GE as in the authors' OGM-GE code (docs/methods/ogm_ge.md): g <- k * g + (std(g) + 1e-8) * n per tensor,
-    std = unbiased std of the unmodulated grad over all its elements, n ~ N(0, 1) given (same shapes as grads).
+    """Parameter-mode GE as in the authors' OGM-GE code (docs/methods/ogm_ge.md): g <- k * g + (std(g) + 1e-8) * n per
+    tensor, std = unbiased std of the unmodulated grad over all its elements, n ~ N(0, 1) given (same shapes as grads).
     A tensor with fewer than 2 elements (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 here
     (noise 1e-8 * n), where torch.std (and the authors' loop) would give NaN and turn the parameter into NaN.
 

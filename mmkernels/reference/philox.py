@@ -1,4 +1,5 @@
-"""Philox4x32-10 streams addressed by (seed, offset), as the Triton and CUDA kernels draw them (docs/architecture.md)."""
+"""Philox4x32-10 streams addressed by (seed, offset), as the Triton and CUDA kernels draw them
+(docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------- Philox (docs/architecture.md)
-# Counter-based Philox4x32-10 (Salmon, Moraes, Dror, Shaw, SC 2011), the one random source of every backend.
-# Stream layout (csrc/philox.h, and Triton's tl.randint with a 64-bit offset):
+# ---------------------------------------------------------------------------------- Philox (docs/architecture.md)
+# Counter-based Philox4x32-10 (Salmon, Moraes, Dror, Shaw, SC 2011), the one random source of
+# every backend. Stream layout (csrc/philox.h, and Triton's tl.randint with a 64-bit offset):
 #   key = (seed & 0xffffffff, seed >> 32); counter of position ctr = (ctr & 0xffffffff, ctr >> 32, 0, 0), ctr mod 2^64.
 # Words are held in int64 tensors in [0, 2^32); a 32 x 32 -> 64-bit product is formed from 32 x 16-bit pieces
 # (each < 2^48), so nothing overflows int64. Vectorised over counters; the only loop is over the 10 rounds.

@@ -31,7 +31,8 @@ def concat_unimodal_logits(feats, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def summation_unimodal_logits(feats, heads: Sequence[Callable]) -> torch.Tensor:
-    """Summation fusion (docs/architecture.md): u_m = head_m(feat_m), each head with its own full bias. Returns [M, B, C]."""
+    """Summation fusion (docs/architecture.md): u_m = head_m(feat_m), each head with its own full bias. Returns [M, B,
+    C]."""
     return torch.stack([h(x) for h, x in zip(heads, feats)])
 
 

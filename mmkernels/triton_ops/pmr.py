@@ -19,8 +19,8 @@ p from the stored lse; per C tile the weights w [BLOCK_B, BLOCK_C], then dz accu
 Refresh: the accumulate kernel adds each row into sums[m, y] and 1 into counts[m, y] (atomics, ignored rows skipped;
 a row of modality m holding a NaN/Inf feature is skipped for m and counted in counts[m, C]); PHASE 0 also takes a
 ticket (counts[M, 0] is the fp32 ticket slot) and its last program applies the mean and the EMA (the mean where an
-old prototype entry is not finite) to every prototype (one launch for a one-batch refresh); PHASE 1 only accumulates (a refresh over many batches, or
-before an all-reduce) and the finalize kernel then runs over the [M, C, D] entries.
+old prototype entry is not finite) to every prototype (one launch for a one-batch refresh); PHASE 1 only accumulates (a
+refresh over many batches, or before an all-reduce) and the finalize kernel then runs over the [M, C, D] entries.
 """
 
 from __future__ import annotations
