@@ -245,27 +245,28 @@ def _ext_twin():
     return getattr(load_ext(), "balance_coefficients", None)
 
 
-def _ext_cpu(logits, stacked, labels, method, state, ignore_index, p, m) -> dict:
-    """The C++ CPU twin: one call computes scores, ratios, coefficients, flag and the AGM state update."""
-    s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
-    xs = [logits.detach()] if stacked else [u.detach() for u in logits]
-    out = _ext_twin()(
-        xs,
-        labels,
-        s_hat,
-        steps,
+def _ext_arguments(method: str, ignore_index: int, p: dict) -> tuple:
+    """The twin's arguments after (inputs, labels, s_hat, steps): method id, ignore_index and the hyperparameters."""
+    clip = None if p["clip"] is None else float(p["clip"])
+    return (
         _METHOD_ID[method],
         int(ignore_index),
         float(p["alpha"]),
         float(p["q_base"]),
         float(p["lam"]),
         float(p["beta_max"]),
-        None if p["clip"] is None else float(p["clip"]),
+        clip,
         p["z"] == "sigmoid",
         p["ratio"] == "difference",
         int(p["tie"]),
     )
-    return _split(out, m)
+
+
+def _ext_cpu(logits, stacked, labels, method, state, ignore_index, p, m) -> dict:
+    """The C++ CPU twin: one call computes scores, ratios, coefficients, flag and the AGM state update."""
+    s_hat, steps = (state["s_hat"], state["steps"]) if method == "agm" and state is not None else (None, None)
+    xs = [logits.detach()] if stacked else [u.detach() for u in logits]
+    return _split(_ext_twin()(xs, labels, s_hat, steps, *_ext_arguments(method, ignore_index, p)), m)
 
 
 _METHOD_ID = _methods.KERNEL_IDS  # = csrc/coefficients_math.h CoeffMethod (tests/test_methods_table.py)
@@ -365,22 +366,11 @@ class CoefficientPlan:
             and backend_for(logits, op="balance_coefficients", available=_CPU_BACKENDS) == "ext"
             and _ext_twin() is not None
         ):
-            twin, ii = _ext_twin(), self.ignore_index
-            consts = (
-                float(p["alpha"]),
-                float(p["q_base"]),
-                float(p["lam"]),
-                float(p["beta_max"]),
-                None if p["clip"] is None else float(p["clip"]),
-                p["z"] == "sigmoid",
-                p["ratio"] == "difference",
-                int(p["tie"]),
-            )
-            mid = _METHOD_ID[method]
+            twin, args = _ext_twin(), _ext_arguments(method, self.ignore_index, p)
 
             def run_ext(x, y, st):
                 s_hat, steps = (st["s_hat"], st["steps"]) if agm and st is not None else (None, None)
-                return twin([x.detach()], y, s_hat, steps, mid, ii, *consts)
+                return twin([x.detach()], y, s_hat, steps, *args)
 
             return run_ext
         if backend_for(logits, labels, op="balance_coefficients", available=("reference", "triton")) == "triton":
