@@ -551,6 +551,33 @@ class Balancer(metaclass=_Constructed):
 
 
 # ----------------------------------------------------------------------------------------------- parameter mode
+_ADAPTIVE = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Adafactor")
+    if hasattr(torch.optim, name)
+)
+_WARNED_ADAPTIVE: set = set()
+
+
+def _warn_adaptive(bal) -> None:
+    """Once per process and balancer class: modulate="grad" with an adaptive optimizer, which divides a gradient's
+    scale out of its update (README "Adaptive optimizers"), so k barely changes what the optimizer does."""
+    opt = bal._optimizer
+    if opt is None or bal._modulate != "grad" or not isinstance(opt, _ADAPTIVE):
+        return
+    key = (type(bal).__name__, type(opt).__name__)
+    if key in _WARNED_ADAPTIVE:
+        return
+    _WARNED_ADAPTIVE.add(key)
+    warnings.warn(
+        f"{type(bal).__name__}(modulate='grad') with torch.optim.{type(opt).__name__}: an adaptive optimizer "
+        f"divides the scale of a gradient out of its update, so the coefficient k barely changes the step. Pass "
+        f"modulate='update' with params= and optimizer= to scale the update itself (README: Adaptive optimizers).",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 class ParameterModeMixin:
     """Modulation on listed parameter tensors (the authors' placement): params is a list of M iterables of tensors
     (modality m's tensors, e.g. only its conv weights).
@@ -606,6 +633,7 @@ class ParameterModeMixin:
 
     def _attach_optimizer_hooks(self) -> None:
         super()._attach_optimizer_hooks()  # the step counter's post-hook first
+        _warn_adaptive(self)
         if self._update is not None:
             self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
             self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())

@@ -290,3 +290,25 @@ def test_step_before_modulate_grads_raises_and_changes_nothing():
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
     assert opt.state_dict()["state"] == {}
+
+
+def test_grad_mode_with_an_adaptive_optimizer_warns_once():
+    """modulate="grad" (taps or parameter mode) with an Adam-family optimizer warns once per balancer class, pointing
+    to modulate="update"; SGD, modulate="update" and no optimizer= do not warn."""
+    import warnings
+
+    import mmkernels.api._base as base
+
+    base._WARNED_ADAPTIVE.clear()
+    net = torch.nn.Linear(3, 2)
+    adam = torch.optim.Adam(net.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="modulate='update'"):
+        api.OGMGE(2, optimizer=adam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api.OGMGE(2, optimizer=adam)                                            # once per class
+        api.MLB(2, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        api.MLB(2, params=[[net.weight], [net.bias]], modulate="update", optimizer=adam)
+        api.MLB(2)
+    with pytest.warns(UserWarning, match="MLB"):
+        api.MLB(2, optimizer=torch.optim.AdamW(net.parameters(), lr=0.1))
