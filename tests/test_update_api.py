@@ -306,7 +306,7 @@ def test_grad_mode_with_an_adaptive_optimizer_warns_once():
         api.OGMGE(2, optimizer=adam)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        api.OGMGE(2, optimizer=adam)                                            # once per class
+        api.OGMGE(2, optimizer=adam)  # once per class
         api.MLB(2, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
         api.MLB(2, params=[[net.weight], [net.bias]], modulate="update", optimizer=adam)
         api.MLB(2)
