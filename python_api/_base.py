@@ -615,6 +615,7 @@ class ParameterModeMixin:
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{m}][{i}] must be a tensor, got {type(t).__name__}")
+                _validate.check_not_sharded(t, f"params[{m}][{i}]", f"{type(self).__name__}'s parameter mode")
                 if id(t) in seen:
                     raise ValueError(
                         f"params[{m}][{i}] is also listed as params{list(seen[id(t)])}: a tensor belongs "

@@ -80,6 +80,7 @@ class MMPareto(Balancer):
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{k}][{i}] must be a tensor, got {type(t).__name__}")
+                _validate.check_not_sharded(t, f"params[{k}][{i}]", "MMPareto")
                 _validate.check_float(t, f"params[{k}][{i}]")
                 if not t.requires_grad:
                     raise ValueError(f"params[{k}][{i}] does not require grad: list only trained encoder tensors")

@@ -32,6 +32,7 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
         weight, bias = linear
     else:
         raise TypeError(f"linear must be an nn.Linear or a (weight, bias) pair, got {type(linear).__name__}")
+    _validate.check_not_sharded(weight, "linear.weight", "concat_unimodal_logits (it reads the head's weight)")
     widths = [x.shape[-1] for x in xs]
     if weight.dim() != 2 or weight.shape[1] != sum(widths):
         raise ValueError(
