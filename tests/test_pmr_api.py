@@ -391,3 +391,35 @@ def test_int32_labels_give_the_int64_result():
         out.append((bal.loss(model.feats(xs), y.to(dtype)).detach(), bal.scores.clone(), bal._protos.clone()))
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def _readme_pmr_block() -> str:
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    (block,) = [b for b in blocks if "bal = PMR(" in b and "begin_refresh()" in b]
+    return block
+
+
+def test_readme_refresh_loop_uses_at_least_one_batch():
+    """The README's PMR loop, run as written with a loader of 5 batches: the refresh pass takes at least one batch
+    (the authors' max(1, n // 10)), so the first end_refresh() has rows and the PCE term is formed."""
+    data = _data(2)[:5]
+    model = TinyModel(2, seed=1)
+    namespace = {
+        "torch": torch,
+        "C": C,
+        "epochs": 2,
+        "loader": [(xs[0], xs[1], y) for xs, y in data],
+        "model": model,
+        "enc_a": model.encoders[0],
+        "enc_v": model.encoders[1],
+        "head": lambda za, zv: model.fuse([za, zv]),
+        "opt": torch.optim.SGD(model.parameters(), lr=0.1),
+    }
+    exec(_readme_pmr_block(), namespace)
+    bal = namespace["bal"]
+    assert bal.refreshes == 2 and all(torch.isfinite(p).all() for p in bal.prototypes)
+    assert "max(1, len(loader) // 10)" in api_pmr.PMR.__doc__

@@ -1,6 +1,7 @@
 """Hypothesis properties of the PMR balancer (docs/methods/pmr.md): a rejected call of any public method leaves
-state_dict() unchanged; non-finite features never reach a gradient (the encoders' parameters stay finite) and always
-set the flag; a refresh with non-finite rows leaves the prototypes finite and counts the skipped rows."""
+state_dict() unchanged (a rejected refresh() inside a pass adds nothing to it); non-finite features never reach a
+gradient (the encoders' parameters stay finite) and always set the flag; a refresh with non-finite rows leaves the
+prototypes finite and counts the skipped rows."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def bad_calls(bal, model, xs, y):
         (RuntimeError, lambda: bal.refresh(feats, y)),  # outside a pass
         (RuntimeError, lambda: bal.end_refresh()),
         (ValueError, lambda: bal.update_prototypes(feats, torch.full_like(y, -3))),
+        (ValueError, lambda: bal.update_prototypes(feats[:1] if m > 2 else feats + feats, y)),
+        ((ValueError, TypeError), lambda: bal.update_prototypes([f.long() for f in feats], y)),
+        ((ValueError, TypeError), lambda: bal.update_prototypes(feats, y.to(torch.int16))),
         (
             ValueError,
             lambda: bal.load_state_dict(
@@ -67,6 +71,7 @@ def bad_calls(bal, model, xs, y):
             ),
         ),
         (ValueError, lambda: bal.load_state_dict({**good, "prototypes": good["prototypes"][:, :1], "step": 99})),
+        (ValueError, lambda: bal.load_state_dict({**good, "prototypes": good["prototypes"].double(), "step": 99})),
         (ValueError, lambda: bal.load_state_dict({**good, "method": "ogm", "step": 99})),
         (
             ValueError,
@@ -126,3 +131,30 @@ def test_a_refresh_with_nonfinite_rows_keeps_the_prototypes_finite(m, seed, rows
     bal.end_refresh()
     assert bal.refresh_skipped[0].item() == rows and bal.refresh_skipped[1:].abs().sum().item() == 0
     assert all(torch.isfinite(p).all() for p in bal.prototypes)
+
+
+@SETTINGS
+@given(st.integers(2, 3), st.integers(0, 10_000), st.data())
+def test_a_rejected_refresh_inside_a_pass_adds_nothing(m, seed, data):
+    """refresh() calls rejected inside a pass (labels out of range, wrong dtypes, modality count, widths) leave the
+    pass as it was: end_refresh() gives the prototypes of the pass without them."""
+    bal, model, xs, y = ready(m, seed)
+    twin = PMR(m, num_classes=C)
+    twin.load_state_dict(bal.state_dict())
+    feats = [f.detach() for f in model.feats(xs)]
+    bad = [
+        lambda: bal.refresh(feats, torch.full_like(y, C)),
+        lambda: bal.refresh(feats, y.float()),
+        lambda: bal.refresh([f.long() for f in feats], y),
+        lambda: bal.refresh(feats[:1] if m > 2 else feats + feats, y),
+        lambda: bal.refresh([f[:, :-1] for f in feats], y),
+    ]
+    for b in (bal, twin):
+        b.begin_refresh()
+        b.refresh(feats, y)
+    for i in data.draw(st.lists(st.integers(0, len(bad) - 1), min_size=1, max_size=3)):
+        with pytest.raises((ValueError, TypeError)):
+            bad[i]()
+    for b in (bal, twin):
+        b.end_refresh()
+    assert state_equal(bal.state_dict(), twin.state_dict())

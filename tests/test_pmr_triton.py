@@ -1,7 +1,7 @@
 """Triton lane: the PMR kernels (mmkernels/triton_ops/pmr.py) against the reference (mmkernels/reference/pmr.py), run
 with TRITON_INTERPRET=1 on CPU or on CUDA. Forward statistics and loss, the backward, the prototype refresh (one
 launch, and accumulate + finalize); odd shapes (B = 1, C = 1, non-power-of-two C and D, several C and D tiles),
-non-contiguous features, ignored rows, M from 2 to 8, fp32 and fp16."""
+non-contiguous features, ignored rows, M from 2 to 8, fp32, fp16 and fp64 (fp32 accumulation), int32 labels."""
 
 import contextlib
 
@@ -170,6 +170,31 @@ def test_refresh_skips_nonfinite_rows_per_modality(first, device):
     check_refresh_skips_nonfinite_rows(first, device)
 
 
+def test_float64_features_run_with_fp32_accumulation(device):
+    """fp64 features on the Triton kernels: forward, backward and refresh run (accumulation in fp32, the gradient in
+    fp64) and agree with the fp64 reference to fp32 precision (docs/methods/pmr.md)."""
+    z, P, y = _inputs(3, 7, 5, 9, device, dtype=torch.float64)
+    _check(z, P, y, rtol=1e-5, atol=1e-6, grad_tol=dict(rtol=1e-4, atol=1e-6))
+    got = torch.zeros(3, 5, 9, device=device)
+    pmr_update_prototypes_(got, z, y, mu=0.2, first=True)
+    want = R.pmr_prototypes_ref(z, y, torch.zeros(3, 5, 9, device=device), mu=0.2, first=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_int32_labels_give_the_int64_result(device):
+    z, P, y = _inputs(3, 7, 5, 9, device)
+    out = []
+    for labels in (y, y.int()):
+        x = z.clone().requires_grad_()
+        res = pmr_loss(x, P, labels, alpha=0.8)
+        res["loss"].backward()
+        protos = P.clone()
+        pmr_update_prototypes_(protos, z, labels, mu=0.3, first=False)
+        out.append((res["loss"].detach(), res["scores"], x.grad, protos))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------- gpu-compile plan
 # gpu-compile plan of the PMR kernels (mmkernels/triton_ops/pmr.py): one call per launcher specialization of
 # tests/test_pmr_triton.py and tests/test_pmr_api.py (loaded by tests/gpu_compile.py, PLAN_MODULES).
@@ -212,10 +237,12 @@ def _plan_protos(m, c, d, layout="contiguous"):
     return torch.empty(m, c, d)
 
 
-def _plan_loss_call(m, b, c, d, *, dtype=PLAN_F32, layout="contiguous", p_layout="contiguous", sync=False):
+def _plan_loss_call(
+    m, b, c, d, *, dtype=PLAN_F32, layout="contiguous", p_layout="contiguous", sync=False, labels=torch.int64
+):
     from mmkernels.triton_ops.pmr import pmr_backward_launch, pmr_forward_launch
 
-    z, P, y = _plan_z(m, b, d, dtype, layout), _plan_protos(m, c, d, p_layout), torch.empty(b, dtype=torch.int64)
+    z, P, y = _plan_z(m, b, d, dtype, layout), _plan_protos(m, c, d, p_layout), torch.empty(b, dtype=labels)
     ctx = contextlib.nullcontext()
     if sync:
         from gpu_compile import fake_process_group
@@ -227,12 +254,12 @@ def _plan_loss_call(m, b, c, d, *, dtype=PLAN_F32, layout="contiguous", p_layout
         pmr_backward_launch(torch.empty(()), z, P, y, out, lse, ignore_index=-100)
 
 
-def _plan_refresh_call(m, b, c, d, *, first, one_launch, dtype=PLAN_F32, rows=None):
+def _plan_refresh_call(m, b, c, d, *, first, one_launch, dtype=PLAN_F32, rows=None, labels=torch.int64):
     """rows: the tests' z[:, :half] views (row stride of the full batch `rows`)."""
     from mmkernels.triton_ops.pmr import pmr_accumulate_launch, pmr_refresh_launch
 
     z = torch.empty(m, rows, d, dtype=dtype)[:, :b] if rows else torch.empty(m, b, d, dtype=dtype)
-    y = torch.empty(b, dtype=torch.int64)
+    y = torch.empty(b, dtype=labels)
     P = torch.empty(m, c, d)
     sums, counts = torch.empty(m, c, d), torch.empty(m + 1, c + 1)
     pmr_accumulate_launch(
@@ -267,4 +294,8 @@ def gpu_compile_plan() -> list:
             add("refresh api one launch", _plan_refresh_call, m, 12, 4, 6, first=first, one_launch=True)
     add("refresh fp16", _plan_refresh_call, 2, 10, 3, 5, first=True, one_launch=True, dtype=PLAN_F16)
     add("refresh widths", _plan_refresh_call, 2, 8, 4, 5, first=True, one_launch=True)
+    add("loss fp64", _plan_loss_call, 3, 7, 5, 9, dtype=torch.float64)
+    add("refresh fp64", _plan_refresh_call, 3, 7, 5, 9, first=True, one_launch=True, dtype=torch.float64)
+    add("loss int32 labels", _plan_loss_call, 3, 7, 5, 9, labels=torch.int32)
+    add("refresh int32 labels", _plan_refresh_call, 3, 7, 5, 9, first=False, one_launch=True, labels=torch.int32)
     return out
