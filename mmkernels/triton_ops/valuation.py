@@ -100,7 +100,7 @@ def sample_valuation_triton(
     copies = torch.empty((m, b), dtype=torch.int64, device=subset_logits.device)
     flag = torch.zeros((), dtype=torch.float32, device=subset_logits.device)
     block_c = min(next_pow2(c), 256)
-    block_b = max(1, min(next_pow2(b), 2048 // block_c, 64))  # <= 16 logits per thread (4 warps): no spills
+    block_b = max(1, min(next_pow2(b), 1024 // block_c, 64))  # <= 8 logits per thread (4 warps): no spills
     with device_guard(subset_logits.device):
         sample_valuation_kernel[(cdiv(b, block_b),)](
             subset_logits,
