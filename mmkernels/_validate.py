@@ -196,17 +196,3 @@ def check_coefficient(k, feature: torch.Tensor, name: str = "k") -> None:
         return
     if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
         raise TypeError(f"{name} must be a finite number or a 1-element tensor, got {k!r}")
-
-
-def check_not_sharded(t: torch.Tensor, name: str, what: str) -> None:
-    """FSDP2 (fully_shard) parameters are DTensors holding one shard each: a statistic taken on the local shard would
-    silently differ from the full tensor's, so the paths that take per-tensor statistics refuse them."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return
-    if isinstance(t, DTensor):
-        raise NotImplementedError(
-            f"{name} is a DTensor (FSDP2 / fully_shard): {what} is not supported on sharded parameters yet (its "
-            f"per-tensor statistics would be taken on one shard). Feature-level taps (tap/observe) work under FSDP2."
-        )

@@ -170,13 +170,22 @@ class MMParetoLayout:
 
 
 def _flat_torch(
-    layout: MMParetoLayout, flats_mm, flats, tables: dict, gamma: float, rescale: str, summed: bool = False
+    layout: MMParetoLayout,
+    flats_mm,
+    flats,
+    tables: dict,
+    gamma: float,
+    rescale: str,
+    summed: bool = False,
+    reduce=None,
 ) -> dict:
     """The reference math on flat buffers, bucket by bucket (MMParetoLayout.buckets): g_m and g_u copied into two
     float64 scratch vectors (one copy each per bucket), three float64 dots per tensor; then g_u <- s_m g_m + s_u g_u
     formed in float64 and stored, rounded once. A non-finite encoder gets scales 0 and its 0 * NaN / 0 * Inf values
     are set to 0 (finite inner products imply finite values, so nothing else is touched). No host read. summed:
-    flats hold g_m + g_u; g_u is their difference (taken in float64, exact for fp32/fp16/bf16)."""
+    flats hold g_m + g_u; g_u is their difference (taken in float64, exact for fp32/fp16/bf16).
+    reduce: None, or a function summing the [T, 3] float64 inner products in place over the ranks that hold the
+    other shards of every tensor (FSDP2): the scales are then those of the full tensors, applied to this shard."""
     device = flats[0].device
     sx, sy = layout.scratch(device)
     buckets = layout.buckets()
@@ -199,6 +208,8 @@ def _flat_torch(
             torch.dot(xt, xt, out=row[0])
             torch.dot(xt, yt, out=row[1])
             torch.dot(yt, yt, out=row[2])
+    if reduce is not None:
+        reduce(abc)
     res = reference.mmpareto_scales(
         abc, tables["encoder_of"], layout.num_encoders, gamma=gamma, rescale=rescale, tau=tables["tau"]
     )
@@ -245,8 +256,12 @@ def mmpareto_combine_flat_(
     return _combine_flat(layout, flats_mm, flats, gamma, rescale, summed=bool(summed))
 
 
-def _combine_flat(layout, flats_mm, flats, gamma, rescale, *, summed: bool = False) -> dict:
+def _combine_flat(layout, flats_mm, flats, gamma, rescale, *, summed: bool = False, reduce=None) -> dict:
+    """reduce (FSDP2 shards, see _flat_torch) takes the torch path: the inner products are reduced between the two
+    passes."""
     device = flats[0].device
+    if reduce is not None:
+        return _flat_torch(layout, flats_mm, flats, layout.tables(device, 1 << 62), gamma, rescale, summed, reduce)
     use_triton = backend_for(*flats, op="mmpareto_combine", available=_BACKENDS) == "triton" and all(
         f.dtype != torch.float64 for f in flats
     )

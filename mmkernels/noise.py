@@ -155,24 +155,13 @@ def _check_grads(grads, name: str = "grads") -> List[torch.Tensor]:
     return gs
 
 
-def ge_isotropic_(
-    grads: Sequence[torch.Tensor], k, *, seed: int, offset: int, group_index: Optional[Sequence[int]] = None
-) -> List[torch.Tensor]:
-    """The authors' OGM-GE rule over many gradient tensors, in place (module docstring). Returns `grads` as a list.
-
-    grads: T contiguous float tensors on one device (e.g. [p.grad for p in encoder.parameters()]).
-    k: device tensor of coefficients, [T] (one per tensor) or, with group_index, [G] (e.g. the M per-modality
-       coefficients) with group_index[t] in [0, G) naming tensor t's entry (a list of ints, host data).
-       A sequence of numbers is accepted too. Read on the device: no host sync.
-    seed, offset: the Philox stream, identical on every DDP rank so replicas stay equal.
-    A tensor with a single element (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 (noise
-    1e-8 * n), on every backend; torch.std and the authors' loop would give NaN and a NaN parameter.
-    """
+def _ge_arguments(grads, k, seed: int, offset: int, group_index):
+    """ge_isotropic_'s checked arguments: (grads as a list, k as a flat device tensor, group_index as a list)."""
     gs = _check_grads(grads)
     check_counter(seed, "seed")
     check_counter(offset, "offset")
     if not gs:
-        return gs
+        return gs, k, []
     device = gs[0].device
     if isinstance(k, torch.Tensor):
         if not k.is_floating_point():
@@ -201,6 +190,26 @@ def ge_isotropic_(
             raise ValueError(
                 f"group_index entries must be in [0, {k.numel()}) (k has {k.numel()} values), got {bad[0]}"
             )
+    return gs, k, groups
+
+
+def ge_isotropic_(
+    grads: Sequence[torch.Tensor], k, *, seed: int, offset: int, group_index: Optional[Sequence[int]] = None
+) -> List[torch.Tensor]:
+    """The authors' OGM-GE rule over many gradient tensors, in place (module docstring). Returns `grads` as a list.
+
+    grads: T contiguous float tensors on one device (e.g. [p.grad for p in encoder.parameters()]).
+    k: device tensor of coefficients, [T] (one per tensor) or, with group_index, [G] (e.g. the M per-modality
+       coefficients) with group_index[t] in [0, G) naming tensor t's entry (a list of ints, host data).
+       A sequence of numbers is accepted too. Read on the device: no host sync.
+    seed, offset: the Philox stream, identical on every DDP rank so replicas stay equal.
+    A tensor with a single element (a PReLU weight, a scalar bias) has no unbiased std: it is defined as 0 (noise
+    1e-8 * n), on every backend; torch.std and the authors' loop would give NaN and a NaN parameter.
+    """
+    gs, k, groups = _ge_arguments(grads, k, seed, offset, group_index)
+    if not gs:
+        return gs
+    device = gs[0].device
     if backend_for(*gs, k, op="ge_isotropic_", available=_OPS) == "ext":
         _ge_ops.ge_isotropic_(gs, k, groups, int(seed), int(offset))
         return gs
@@ -210,4 +219,61 @@ def ge_isotropic_(
     with torch.no_grad():
         for g, new in zip(gs, reference.ge_isotropic(gs, kt, normals)):
             g.copy_(new)
+    return gs
+
+
+def _ge_normals_at(first: int, count: int, seed: int, offset: int, device, backend: str) -> torch.Tensor:
+    """fp32 [count]: the GE normals of stream indices first .. first + count - 1 (index i is slot i % 4 of Philox
+    position offset + i // 4), drawn by the extension's kernel or the reference's transcription (the same numbers)."""
+    lo, hi = first // 4, (first + count + 3) // 4
+    if backend == "ext":
+        z = _cov_ops.philox_normals(seed, offset + lo, hi - lo, device)
+    else:
+        z = reference.philox_normals(seed, offset + lo, hi - lo, device)
+    return z.reshape(-1)[first - 4 * lo : first - 4 * lo + count]
+
+
+def ge_isotropic_shards_(
+    shards: Sequence[torch.Tensor],
+    k,
+    *,
+    seed: int,
+    offset: int,
+    numels: Sequence[int],
+    starts: Sequence[int],
+    all_reduce,
+    group_index: Optional[Sequence[int]] = None,
+) -> List[torch.Tensor]:
+    """ge_isotropic_ on shards of the gradients (FSDP2: each rank holds a contiguous slice of every tensor), in place,
+    with the numbers ge_isotropic_ gives on the full tensors:
+
+    shards[t]: the local slice of tensor t, elements starts[t] .. starts[t] + shards[t].numel() - 1 of its flattened
+    full tensor of numels[t] elements. all_reduce(x): sums a small fp64 tensor over the ranks holding the other
+    slices, in place (called once, by every rank). std_t = unbiased std over the full tensor from the reduced
+    (sum, sum of squares) [T, 2]; the normal of element j is the one ge_isotropic_ draws for the full tensor's
+    element starts[t] + j (Philox addressed by the global index), so a sharded run draws the unsharded numbers.
+    std agrees with ge_isotropic_'s to fp32 rounding (one fp64 pass here, fp32 two-pass torch.std in the reference).
+    """
+    gs, k, groups = _ge_arguments(shards, k, seed, offset, group_index)
+    if len(numels) != len(gs) or len(starts) != len(gs):
+        raise ValueError(f"numels and starts must have one entry per shard ({len(gs)})")
+    if not gs:
+        all_reduce(torch.zeros(0, 2, dtype=torch.float64))
+        return gs
+    device = gs[0].device
+    backend = backend_for(*gs, k, op="ge_isotropic_", available=_OPS)
+    kt = k if not groups else k[torch.tensor(groups, device=device)]
+    with torch.no_grad():
+        stats = torch.stack([torch.stack([g.double().sum(), g.double().square().sum()]) for g in gs])
+        all_reduce(stats)  # [T, 2]: (sum, sum of squares) over the full tensors
+        n = torch.tensor([float(v) for v in numels], dtype=torch.float64, device=device)
+        var = (stats[:, 1] - stats[:, 0] * stats[:, 0] / n).clamp_min(0) / (n - 1).clamp_min(1)
+        std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var)) + reference.GE_STD_EPS
+        base = 0
+        for t, g in enumerate(gs):
+            z = _ge_normals_at(base + int(starts[t]), g.numel(), seed, offset, device, backend)
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            new = kt[t].to(acc) * g.to(acc) + std[t].to(acc) * z.to(acc).view(g.shape)
+            g.copy_(new)
+            base += 4 * ((int(numels[t]) + 3) // 4)
     return gs

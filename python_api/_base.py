@@ -14,7 +14,7 @@ import torch
 
 from mmkernels import _validate
 
-from . import _ops, _update
+from . import _dtensor, _ops, _update
 
 STATE_VERSION = 1
 
@@ -592,6 +592,7 @@ class ParameterModeMixin:
 
     _modulate = "grad"
     _update = None
+    _shard_group = None
 
     def _init_params(self, params, modulate: str = "grad") -> None:
         _validate.check_choice(modulate, ("grad", "update"), "modulate")
@@ -615,7 +616,7 @@ class ParameterModeMixin:
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{m}][{i}] must be a tensor, got {type(t).__name__}")
-                _validate.check_not_sharded(t, f"params[{m}][{i}]", f"{type(self).__name__}'s parameter mode")
+                _dtensor.check_sharding(t, f"params[{m}][{i}]")
                 if id(t) in seen:
                     raise ValueError(
                         f"params[{m}][{i}] is also listed as params{list(seen[id(t)])}: a tensor belongs "
@@ -623,10 +624,12 @@ class ParameterModeMixin:
                     )
                 seen[id(t)] = (m, i)
             groups.append(ts)
+        shard_group = _dtensor.common_shard_group(groups)
         if modulate == "update":
             _update.check_optimizer(self._optimizer, groups, type(self).__name__)
             self._update = _update.UpdateScaler(groups)
         self._params = groups
+        self._shard_group = shard_group  # FSDP2: the group per-tensor statistics are reduced over (None: unsharded)
         self._modulate = modulate
 
     def _uses_taps(self) -> bool:
@@ -640,7 +643,12 @@ class ParameterModeMixin:
             self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
 
     def _grads(self) -> list[list[torch.Tensor]]:
-        return [[p.grad for p in group if p.grad is not None] for group in self._params]
+        """The listed tensors' gradients, per modality; under FSDP2 the rank's local shards (written in place)."""
+        return [[_dtensor.local(p.grad) for p in group if p.grad is not None] for group in self._params]
+
+    def _grad_params(self) -> list[list[torch.Tensor]]:
+        """The listed tensors that have a gradient, aligned with _grads()."""
+        return [[p for p in group if p.grad is not None] for group in self._params]
 
     def _scale_grads_(self, coef: torch.Tensor) -> None:
         """grad <- k_m * grad for modality m's tensors (docs/methods/ogm_ge.md without noise): one foreach launch per

@@ -15,11 +15,15 @@ no host sync. Extra memory: one snapshot of the listed tensors, allocated at the
 A step that GradScaler skips never calls optimizer.step(), so neither hook runs and nothing changes; a fused
 optimizer that skips internally (found_inf) leaves p == snap, and snap + k * 0 == snap.
 In float32 the rewritten tensor carries one extra rounding of p (|error| <= ulp(p)/2 on top of k * delta).
+Under FSDP2 (DTensor parameters) the snapshot and the rewrite act on each rank's local shard: elementwise, so
+nothing is communicated and the result is the unsharded one, shard by shard.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import _dtensor
 
 # optimizers whose step is not a single update of the listed tensors from their gradients
 _REFUSED = {
@@ -61,18 +65,22 @@ class UpdateScaler:
         self.snapshots: list[torch.Tensor] | None = None
         self.pending: torch.Tensor | None = None  # [M] coefficients of the step in flight, or None
 
+    def _locals(self) -> list[torch.Tensor]:
+        """The listed tensors as plain tensors: the rank's shard of an FSDP2 DTensor, else the tensor itself."""
+        return [_dtensor.local(p.detach()) for p in self.flat]
+
     def extra_bytes(self) -> int:
-        """Memory the snapshot holds once allocated (bytes)."""
-        return sum(p.numel() * p.element_size() for p in self.flat)
+        """Memory the snapshot holds once allocated (bytes; the local shards' under FSDP2)."""
+        return sum(p.numel() * p.element_size() for p in self._locals())
 
     def before_step(self, coef: torch.Tensor) -> None:
         with torch.no_grad():
+            params = self._locals()
             if self.snapshots is None or any(
-                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
-                for s, p in zip(self.snapshots, self.flat)
+                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device for s, p in zip(self.snapshots, params)
             ):
-                self.snapshots = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.flat]
-            torch._foreach_copy_(self.snapshots, [p.detach() for p in self.flat])
+                self.snapshots = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            torch._foreach_copy_(self.snapshots, params)
         self.pending = coef
 
     def after_step(self) -> None:
@@ -80,7 +88,7 @@ class UpdateScaler:
         if coef is None:
             return
         with torch.no_grad():
-            params = [p.detach() for p in self.flat]
+            params = self._locals()
             torch._foreach_sub_(params, self.snapshots)  # p <- delta computed by the optimizer
             i = 0
             for m, group in enumerate(self.groups):

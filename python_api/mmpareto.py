@@ -9,6 +9,7 @@ from mmkernels import _validate
 from mmkernels.mmpareto import MMParetoLayout, _check_gamma_rescale, _combine_flat
 from mmkernels.reference import MMPARETO_GAMMA
 
+from . import _dtensor
 from ._base import Balancer
 
 
@@ -38,6 +39,10 @@ class MMPareto(Balancer):
     buffer, and ONE backward of L_mm + sum_k L_k (averaged by DDP) follows; the kernels take g_u = that - g_m. Every
     rank combines the same rank-averaged g_m and g_u, so the replicas stay equal. (g_u as a difference carries the
     rounding of the summed gradient: fine in fp32, coarse for bf16 gradients.)
+    FSDP2 / HSDP (fully_shard, DTensor parameters): two backwards as in one process (FSDP2 reduce-scatters each), the
+    local shards of g_m and g_u in the balancer's buffers, the per-tensor inner products [T, 3] (fp64) all-reduced
+    over the shard group before the scales (one collective, 24 T bytes), the combination written into the shards'
+    .grad (which stay FSDP2's DTensors, not views of the buffer).
     Gradient accumulation: one backward() per micro-batch, each followed by bal.step() (the step counter, and so a
     unit="step" window, counts micro-batches), optimizer.step() after the last. Each backward() combines its own
     micro-batch's g_m and g_u and ADDS the result to what .grad already held, so the accumulated .grad is the sum
@@ -60,7 +65,8 @@ class MMPareto(Balancer):
         _check_gamma_rescale(gamma, rescale)
         self.gamma, self.rescale = float(gamma), rescale
         self._params = self._check_params(params)
-        self._layout = MMParetoLayout(self._params)
+        self._shard_group = _dtensor.common_shard_group(self._params)
+        self._layout = MMParetoLayout([[_dtensor.local(p.detach()) for p in group] for group in self._params])
         self._flats = self._stash = self._held = None
         self._views = self._stash_views = self._held_views = None
         m = self.num_modalities
@@ -80,7 +86,7 @@ class MMPareto(Balancer):
             for i, t in enumerate(ts):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"params[{k}][{i}] must be a tensor, got {type(t).__name__}")
-                _validate.check_not_sharded(t, f"params[{k}][{i}]", "MMPareto")
+                _dtensor.check_sharding(t, f"params[{k}][{i}]")
                 _validate.check_float(t, f"params[{k}][{i}]")
                 if not t.requires_grad:
                     raise ValueError(f"params[{k}][{i}] does not require grad: list only trained encoder tensors")
@@ -163,6 +169,22 @@ class MMPareto(Balancer):
             return
         device = self._params[0][0].device
         self._to_device(device)
+        if self._shard_group is not None:
+            stats = self._backward_sharded(multimodal_loss, uni, retain_graph, device)
+        else:
+            stats = self._backward_replicated(multimodal_loss, uni, retain_graph, device)
+        self._backward_step = self._step
+        w = stats["weights"]
+        self._stats = {
+            "scores": stats["conflict"],
+            "ratios": stats["cos"],
+            "coefficients": w[:, 0],
+            "weights": w,
+            "flag": stats["flag"],
+        }
+
+    def _backward_replicated(self, multimodal_loss, uni, retain_graph: bool, device) -> dict:
+        """One process or DDP: .grad become views of the flat buffer (class docstring)."""
         held = self._hold_accumulated(device)
         if self._sync():
             self._backward_summed(multimodal_loss, uni, retain_graph, device)
@@ -175,15 +197,53 @@ class MMPareto(Balancer):
             stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
         if held is not None:  # gradient accumulation: this micro-batch's combination + what .grad held
             torch._foreach_add_(self._flats, held)
-        self._backward_step = self._step
-        w = stats["weights"]
-        self._stats = {
-            "scores": stats["conflict"],
-            "ratios": stats["cos"],
-            "coefficients": w[:, 0],
-            "weights": w,
-            "flag": stats["flag"],
-        }
+        return stats
+
+    def _backward_sharded(self, multimodal_loss, uni, retain_graph: bool, device) -> dict:
+        """FSDP2: .grad are DTensors FSDP2 reduce-scatters (averaged over ranks) after each backward. L_mm.backward,
+        its local shards -> the stash; sum_k L_k.backward, its local shards -> the flat buffer; the per-tensor inner
+        products [T, 3] are all-reduced over the shard group (one collective), the combination is applied to the
+        local shards and written into .grad (plus what .grad held before: gradient accumulation)."""
+        self._buffers(device)
+        params = [p for group in self._params for p in group]
+        held = [None if p.grad is None else _dtensor.local(p.grad).clone() for p in params]
+        for p in params:
+            p.grad = None
+        multimodal_loss.backward(retain_graph=True)
+        self._copy_local_grads(params, self._stash_views)
+        mm_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        uni.backward(retain_graph=retain_graph)
+        self._copy_local_grads(params, self._views)
+        for i, p in enumerate(params):
+            if p.grad is None and mm_grads[i] is None:
+                k, j = self._position(i)
+                raise RuntimeError(
+                    f"params[{k}][{j}] received no gradient from the multimodal loss nor from the "
+                    f"unimodal losses: remove it from params= (or check that its encoder is used)"
+                )
+            if p.grad is None:
+                p.grad = mm_grads[i]
+        stats = _combine_flat(
+            self._layout,
+            self._stash,
+            self._flats,
+            self.gamma,
+            self.rescale,
+            reduce=lambda abc: _dtensor.all_reduce_stats(abc, self._shard_group),
+        )
+        with torch.no_grad():
+            for p, v, h in zip(params, self._views, held):
+                g = _dtensor.local(p.grad)
+                g.copy_(v) if h is None else torch.add(v, h, out=g)
+        return stats
+
+    @staticmethod
+    def _copy_local_grads(params, views) -> None:
+        with torch.no_grad():
+            for p, v in zip(params, views):
+                v.copy_(_dtensor.local(p.grad)) if p.grad is not None else v.zero_()
 
     def _backward_summed(self, multimodal_loss, uni, retain_graph: bool, device) -> None:
         """The distributed path (DDP allows one backward per forward): g_m of the encoders by autograd.grad (no DDP

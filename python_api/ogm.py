@@ -6,8 +6,9 @@ import torch
 
 from mmkernels import _validate
 from mmkernels._methods import default
+from mmkernels.noise import ge_isotropic_shards_
 
-from . import _ops
+from . import _dtensor, _ops
 from ._base import Balancer, ParameterModeMixin, check_hyperparameter, check_real
 
 _AUTO = "auto"
@@ -105,7 +106,21 @@ class OGMGE(ParameterModeMixin, Balancer):
         group_index = [m for m, group in enumerate(groups) for _ in group]  # tensor t belongs to modality m
         # seeded by (seed, step) only: identical on every rank, so DDP replicas stay equal (docs/methods/ogm_ge.md);
         # each step owns 2^32 Philox counters, so consecutive steps draw disjoint streams
-        _ops.ge_isotropic_(grads, coef, seed=self.seed, offset=self._step << 32, group_index=group_index)
+        if self._shard_group is None:
+            _ops.ge_isotropic_(grads, coef, seed=self.seed, offset=self._step << 32, group_index=group_index)
+            return
+        # FSDP2: std from the shards' (sum, sum of squares) reduced over the shard group, noise by global index
+        params = [p for group in self._grad_params() for p in group]
+        ge_isotropic_shards_(
+            grads,
+            coef,
+            seed=self.seed,
+            offset=self._step << 32,
+            numels=[p.numel() for p in params],
+            starts=[_dtensor.global_offset(p) for p in params],
+            all_reduce=lambda stats: _dtensor.all_reduce_stats(stats, self._shard_group),
+            group_index=group_index,
+        )
 
 
 class OGM(OGMGE):

@@ -9,6 +9,8 @@ import torch
 
 from mmkernels import _validate, reference
 
+from . import _dtensor
+
 
 def _check_feats(feats, name: str = "feats") -> list:
     if isinstance(feats, torch.Tensor) or not isinstance(feats, (list, tuple)):
@@ -24,6 +26,8 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
     feats: M tensors [B, D_m] in the order they are concatenated; linear: the nn.Linear applied to torch.cat(feats, 1)
     (or a (weight, bias) pair); gamma: M bias shares (default 1/M each; the authors' OGM-GE code uses 1/2 for M=2).
     detach (default True): scores only, no autograd graph. Returns [M, B, C].
+    A fully_shard-ed head (FSDP2, sharded weight) is read through the module, before or after its own forward
+    (_sharded_head_logits): no raw read of a shard.
     """
     xs = _check_feats(feats)
     if isinstance(linear, torch.nn.Linear):
@@ -32,7 +36,8 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
         weight, bias = linear
     else:
         raise TypeError(f"linear must be an nn.Linear or a (weight, bias) pair, got {type(linear).__name__}")
-    _validate.check_not_sharded(weight, "linear.weight", "concat_unimodal_logits (it reads the head's weight)")
+    if _dtensor.is_dtensor(weight):
+        return _sharded_head_logits(xs, linear, gamma, detach)
     widths = [x.shape[-1] for x in xs]
     if weight.dim() != 2 or weight.shape[1] != sum(widths):
         raise ValueError(
@@ -47,6 +52,44 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
             raise ValueError(f"gamma must hold {len(xs)} bias shares (one per modality), got {g.numel()}")
     with torch.no_grad() if detach else contextlib.nullcontext():
         return reference.concat_unimodal_logits(xs, weight, bias, gamma=gamma)
+
+
+def _sharded_head_logits(xs: list, linear, gamma, detach: bool) -> torch.Tensor:
+    """concat_unimodal_logits for a head whose weight is sharded by FSDP2 (fully_shard(head)), read through the module:
+
+    detach=True: head.unshard() (the all-gather its own forward does), the logits from the unsharded weight, then
+    head.reshard() if it was sharded before: the numbers of the unsharded head, before or after the head's forward.
+    detach=False: one call of the head's forward on M*B + 1 rows, row block m = feat_m zero-padded to the head's
+    input (= feat_m W_m^T + b) and a zero row (= b): u_m = head(x_m) - (1 - gamma_m) b, differentiable through
+    FSDP2's own hooks.
+    """
+    if not hasattr(linear, "unshard") or not hasattr(linear, "reshard"):
+        raise NotImplementedError(
+            "linear's weight is a DTensor sharded by FSDP2 but linear is not itself fully_shard-ed: call "
+            "fully_shard(head) on the head so concat_unimodal_logits can read it through the module"
+        )
+    widths = [x.shape[-1] for x in xs]
+    if linear.in_features != sum(widths):
+        raise ValueError(
+            f"linear has in_features={linear.in_features} but the features' widths {widths} sum to "
+            f"{sum(widths)}; feats must be the tensors the head's input concatenates"
+        )
+    m = len(xs)
+    g = torch.full((m,), 1.0 / m) if gamma is None else torch.as_tensor(gamma, dtype=torch.float32).reshape(-1)
+    if g.numel() != m:
+        raise ValueError(f"gamma must hold {m} bias shares (one per modality), got {g.numel()}")
+    if detach:
+        with torch.no_grad():
+            linear.unshard()
+            try:
+                return reference.concat_unimodal_logits(xs, linear.weight, linear.bias, gamma=gamma)
+            finally:
+                linear.reshard()
+    b = xs[0].shape[0]
+    rows = [torch.cat([x if j == i else x.new_zeros(b, w) for j, w in enumerate(widths)], 1) for i, x in enumerate(xs)]
+    out = linear(torch.cat([*rows, xs[0].new_zeros(1, sum(widths))]))
+    u, bias_row = out[:-1].view(m, b, -1), out[-1:].view(1, 1, -1)
+    return (u - (1 - g.to(u)).view(m, 1, 1) * bias_row).to(xs[0].dtype)
 
 
 def summation_unimodal_logits(feats, heads: Sequence[Callable]) -> torch.Tensor:

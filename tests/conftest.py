@@ -53,6 +53,7 @@ FULL_ONLY = (
     "tests/test_ddp.py",
     "tests/test_mmpareto_ddp.py",  # 5 s each: 2-process gloo groups
     "tests/test_valuation_ddp.py",
+    "tests/test_fsdp.py::test_fsdp_four_ranks_match_one_process",  # 45 s: 4 gloo ranks under FSDP2
     "tests/test_examples.py::test_cremad_trainer_end_to_end",  # 11 s: the CREMA-D example, three methods
 )  # (the triton and ext-cpu lanes take under a minute each: nothing there is full-only)
 
