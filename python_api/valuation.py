@@ -94,7 +94,8 @@ class ValuationDataset(torch.utils.data.Dataset):
         if not isinstance(state["keep"], torch.Tensor) or state["keep"].dtype != torch.bool:
             raise ValueError("state['keep'] must be a bool tensor [R, M]")
         _check_rows(state["index"], state["keep"], self.num_modalities, len(self.dataset), "state:")
-        self.index, self.keep = state["index"].cpu().long().clone(), state["keep"].cpu().clone()
+        index, keep = state["index"].cpu(), state["keep"].cpu()  # sync-ok: a resume, between epochs
+        self.index, self.keep = index.long().clone(), keep.clone()
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -330,10 +331,10 @@ class ModalityValuation(SampleValuation):
         check_int(epoch, "epoch")
         self._gathered()
         draws = self._draws(epoch - 1).to(self._device)
-        # sync-ok: once per epoch, between epochs (the exact count needs the integer sums on the host)
-        gaps = _ref_valuation.modality_gaps_exact(
-            self._scaled_sum[:, draws].round().cpu(), self._count[draws].round().cpu(), self._fact
-        )
+        # the exact count needs the integer sums on the host: once per epoch, between epochs
+        sums = self._scaled_sum[:, draws].round().cpu()  # sync-ok: between epochs
+        counts = self._count[draws].round().cpu()  # sync-ok: between epochs
+        gaps = _ref_valuation.modality_gaps_exact(sums, counts, self._fact)
         n_extra, p, keep = _ref_valuation.modality_extra_rows(
             gaps, self.num_samples, alpha=self.alpha, curve=self.curve, rate=self.rate
         )
