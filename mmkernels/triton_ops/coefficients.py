@@ -28,6 +28,7 @@ inf. Each gives flag 1 and neutral coefficients (scores and ratios are stored as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -390,62 +391,21 @@ def balance_coefficients_launch(
     sync=False: ONE launch; called directly by balance_coefficients in eager mode, and the body of the custom op
     `mmkernels::balance_coefficients` under torch.compile, so the workspace cache below is invisible to tracing.
     sync=True under torch.distributed: two launches around an all_reduce of the workspace (a plain Python path)."""
-    M, B, C = logits.shape
-    device = logits.device
-    ws, counter = _workspace(device)
-    out = torch.empty(3 * M + 1, dtype=torch.float32, device=device)
-    if method == "agm":
-        if s_hat is None or steps is None:  # a throw-away state with no history (s_hat = 0, tau = 1), nothing kept
-            s_hat = torch.zeros(M, dtype=torch.float32, device=device)
-            steps = torch.zeros((), dtype=torch.float32, device=device)
-    else:
-        s_hat, steps = out, out  # never read
-    block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
-    grid = (max(1, cdiv(B, block_b)), M)  # row blocks on axis 0 (B / block_b may exceed 65535); B = 0: one block
-    # per modality, all rows masked, so the finalize still runs (flag 2) and a synced rank joins the all-reduce
-    n_programs = grid[0] * grid[1]
+    hp = dict(
+        ignore_index=ignore_index,
+        alpha=alpha,
+        q_base=q_base,
+        lam=lam,
+        beta_max=beta_max,
+        clip=clip,
+        z=z,
+        ratio=ratio,
+        tie=tie,
+    )
     distributed = sync and torch.distributed.is_available() and torch.distributed.is_initialized()
-    common = dict(
-        METHOD=_METHOD_ID[method],
-        Z_SIGMOID=(z == "sigmoid"),
-        RATIO_DIFF=(ratio == "difference"),
-        HAS_CLIP=clip is not None,
-        BLOCK_B=block_b,
-        BLOCK_C=block_c,
-        BLOCK_M=MAX_M,
+    return PreparedLaunch(logits, labels, method, hp)(
+        logits, labels, s_hat, steps, distributed=distributed, group=group
     )
-    args = (
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        logits.stride(2),
-        labels,
-        labels.stride(0),
-        ws,
-        counter,
-        out,
-        s_hat,
-        steps,
-        M,
-        B,
-        C,
-        int(ignore_index),
-        n_programs,
-        float(alpha),
-        float(q_base),
-        float(lam),
-        float(beta_max),
-        float(0.0 if clip is None else clip),
-        int(tie),
-    )
-    with device_guard(device):  # Triton launches on the current device's current stream
-        if not distributed:
-            balance_coefficients_kernel[grid](*args, PHASE=0, num_warps=num_warps, **common)
-        else:
-            balance_coefficients_kernel[grid](*args, PHASE=1, num_warps=num_warps, **common)
-            torch.distributed.all_reduce(ws[: 2 * M], group=group)  # sums [0:M] and counts [M:2M], in place
-            balance_coefficients_kernel[(1, 1)](*args, PHASE=2, num_warps=1, **common)
-    return out
 
 
 def launch_kernel(grid, args: tuple, meta: dict) -> None:
@@ -464,12 +424,9 @@ class PreparedLaunch:
         self.device = logits.device
         self.out_size = 3 * M + 1
         self.agm = method == "agm"
-        if self.agm:  # a throw-away state (no history) for calls without one, reset before each use
-            self._tmp_state = (
-                torch.zeros(M, dtype=torch.float32, device=self.device),
-                torch.zeros((), dtype=torch.float32, device=self.device),
-            )
         block_b, block_c, num_warps = _blocks(B, C, logits.element_size(), interpreting())
+        # row blocks on axis 0 (B / block_b may exceed 65535); B = 0: one block per modality, all rows masked, so the
+        # finalize still runs (flag 2) and a synced rank joins the all-reduce
         self.grid = (max(1, cdiv(B, block_b)), M)
         clip = hp["clip"]
         self.meta = dict(
@@ -499,19 +456,25 @@ class PreparedLaunch:
         )
         self.label_stride = labels.stride(0)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, s_hat, steps) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, s_hat, steps, *, distributed: bool = False, group=None
+    ) -> torch.Tensor:
+        """One launch; distributed: two, around an all_reduce of the workspace's sums and counts."""
+        m = self.out_size // 3
         out = torch.empty(self.out_size, dtype=torch.float32, device=self.device)
         if not self.agm:
             s_hat = steps = out  # never read
-        elif s_hat is None:
-            s_hat, steps = self._tmp_state
-            s_hat.zero_()
-            steps.zero_()
+        elif s_hat is None or steps is None:  # a throw-away state with no history (s_hat = 0, tau = 1)
+            s_hat = torch.zeros(m, dtype=torch.float32, device=self.device)
+            steps = torch.zeros((), dtype=torch.float32, device=self.device)
         ws, counter = _workspace(self.device)
         args = (logits, *self.strides, labels, self.label_stride, ws, counter, out, s_hat, steps, *self.tail)
-        if self.device.type == "cuda":
-            with device_guard(self.device):
+        guard = device_guard(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with guard:  # Triton launches on the current device's current stream
+            if not distributed:
                 launch_kernel(self.grid, args, self.meta)
-        else:
-            launch_kernel(self.grid, args, self.meta)
+            else:
+                launch_kernel(self.grid, args, {**self.meta, "PHASE": 1})
+                torch.distributed.all_reduce(ws[: 2 * m], group=group)  # sums [0:M] and counts [M:2M], in place
+                launch_kernel((1, 1), args, {**self.meta, "PHASE": 2, "num_warps": 1})
         return out
