@@ -16,7 +16,19 @@ from mmkernels import _validate
 
 from . import _dtensor, _ops, _update
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the dict of the first releases ({"method", ..., "tensors"}); 2: nn.Module state_dict
+EXTRA_STATE = "_extra_state"  # nn.Module's key of get_extra_state()
+_HOST_KEYS = (
+    "method",
+    "num_modalities",
+    "version",
+    "hyperparameters",
+    "step",
+    "epoch",
+    "seed",
+    "enabled",
+    "observed_step",
+)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -85,7 +97,7 @@ class _DeferredTap(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------- base
-class _Constructed(type):
+class _Constructed(type(torch.nn.Module)):
     """Runs _attach_optimizer_hooks() after __init__ returns, so hooks on the user's optimizer exist only for a
     balancer whose constructor accepted every argument."""
 
@@ -95,8 +107,14 @@ class _Constructed(type):
         return obj
 
 
-class Balancer(metaclass=_Constructed):
-    """Base class of OGMGE, OGM, OPM, AGM, MLB, OLM (the protocol in README "API").
+class Balancer(torch.nn.Module, metaclass=_Constructed):
+    """Base class of every balancer (the protocol in README "The trainer API"), a torch.nn.Module without parameters.
+
+    As a submodule of the model (model.balancer = OGMGE(...)) it follows the model: .to()/.cuda() move its device
+    state (kept fp32 whatever dtype the model is cast to), .train()/.eval() switch it, and model.state_dict() holds
+    it: one tensor entry per statistic and running state (scores, ratios, coefficients, flag, and the method's own),
+    plus "_extra_state" with the host counters (step, epoch, seed, window, hyperparameters, version). A state saved
+    by an earlier release (the plain dict of version 1) still loads.
 
     Common keyword arguments:
       start, end, unit: the modulation window, start <= t < end (end None: no end), t the step counter
@@ -136,6 +154,7 @@ class Balancer(metaclass=_Constructed):
         optimizer: torch.optim.Optimizer | None = None,
         num_classes: int | None = None,
     ):
+        torch.nn.Module.__init__(self)
         self.num_modalities = check_num_modalities(num_modalities)
         check_int(num_classes, "num_classes", minimum=1, allow_none=True)
         check_int(start, "start")
@@ -152,7 +171,6 @@ class Balancer(metaclass=_Constructed):
         self.seed = int(seed)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.sync = sync
-        self.training = True
         self._step = 0
         self._epoch = 0
         self._observed_step = -1  # step of the last observe()
@@ -218,13 +236,6 @@ class Balancer(metaclass=_Constructed):
     def epoch(self) -> int:
         return self._epoch
 
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
     def in_window(self, t: int | None = None) -> bool:
         """Whether time t (default: now) is inside the modulation window (host decision, no device read)."""
         if t is None:
@@ -261,10 +272,14 @@ class Balancer(metaclass=_Constructed):
         self._device = torch.device(device)
         self._stats = {k: v.to(self._device) for k, v in self._stats.items()}
 
-    def to(self, device):
-        """Move the device state (scores, coefficients, running state) to `device`."""
-        self._move(device)
-        return self
+    def _apply(self, fn, recurse=True):
+        """nn.Module.to()/.cuda()/.cpu()/.half() end here: the device state follows the device, never the dtype
+        (statistics stay fp32)."""
+        out = super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self._device)).device
+        if device != self._device:
+            self._move(device)
+        return out
 
     @property
     def scores(self) -> torch.Tensor:
@@ -503,20 +518,22 @@ class Balancer(metaclass=_Constructed):
             want = tuple(mine[k].shape) if k in mine else ((m,) if k in self._optional_tensors else None)
             if want is not None and tuple(v.shape) != want:
                 raise ValueError(f"state['tensors'][{k!r}] must have shape {list(want)}, got {list(v.shape)}")
-        hp, current = state["hyperparameters"], self._hparams_state()
-        if strict and hp != current:
-            diff = {k: (hp.get(k), current.get(k)) for k in set(current) | set(hp) if hp.get(k) != current.get(k)}
+        diff = self._hparams_diff(state["hyperparameters"])
+        if strict and diff:
             raise ValueError(
                 f"state has other hyperparameters (saved, current): {diff}; pass strict=False to keep the current ones"
             )
 
-    def state_dict(self) -> dict:
-        """Everything a resume needs for bit-identical coefficients: method, M, hyperparameters, host counters,
-        seed, and the device tensors (cloned)."""
-        tensors = {
-            **{k: v.detach().clone() for k, v in self._stats.items()},
-            **{k: v.detach().clone() for k, v in self._extra_tensors().items()},
-        }
+    def _host_state(self) -> dict:
+        """Host entries of a method beyond the common ones (PMR: the prototypes' widths and the refresh count)."""
+        return {}
+
+    def _device_state(self) -> dict:
+        """Every device tensor a resume needs, by state_dict key."""
+        return {**self._stats, **self._extra_tensors()}
+
+    def get_extra_state(self) -> dict:
+        """The host side of the state: method, M, version, hyperparameters, counters, seed (nn.Module protocol)."""
         return {
             "method": self.method,
             "num_modalities": self.num_modalities,
@@ -527,13 +544,68 @@ class Balancer(metaclass=_Constructed):
             "seed": self.seed,
             "enabled": self.enabled,
             "observed_step": self._observed_step,
-            "tensors": tensors,
+            **self._host_state(),
         }
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Restore a state_dict() of the same method and num_modalities. strict: the hyperparameters must match too.
-        Every entry is checked first (ValueError / TypeError naming it); a rejected state changes nothing. A state
-        saved by an earlier release is upgraded first (_upgrade_state)."""
+    def set_extra_state(self, state) -> None:  # loading goes through _load_from_state_dict (checks first)
+        raise RuntimeError("a balancer's extra state is loaded by load_state_dict(), together with its tensors")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for key, value in self._device_state().items():  # cloned: later in-place updates do not reach a saved state
+            destination[prefix + key] = value.detach().clone()
+        destination[prefix + EXTRA_STATE] = self.get_extra_state()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        mine = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if EXTRA_STATE not in mine:
+            raise ValueError(
+                f"state lacks {prefix + EXTRA_STATE!r} (the balancer's host state): expected a state_dict() of "
+                f"a {type(self).__name__} (or of a model holding it)"
+            )
+        host = mine.pop(EXTRA_STATE)
+        if not isinstance(host, dict):
+            raise TypeError(f"state[{prefix + EXTRA_STATE!r}] must be a dict, got {type(host).__name__}")
+        state = {**host, "tensors": mine}
+        if host.get("method") == self.method:
+            state = self._upgrade_state(state)
+        known = set(self._device_state()) | set(self._optional_tensors)
+        unknown = [prefix + k for k in state["tensors"] if k not in known]
+        if unknown and self._strict_hparams:  # strict, on the balancer itself: refused before anything changes
+            raise RuntimeError(f"Unexpected key(s) in state_dict of {type(self).__name__}: {unknown}")
+        unexpected_keys.extend(unknown)
+        state = {**state, "tensors": {k: v for k, v in state["tensors"].items() if k in known}}
+        strict_hp = self._strict_hparams
+        if strict_hp is None:  # loaded through a parent module: differing hyperparameters are reported, not raised
+            diff = self._hparams_diff(state.get("hyperparameters"))
+            if diff:
+                unexpected_keys.append(f"{prefix}{EXTRA_STATE} (hyperparameters differ, (saved, current): {diff})")
+            strict_hp = False
+        self._load_state(state, strict_hp)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, plus: the version-1 dict of earlier releases is accepted (converted), and
+        strict=True also requires the saved hyperparameters to equal the current ones (strict=False keeps the
+        current ones). Every entry is checked before anything is assigned: a rejected state changes nothing."""
+        if isinstance(state_dict, dict) and "tensors" in state_dict and "method" in state_dict:
+            state_dict = _from_version_1(state_dict)
+        self._strict_hparams = bool(strict)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._strict_hparams = None
+
+    _strict_hparams = None  # load_state_dict(strict=...) called on the balancer itself (None: through a parent)
+
+    def _hparams_diff(self, saved) -> dict:
+        current = self._hparams_state()
+        if not isinstance(saved, dict):
+            return {}
+        return {k: (saved.get(k), current.get(k)) for k in set(current) | set(saved) if saved.get(k) != current.get(k)}
+
+    def _load_state(self, state: dict, strict: bool) -> None:
+        """Check, then assign, a state in the layout {host entries..., "tensors": {...}} (upgraded first)."""
         if isinstance(state, dict) and state.get("method") == self.method:
             state = self._upgrade_state(state)
         self._check_state(state, strict)
@@ -542,12 +614,29 @@ class Balancer(metaclass=_Constructed):
         self._observed_step = int(state.get("observed_step", -1))
         self._backward_step = -1
         t = state["tensors"]
-        self._stats = {k: t[k].to(self._device).clone() for k in ("scores", "ratios", "coefficients", "flag")}
+        self._stats = {k: t[k].to(self._device).clone() for k in self._stats}
         self._load_extra_tensors({k: v.to(self._device).clone() for k, v in t.items() if k not in self._stats})
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hparams_state().items())
         return f"{type(self).__name__}(num_modalities={self.num_modalities}, {hp})"
+
+
+def _from_version_1(state: dict) -> dict:
+    """The dict of version 1 ({"method", ..., "tensors": {...}}) as a version-2 state_dict (flat tensors +
+    "_extra_state")."""
+    if not isinstance(state["tensors"], dict):
+        raise TypeError(f"state['tensors'] must be a dict of tensors, got {type(state['tensors']).__name__}")
+    flat, host = dict(state["tensors"]), {}
+    for key, value in state.items():
+        if key == "tensors":
+            continue
+        if isinstance(value, torch.Tensor):
+            flat[key] = value
+        else:
+            host[key] = value
+    flat[EXTRA_STATE] = host
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------- parameter mode

@@ -120,10 +120,6 @@ class MMPareto(Balancer):
     def _hparams_state(self) -> dict:
         return {**super()._hparams_state(), "gamma": self.gamma, "rescale": self.rescale}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        super().load_state_dict(state, strict)
-        self._stats["weights"] = state["tensors"]["weights"].to(self._device).clone()
-
     # ---------------------------------------------------------------- the step
     def _check_losses(self, multimodal_loss, unimodal_losses) -> list:
         _validate.check_float(multimodal_loss, "multimodal_loss")
@@ -204,7 +200,7 @@ class MMPareto(Balancer):
         its local shards -> the stash; sum_k L_k.backward, its local shards -> the flat buffer; the per-tensor inner
         products [T, 3] are all-reduced over the shard group (one collective), the combination is applied to the
         local shards and written into .grad (plus what .grad held before: gradient accumulation)."""
-        self._buffers(device)
+        self._ensure_buffers(device)
         params = [p for group in self._params for p in group]
         held = [None if p.grad is None else _dtensor.local(p.grad).clone() for p in params]
         for p in params:
@@ -249,7 +245,7 @@ class MMPareto(Balancer):
         """The distributed path (DDP allows one backward per forward): g_m of the encoders by autograd.grad (no DDP
         hook fires), averaged over ranks by one all_reduce per dtype buffer; then ONE backward of L_mm + sum_k L_k,
         which DDP averages as usual (the heads' gradient is final); the kernels take g_u = that - g_m."""
-        self._buffers(device)
+        self._ensure_buffers(device)
         params = [p for group in self._params for p in group]
         g_mm = torch.autograd.grad(multimodal_loss, params, retain_graph=True, allow_unused=True)
         reached = [(v, g) for g, v in zip(g_mm, self._stash_views) if g is not None]
@@ -274,7 +270,7 @@ class MMPareto(Balancer):
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
             return None
-        self._buffers(device)
+        self._ensure_buffers(device)
         if self._held is None:
             self._held = self._layout.empty_flats(device)
             self._held_views = [v for group in self._layout.views(self._held) for v in group]
@@ -291,7 +287,7 @@ class MMPareto(Balancer):
             p.grad = None
         return self._held
 
-    def _buffers(self, device) -> None:
+    def _ensure_buffers(self, device) -> None:
         if self._flats is None:
             self._flats = self._layout.empty_flats(device)
             self._stash = self._layout.empty_flats(device)
@@ -301,7 +297,7 @@ class MMPareto(Balancer):
     def _stash_grads(self, device) -> list:
         """After the multimodal backward: g_m -> the stash buffer; .grad <- zeroed views of the flat buffer (the
         unimodal backward accumulates into them). Returns the tensors the multimodal loss did not reach."""
-        self._buffers(device)
+        self._ensure_buffers(device)
         params = [p for group in self._params for p in group]
         grads = [p.grad for p in params]
         if all(g is v for g, v in zip(grads, self._views)):  # the user zeroed in place: one copy per buffer

@@ -236,21 +236,24 @@ class PMR(Balancer):
     def _load_extra_tensors(self, tensors: dict) -> None:
         self._pce = tensors["pce"]
 
-    def state_dict(self) -> dict:
-        """The common state plus the prototypes [M, C, D] (cloned; None before the first refresh), their widths and
-        the refresh count. Save between refresh passes (the accumulators of an open pass are not saved)."""
-        state = super().state_dict()
-        state["prototypes"] = None if self._protos is None else self._protos.detach().clone()
-        state["widths"] = None if self._widths is None else list(self._widths)
-        state["refreshes"] = self.refreshes
+    _optional_tensors = ("prototypes",)  # absent before the first refresh
+
+    def _device_state(self) -> dict:
+        """The common state plus the prototypes [M, C, D] (after the first refresh). Save between refresh passes
+        (the accumulators of an open pass are not saved)."""
+        state = super()._device_state()
+        if self._protos is not None:
+            state["prototypes"] = self._protos
         return state
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        if not isinstance(state, dict) or any(k not in state for k in ("prototypes", "widths", "refreshes")):
-            raise ValueError(
-                "state must be a dict returned by PMR.state_dict() (with 'prototypes', 'widths' and 'refreshes')"
-            )
-        protos, widths = state["prototypes"], state["widths"]
+    def _host_state(self) -> dict:
+        return {"widths": None if self._widths is None else list(self._widths), "refreshes": self.refreshes}
+
+    def _load_state(self, state: dict, strict: bool) -> None:
+        if not isinstance(state, dict) or any(k not in state for k in ("widths", "refreshes")):
+            raise ValueError("state must be a PMR state_dict() (with the prototypes' 'widths' and 'refreshes')")
+        tensors = dict(state.get("tensors") or {})
+        protos, widths = tensors.pop("prototypes", None), state["widths"]
         check_int(state["refreshes"], "state['refreshes']")
         if protos is not None:
             m, c = self.num_modalities, self.num_classes
@@ -274,9 +277,12 @@ class PMR(Balancer):
                 raise ValueError(
                     f"state['widths'] must list {m} widths whose maximum is {protos.shape[2]}, got {widths!r}"
                 )
+        elif widths is not None:
+            raise ValueError("state has prototype widths but no 'prototypes' tensor")
+        state = {**state, "tensors": tensors}
         self._check_state(self._upgrade_state(state), strict)  # everything checked before anything changes
         new_protos = None if protos is None else protos.to(self._device).clone()
-        super().load_state_dict(state, strict)
+        super()._load_state(state, strict)
         self._protos = new_protos
         self._widths = None if widths is None else list(widths)
         self.refreshes = int(state["refreshes"])

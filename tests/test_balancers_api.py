@@ -444,7 +444,7 @@ def test_state_dict_olm_round_trip():
     bal.combine(x), bal2.combine(x)
     bal.report([0.4, 1.8], [0.9, 2.3]), bal2.report([0.4, 1.8], [0.9, 2.3])
     assert torch.equal(bal2.coefficients, bal.coefficients)
-    assert bal.state_dict()["hyperparameters"]["target"] == "budget"
+    assert bal.state_dict()["_extra_state"]["hyperparameters"]["target"] == "budget"
     paper = api.OLM(2, lr=0.1, target="paper")
     with pytest.raises(ValueError, match="target"):
         paper.load_state_dict(bal.state_dict())

@@ -217,21 +217,22 @@ def test_item5_zero_out_unimodal_logits_names_head():
 def test_item5_load_state_dict_names_tensors_and_rejects_meta():
     bal = api.OGM(2)
     sd = bal.state_dict()
-    broken = {k: v for k, v in sd.items() if k != "tensors"}
-    with pytest.raises(ValueError, match="tensors"):
+    host = sd["_extra_state"]
+    broken = {k: v for k, v in sd.items() if k != "_extra_state"}
+    with pytest.raises(ValueError, match="_extra_state"):
         bal.load_state_dict(broken)
-    meta = {**sd, "tensors": {k: torch.empty_like(v, device="meta") for k, v in sd["tensors"].items()}}
+    meta = {k: v if k == "_extra_state" else torch.empty_like(v, device="meta") for k, v in sd.items()}
     with pytest.raises(ValueError, match="meta"):
         bal.load_state_dict(meta)
-    lacking = {**sd, "tensors": {k: v for k, v in sd["tensors"].items() if k != "coefficients"}}
+    lacking = {k: v for k, v in sd.items() if k != "coefficients"}
     with pytest.raises(ValueError, match="coefficients"):
         bal.load_state_dict(lacking)
-    bad_shape = {**sd, "tensors": {**sd["tensors"], "scores": torch.zeros(3)}}
+    bad_shape = {**sd, "scores": torch.zeros(3)}
     with pytest.raises(ValueError, match="scores"):
         bal.load_state_dict(bad_shape)
     bal._step = 7
     with pytest.raises(ValueError):
-        bal.load_state_dict({**sd, "step": 3, "tensors": {}})
+        bal.load_state_dict({"_extra_state": {**host, "step": 3}})
     assert bal.step_count == 7  # a rejected load changes nothing
     bal.load_state_dict(sd)
     assert bal.step_count == 0

@@ -245,7 +245,7 @@ def test_resume_is_bit_identical(method):
     _run(model2, opt2, bal2, 2, seed0=20)
     for (n, p), q in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(p, q), n
-    assert bal.state_dict()["hyperparameters"]["modulate"] == "update"
+    assert bal.state_dict()["_extra_state"]["hyperparameters"]["modulate"] == "update"
 
 
 def test_snapshot_memory_is_the_listed_tensors():

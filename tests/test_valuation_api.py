@@ -130,7 +130,8 @@ def test_state_dict_of_the_previous_release_loads():
     bal = SampleValuation(M, N, start=1)
     value_all(bal, encs, head, xs, y)
     state = bal.state_dict()
-    old = {**state, "tensors": {k: v for k, v in state["tensors"].items() if k not in ("scaled_phi_sum", "nonfinite")}}
+    tensors = {k: v for k, v in state.items() if k not in ("_extra_state", "scaled_phi_sum", "nonfinite")}
+    old = {**state["_extra_state"], "version": 1, "tensors": tensors}  # the layout of that release
     old["tensors"]["phi_sum"] = bal.phi * bal._count.clamp(min=1)
     keys = set(old["tensors"])
     bal2 = SampleValuation(M, N, start=1)
@@ -208,9 +209,10 @@ def test_end_to_end_epochs_with_a_dataloader():
 # ----------------------------------------------------------------------------------------------- issue 19
 def state_equal(a: dict, b: dict) -> bool:
     """Two balancer state_dicts hold the same entries and bit-identical tensors."""
-    ta, tb = a["tensors"], b["tensors"]
-    rest = {k: v for k, v in a.items() if k != "tensors"} == {k: v for k, v in b.items() if k != "tensors"}
-    return rest and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta, tb = ({k: v for k, v in s.items() if k != "_extra_state"} for s in (a, b))
+    return (
+        a["_extra_state"] == b["_extra_state"] and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    )
 
 
 def one_batch(seed=0, b=6):

@@ -133,6 +133,7 @@ def rejected_calls(bal, x, y):
     wrong_m = torch.zeros(7, N, 3)
     other = SampleValuation(2, N, start=0).state_dict()
     state = bal.state_dict()
+    host = state["_extra_state"]
     calls = [
         ("value: labels out of range", lambda: bal.value(x, torch.full((N,), 3), i)),
         ("value: labels float", lambda: bal.value(x, y.float(), i)),
@@ -153,22 +154,22 @@ def rejected_calls(bal, x, y):
             lambda: (
                 bal.load_state_dict(other)
                 if isinstance(bal, ModalityValuation)
-                else bal.load_state_dict({**other, "method": "pmr"})
+                else bal.load_state_dict({**other, "_extra_state": {**other["_extra_state"], "method": "pmr"}})
             ),
         ),
         (
             "load_state_dict: tensor shape",
-            lambda: bal.load_state_dict({**state, "tensors": {**state["tensors"], "count": torch.zeros(N + 1)}}),
+            lambda: bal.load_state_dict({**state, "count": torch.zeros(N + 1)}),
         ),
         (
             "load_state_dict: old phi_sum",
-            lambda: bal.load_state_dict(
-                {**state, "tensors": {k: v for k, v in state["tensors"].items() if k != "scaled_phi_sum"}}
-            ),
+            lambda: bal.load_state_dict({k: v for k, v in state.items() if k != "scaled_phi_sum"}),
         ),
         (
             "load_state_dict: hyperparameters",
-            lambda: bal.load_state_dict({**state, "hyperparameters": {**state["hyperparameters"], "start": 3}}),
+            lambda: bal.load_state_dict(
+                {**state, "_extra_state": {**host, "hyperparameters": {**host["hyperparameters"], "start": 3}}}
+            ),
         ),
     ]
     if isinstance(bal, ModalityValuation):
@@ -177,11 +178,9 @@ def rejected_calls(bal, x, y):
 
 
 def same_state(a, b):
-    rest = {k: v for k, v in a.items() if k != "tensors"} == {k: v for k, v in b.items() if k != "tensors"}
+    ta, tb = ({k: v for k, v in s.items() if k != "_extra_state"} for s in (a, b))
     return (
-        rest
-        and a["tensors"].keys() == b["tensors"].keys()
-        and all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+        a["_extra_state"] == b["_extra_state"] and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     )
 
 
