@@ -14,11 +14,16 @@ from .ogm import OGM, OGMGE
 from .olm import OLM
 from .opm import OPM
 from .pmr import PMR
+from .protocol import StepOutput, eval_mode, fit, train_step
 from .valuation import ModalityValuation, SampleValuation, ValuationDataset, apply_keep
 from .unimodal import concat_unimodal_logits, summation_unimodal_logits, zero_out_unimodal_logits
 
 __all__ = [
     "Balancer",
+    "StepOutput",
+    "fit",
+    "train_step",
+    "eval_mode",
     "OGMGE",
     "OGM",
     "OPM",

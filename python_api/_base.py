@@ -14,7 +14,9 @@ import torch
 
 from mmkernels import _validate
 
-from . import _dtensor, _ops, _update
+import torch.nn.functional as F
+
+from . import _dtensor, _ops, _update, protocol
 
 STATE_VERSION = 2  # 1: the dict of the first releases ({"method", ..., "tensors"}); 2: nn.Module state_dict
 EXTRA_STATE = "_extra_state"  # nn.Module's key of get_extra_state()
@@ -62,6 +64,12 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
             f"{name} must be class indices in [0, {num_classes}) or ignore_index={ignore_index}; "
             f"{name}[{i}] = {int(labels[i])}"
         )  # sync-ok: error path
+
+
+def masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the valid rows (fp32); 0, not NaN, when no row is valid. No host sync."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 class _Neutral:
@@ -174,6 +182,12 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         self._step = 0
         self._epoch = 0
         self._observed_step = -1  # step of the last observe()
+        self._protocol_step = -1  # step in which bal(model, inputs, labels) ran
+        self._closed_step = -1  # step in which before_optimizer_step() ran
+        self.micro_batches = 0  # forwards of the protocol in the current step
+        self._rows_before = 0  # rows of this step's earlier micro-batches (random streams continue after them)
+        self._rows_in_step = 0
+        self._pending = []  # (detached unimodal logits, labels) of this step's micro-batches, observed at the end
         self._backward_step = -1  # step in which a backward through our taps (or modulate_grads) was seen
         self._device = torch.device("cpu")
         m = self.num_modalities
@@ -200,15 +214,21 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         self._step += 1
 
     def _roll_over(self) -> None:
-        """optimizer= given, this step's backward has run and a new step's work begins, yet optimizer.step() never
-        came (GradScaler skipped it): end the step here, as the hook would have."""
-        if self._auto_step and self._backward_step == self._step:
+        """optimizer= given and this step is over, yet optimizer.step() never came (GradScaler skipped it): end the
+        step here, as the hook would have. Over means: before_optimizer_step() ran (the protocol, which also tells
+        micro-batches apart), or, for the building blocks alone, this step's backward ran."""
+        if not self._auto_step:
+            return
+        over = (
+            self._closed_step == self._step if self._protocol_step == self._step else self._backward_step == self._step
+        )
+        if over:
             if not self.skipped_steps:
                 warnings.warn(
                     f"{type(self).__name__}: step {self._step} ended without optimizer.step() and was "
-                    f"counted in skipped_steps, as after a torch.amp.GradScaler skip. Gradient "
-                    f"accumulation over micro-batches is not supported yet: with optimizer= every "
-                    f"micro-batch after the first is taken for a skipped step.",
+                    f"counted in skipped_steps, as after a torch.amp.GradScaler skip. Accumulating gradients "
+                    f"over micro-batches? Run them through bal(model, inputs, labels) and call "
+                    f"bal.before_optimizer_step() once per optimizer step (README: The protocol).",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -384,18 +404,6 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         coef = res["coefficients"] if modulate else torch.full_like(res["coefficients"], float(self.neutral))
         self._stats = {"scores": res["scores"], "ratios": res["ratios"], "coefficients": coef, "flag": res["flag"]}
 
-    def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
-        """Score this step's unimodal logits ([M, B, C] or a list of M [B, C]; detached) and set the coefficients.
-
-        Call once per step. No host sync. Empty batch or no valid row: no update, neutral coefficients.
-        """
-        x = self._check_logits(unimodal_logits, labels)
-        if not (self.enabled and self.training):
-            return
-        self._begin_observe()
-        res = self._run_coefficients(x, labels)
-        self._store(res, modulate=self.in_window())
-
     # ---------------------------------------------------------------- taps
     def _noise_offset(self, step: int, modality: int) -> int:
         """Philox offset of modality m's stream at `step`; distinct per (step, rank, modality)
@@ -403,57 +411,113 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         rank, world = self._rank_world()
         return ((step * world + rank) * self.num_modalities + modality) << 32
 
-    def _tap_op(self, x: torch.Tensor, coef: torch.Tensor, modality: int, step: int) -> torch.Tensor:
-        """The public op a tap applies to modality m (plain gradient scaling here; noise in OGM-GE)."""
-        return _ops.grad_tap(x, coef[modality])
+    @property
+    def _rows_before(self) -> int:
+        """Rows of this step's earlier micro-batches (protocol forwards): a random stream of the step continues
+        after them, so micro-batch j draws what rows R_j.. of one large batch would (0 for a step's first)."""
+        return self._rows_seen if self._protocol_step == self._step else 0
 
-    def _coefficients_of_step(self, step: int):
-        return self._stats["coefficients"] if self._observed_step == step else None
+    @_rows_before.setter
+    def _rows_before(self, value: int) -> None:
+        self._rows_seen = value
 
     def _mark_backward(self, step: int) -> None:
         if step == self._step:
             self._backward_step = step
 
-    def _uses_taps(self) -> bool:
-        return True
+    # ---------------------------------------------------------------- the protocol (python_api/protocol.py)
+    @property
+    def steps_with_optimizer(self) -> bool:
+        """optimizer= was given: each optimizer.step() also ends the balancer's step (else call step())."""
+        return self._auto_step
 
-    def tap(self, feats) -> list:
-        """Identity on the M encoder outputs (a list of [B, ...]); the backward multiplies modality m's gradient by
-        this step's coefficient (and adds the noise the balancer is configured with).
+    def forward(self, model, inputs, labels: torch.Tensor, **extras) -> protocol.StepOutput:
+        """One (micro-)batch of a step, the same call for every balancer: encode -> transform_features -> fuse ->
+        objective (README "The protocol"). model: the protocol's model (`encoders`, `fuse`, optional
+        `unimodal_logits`); inputs: M tensors [B, ...]; labels [B]. Returns StepOutput(loss, logits, features,
+        unimodal_logits); backpropagate `loss`. Several calls before before_optimizer_step() are the micro-batches
+        of one optimizer step (gradient accumulation)."""
+        inputs = protocol.check_inputs(inputs, self.num_modalities)
+        self._begin_micro_batch(inputs[0].shape[0] if inputs[0].dim() else 0)
+        feats = self.encode(model, inputs)
+        feats = self.transform_features(model, feats, labels, **extras)
+        logits = self.fuse(model, feats, inputs, labels)
+        loss, uni = self.objective(model, logits, feats, labels)
+        return protocol.StepOutput(loss=loss, logits=logits, features=feats, unimodal_logits=uni)
 
-        Call it on the encoder outputs before the fusion head. observe() may come before or after it in the step
-        (after: eager only, see _DeferredTap). Outside the window, in eval mode or without grad: the identity.
-        """
-        xs = self._check_list(feats, "feats")
-        if not self._uses_taps():
-            raise RuntimeError(
-                f"{type(self).__name__} is in parameter mode (params= given): call "
-                f"modulate_grads() after backward instead of tap()"
-            )
-        if not self._grad_step():
-            return xs
+    def encode(self, model, inputs: list) -> list:
+        """Hook 1: the M encoder outputs [B, D_m] (model.encoders[m](inputs[m]))."""
+        return [enc(x) for enc, x in zip(protocol.encoders_of(model, self.num_modalities), inputs)]
+
+    def transform_features(self, model, feats: list, labels: torch.Tensor, **extras) -> list:
+        """Hook 2: the features the fusion sees (taps, drops, keep-masks); identity here."""
+        if extras:
+            raise TypeError(f"{type(self).__name__} takes no batch extras, got {sorted(extras)}")
+        return feats
+
+    def fuse(self, model, feats: list, inputs: list, labels: torch.Tensor) -> torch.Tensor:
+        """Hook 3: the fused logits [B, C]; model.fuse(feats) here."""
+        return model.fuse(feats)
+
+    def objective(self, model, logits: torch.Tensor, feats: list, labels: torch.Tensor):
+        """Hook 4: (the loss to backpropagate, the unimodal logits [M, B, C] or None); the mean cross-entropy of the
+        fused logits over the valid rows here."""
+        return masked_mean_ce(logits, labels, self.ignore_index), None
+
+    def before_optimizer_step(self) -> None:
+        """Hook 5: after the backward of the step's last micro-batch, before optimizer.step() (and before GradScaler's
+        step, after its unscale_): statistics deferred to the end of the step, parameter-mode modulation."""
+        if self._pending:
+            self._observe_pending()
+        self._closed_step = self._step
+
+    def epoch_start(self, model, epoch: int, batches=None) -> None:
+        """Hook 6: before an epoch (set_epoch; PMR refreshes its prototypes from the first tenth of `batches`)."""
+        self.set_epoch(epoch)
+
+    def epoch_end(self, model, epoch: int, batches=None, val_batches=None) -> None:
+        """Hook 7: after an epoch (OLM refits w from the branches' train and validation losses; the valuation
+        balancers value the samples and serve the next epoch's rows)."""
+
+    def _begin_micro_batch(self, rows: int) -> None:
+        """Host bookkeeping of bal(model, inputs, labels): a forward after this step's backward is the next
+        micro-batch of the same optimizer step (its own observation for the coefficients that act inside backward;
+        the deferred statistics keep accumulating)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
         self._roll_over()
-        if self._backward_step == self._step:
-            raise RuntimeError(
-                f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
-                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
-            )
-        self._to_device(xs[0].device)
-        step = self._step
-        if xs[0].shape[0] == 0:  # no rows: nothing to scale (the ops need B > 0)
-            self._mark_on_backward(xs)
-            return xs
-        if self._observed_step == step:  # coefficients known now: pass them to the op (compile-friendly)
-            coef = self._stats["coefficients"]
-            out = [self._tap_op(x, coef, m, step) for m, x in enumerate(xs)]
-            self._mark_on_backward(out)
-            return out
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"under torch.compile call {type(self).__name__}.observe() before tap() "
-                f"(the deferred tap reads the coefficients at backward time, eager only)"
-            )
-        return [_DeferredTap.apply(x, self, m, step) for m, x in enumerate(xs)]
+        if self._protocol_step == self._step:
+            if self._closed_step == self._step:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a forward after before_optimizer_step() in step {self._step}; call "
+                    f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
+                )
+            if self._backward_step == self._step:
+                self.micro_batches += 1
+                self._observed_step = self._backward_step = -1
+        else:
+            self.micro_batches, self._pending, self._rows_in_step = 1, [], 0
+        self._protocol_step = self._step
+        self._rows_before = self._rows_in_step
+        self._rows_in_step += rows
+
+    def _defers_observation(self) -> bool:
+        """The coefficients act after backward or in the next step: observe once per step, on the concatenated
+        logits of every micro-batch (equal to one large batch)."""
+        return False
+
+    def _observe_pending(self) -> None:
+        xs, ys = zip(*self._pending)
+        self._pending = []
+        if not (self.enabled and self.training):
+            return
+        x, y = torch.cat(xs, 1), torch.cat(ys)
+        self._observed_step = self._step
+        self._observe_checked(x, y)
+
+    def _observe_checked(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """The coefficients from checked, stacked unimodal logits [M, B, C]."""
+        self._store(self._run_coefficients(x, labels), modulate=self.in_window())
 
     # ---------------------------------------------------------------- state
     def _hparams_state(self) -> dict:
@@ -639,6 +703,91 @@ def _from_version_1(state: dict) -> dict:
     return flat
 
 
+class LogitObserver:
+    """observe(): the balancers whose coefficients come from this step's unimodal logits (OGM-GE, OGM, OPM, MLB)."""
+
+    def observe(self, unimodal_logits, labels: torch.Tensor) -> None:
+        """Score this step's unimodal logits ([M, B, C] or a list of M [B, C]; detached) and set the coefficients.
+
+        Call once per step. No host sync. Empty batch or no valid row: no update, neutral coefficients.
+        """
+        x = self._check_logits(unimodal_logits, labels)
+        if not (self.enabled and self.training):
+            return
+        self._begin_observe()
+        self._observe_checked(x, labels)
+
+    def _observe_step(self, model, feats: list, labels: torch.Tensor) -> None:
+        """The protocol's observation of this micro-batch: now, or deferred to before_optimizer_step()."""
+        if not (self.enabled and self.training and torch.is_grad_enabled()):
+            return
+        u = protocol.unimodal_logits(model, feats, detach=True)
+        if self._defers_observation():
+            x = self._check_logits(u, labels)
+            self._pending.append((x, labels))
+        else:
+            self.observe(u, labels)
+
+
+class FeatureTaps:
+    """tap(): the balancers that scale encoder-output gradients by their coefficients (OGM-GE, OGM, MLB)."""
+
+    def transform_features(self, model, feats: list, labels: torch.Tensor, **extras) -> list:
+        """The protocol's hook 2: observe this micro-batch's unimodal logits, then tap (observe first: the taps get
+        this step's coefficients directly, which torch.compile needs). Parameter mode: observe only (deferred)."""
+        feats = Balancer.transform_features(self, model, feats, labels, **extras)
+        self._observe_step(model, feats, labels)
+        return self.tap(feats) if self._uses_taps() else feats
+
+    def _tap_op(self, x: torch.Tensor, coef: torch.Tensor, modality: int, step: int) -> torch.Tensor:
+        """The public op a tap applies to modality m (plain gradient scaling here; noise in OGM-GE)."""
+        return _ops.grad_tap(x, coef[modality])
+
+    def _coefficients_of_step(self, step: int):
+        return self._stats["coefficients"] if self._observed_step == step else None
+
+    def _uses_taps(self) -> bool:
+        return True
+
+    def tap(self, feats) -> list:
+        """Identity on the M encoder outputs (a list of [B, ...]); the backward multiplies modality m's gradient by
+        this step's coefficient (and adds the noise the balancer is configured with).
+
+        Call it on the encoder outputs before the fusion head. observe() may come before or after it in the step
+        (after: eager only, see _DeferredTap). Outside the window, in eval mode or without grad: the identity.
+        """
+        xs = self._check_list(feats, "feats")
+        if not self._uses_taps():
+            raise RuntimeError(
+                f"{type(self).__name__} is in parameter mode (params= given): call "
+                f"modulate_grads() after backward instead of tap()"
+            )
+        if not self._grad_step():
+            return xs
+        self._roll_over()
+        if self._backward_step == self._step:
+            raise RuntimeError(
+                f"{type(self).__name__}.tap() called after backward in step {self._step}; call "
+                f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
+            )
+        self._to_device(xs[0].device)
+        step = self._step
+        if xs[0].shape[0] == 0:  # no rows: nothing to scale (the ops need B > 0)
+            self._mark_on_backward(xs)
+            return xs
+        if self._observed_step == step:  # coefficients known now: pass them to the op (compile-friendly)
+            coef = self._stats["coefficients"]
+            out = [self._tap_op(x, coef, m, step) for m, x in enumerate(xs)]
+            self._mark_on_backward(out)
+            return out
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"under torch.compile call {type(self).__name__}.observe() before tap() "
+                f"(the deferred tap reads the coefficients at backward time, eager only)"
+            )
+        return [_DeferredTap.apply(x, self, m, step) for m, x in enumerate(xs)]
+
+
 # ----------------------------------------------------------------------------------------------- parameter mode
 _ADAPTIVE = tuple(
     getattr(torch.optim, name)
@@ -728,7 +877,7 @@ class ParameterModeMixin:
         super()._attach_optimizer_hooks()  # the step counter's post-hook first
         _warn_adaptive(self)
         if self._update is not None:
-            self._optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
+            self._optimizer.register_step_pre_hook(lambda *_: self._snapshot_before_update())
             self._optimizer.register_step_post_hook(lambda *_: self._update.after_step())
 
     def _grads(self) -> list[list[torch.Tensor]]:
@@ -764,7 +913,16 @@ class ParameterModeMixin:
         if self._modulate != "update":
             self._scale_grads_(coef)
 
-    def _before_optimizer_step(self) -> None:
+    def _defers_observation(self) -> bool:
+        return self._params is not None  # the coefficients act after backward: one observation per step
+
+    def before_optimizer_step(self) -> None:
+        """The protocol's hook 5: observe the step (every micro-batch at once), then modulate_grads()."""
+        super().before_optimizer_step()
+        if self._params is not None and self.enabled and self.training:
+            self.modulate_grads()
+
+    def _snapshot_before_update(self) -> None:
         """modulate="update": snapshot the listed tensors when this step modulates (a host decision)."""
         if not self.active or self._observed_step != self._step:
             return

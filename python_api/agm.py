@@ -8,7 +8,7 @@ import torch
 
 from mmkernels import _validate, reference
 
-from . import _ops
+from . import _ops, protocol
 from ._base import Balancer, check_hyperparameter, check_label_values
 
 
@@ -34,9 +34,9 @@ class AGM(Balancer):
     kappa_m = exp(alpha clamp(tau_m - r_m, max=clip)) (Eq. 8). The returned logits equal f(all); in the backward the
     gradient reaching phi_m is multiplied by kappa_m (the output of subset S receives sum_m kappa_m W[S-1, m] g).
 
-        logits = bal(inputs, y, model=model)                         # whole model: model(*inputs)
-        logits = bal(inputs, y, encoders=[enc_a, enc_v], head=head)  # head(list of M features) -> logits
-        F.cross_entropy(logits, y).backward()
+        out = bal(model, inputs, y)      # the protocol: model.encoders, model.fuse; out.loss = CE(f(all))
+        # the building block: model= (model(*inputs)) or encoders= and head= (head(list of M features) -> logits)
+        logits = bal.shapley_forward(inputs, y, encoders=[enc_a, enc_v], head=head)
 
     Cost per step (M modalities, B rows):
       model=         : 1 training forward (B rows) + 1 eval-mode forward of the muted subsets ((2^M - 2) B rows).
@@ -90,15 +90,6 @@ class AGM(Balancer):
         the first training step), [M] fp32."""
         return self._agm["s_hat"]
 
-    def tap(self, feats):
-        raise RuntimeError(
-            "AGM applies kappa through the Shapley forward: call bal(inputs, labels, model=...) or "
-            "bal(inputs, labels, encoders=..., head=...)"
-        )
-
-    def observe(self, unimodal_logits, labels):
-        raise RuntimeError("AGM observes inside bal(inputs, labels, ...): it computes the Shapley responses itself")
-
     # ---------------------------------------------------------------- forward
     def _check_inputs(self, inputs, labels, model, encoders, head):
         if not isinstance(inputs, (list, tuple)):
@@ -128,8 +119,18 @@ class AGM(Balancer):
         elif self.muted_mode == "reuse":
             raise ValueError("muted_mode='reuse' reuses encoder features: give encoders= and head= instead of model=")
 
-    def forward(self, inputs, labels: torch.Tensor, *, model=None, encoders=None, head=None) -> torch.Tensor:
-        """Fused logits f(all) [B, C]; their backward scales the gradient reaching phi_m by kappa_m (this step's)."""
+    def fuse(self, model, feats, inputs, labels):
+        """The protocol's hook 3: the Shapley forward on the model's encoders and fusion, reusing the training-mode
+        features of hook 1 for the full pass."""
+        encoders = protocol.encoders_of(model, self.num_modalities)
+        return self.shapley_forward(inputs, labels, encoders=encoders, head=model.fuse, _feats=feats)
+
+    def shapley_forward(
+        self, inputs, labels: torch.Tensor, *, model=None, encoders=None, head=None, _feats=None
+    ) -> torch.Tensor:
+        """The building block of hook 3: fused logits f(all) [B, C] whose backward scales the gradient reaching phi_m
+        by kappa_m (this step's). model= (called as model(*inputs)) or encoders= and head= (head(list of M
+        features))."""
         self._check_inputs(inputs, labels, model, encoders, head)
         inputs = list(inputs)
         live = self.enabled and self.training and torch.is_grad_enabled()
@@ -152,11 +153,11 @@ class AGM(Balancer):
                 self._stats = {**self._stats, "coefficients": torch.ones_like(self._stats["coefficients"])}
             if model is not None:
                 return model(*inputs)
-            return head([enc(x) for enc, x in zip(encoders, inputs)])
+            return head(_feats if _feats is not None else [enc(x) for enc, x in zip(encoders, inputs)])
         observe = modulate or track
         if observe:  # may this step observe? (raises before any work; recorded only once the labels are checked)
             self._begin_observe("forward", mark=False)
-        subsets = self._subset_outputs(inputs, model, encoders, head)  # [2^M - 1, B, ...]
+        subsets = self._subset_outputs(inputs, model, encoders, head, _feats)  # [2^M - 1, B, ...]
         self._to_device(subsets.device)
         if observe:
             phi = _ops.shapley_responses(subsets.detach())  # [M, B, C], scores only (the extension where built)
@@ -168,9 +169,7 @@ class AGM(Balancer):
         self._mark_on_backward([out])
         return out
 
-    __call__ = forward
-
-    def _subset_outputs(self, inputs, model, encoders, head) -> torch.Tensor:
+    def _subset_outputs(self, inputs, model, encoders, head, feats=None) -> torch.Tensor:
         """Outputs of every non-empty subset, bitmask order (index S-1); the last is the training-mode full pass."""
         b = inputs[0].shape[0]
         n_muted = 2**self.num_modalities - 2
@@ -180,7 +179,7 @@ class AGM(Balancer):
             with _training_mode([model], False):
                 muted = model(*masked)
         else:
-            feats = [enc(x) for enc, x in zip(encoders, inputs)]
+            feats = feats if feats is not None else [enc(x) for enc, x in zip(encoders, inputs)]
             full = head(feats)
             with _training_mode(list(encoders), False):
                 # enc_m(0): one zero row per modality, broadcast (every muted row sees the same value)

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mmkernels import _validate
 from mmkernels._methods import default
 
-from ._base import Balancer, ParameterModeMixin, check_hyperparameter
+from . import protocol
+from ._base import Balancer, FeatureTaps, LogitObserver, ParameterModeMixin, check_hyperparameter, masked_mean_ce
 
 
-def _masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean cross-entropy over the valid rows; 0 (not NaN) when no row is valid. No host sync."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
-
-
-class MLB(ParameterModeMixin, Balancer):
+class MLB(ParameterModeMixin, FeatureTaps, LogitObserver, Balancer):
     """Multi-loss balancing: L = CE(f) + sum_m CE(u_m) (Eq. 3) with per-modality heads u_m; r_m = 1/(M-1) sum_{j != m}
     s_j / s_m (Eq. 5, s = 'prob' score of u_m), beta_m = beta_max if r_m > 1 else 2, k_m = 1 + (beta_m - 1)
     tanh(alpha (r_m - 1)) (Eq. 6-7): k > 1 accelerates a lagging encoder, k < 1 decelerates a leading one.
@@ -59,6 +53,15 @@ class MLB(ParameterModeMixin, Balancer):
             "modulate": self._modulate,
         }
 
+    def objective(self, model, logits, feats, labels):
+        """The protocol's hook 4: the multi-loss CE(f) + sum_m CE(u_m) (Eq. 3), u_m = the model's unimodal logits of
+        the (tapped) features, differentiable (they train the unimodal heads); observed in hook 2."""
+        u = protocol.unimodal_logits(model, feats, detach=False)
+        total = masked_mean_ce(logits, labels, self.ignore_index)
+        for m in range(self.num_modalities):
+            total = total + masked_mean_ce(u[m], labels, self.ignore_index)
+        return total, u
+
     def loss(self, fused_logits: torch.Tensor, unimodal_logits, labels: torch.Tensor) -> torch.Tensor:
         """The multi-loss CE(fused) + sum_m CE(u_m) (Eq. 3, equal weights; mean over valid rows) and observe(u, y)."""
         _validate.check_float(fused_logits, "fused_logits")
@@ -73,7 +76,7 @@ class MLB(ParameterModeMixin, Balancer):
         if self.enabled and self.training:
             self._begin_observe("loss")
             self._store(self._run_coefficients(x, labels), modulate=self.in_window())
-        total = _masked_mean_ce(fused_logits, labels, self.ignore_index)
+        total = masked_mean_ce(fused_logits, labels, self.ignore_index)
         for m in range(self.num_modalities):
-            total = total + _masked_mean_ce(x[m], labels, self.ignore_index)
+            total = total + masked_mean_ce(x[m], labels, self.ignore_index)
         return total

@@ -9,8 +9,8 @@ from mmkernels import _validate
 from mmkernels.mmpareto import MMParetoLayout, _check_gamma_rescale, _combine_flat
 from mmkernels.reference import MMPARETO_GAMMA
 
-from . import _dtensor
-from ._base import Balancer
+from . import _dtensor, protocol
+from ._base import Balancer, masked_mean_ce
 
 
 class MMPareto(Balancer):
@@ -67,7 +67,9 @@ class MMPareto(Balancer):
         self._params = self._check_params(params)
         self._shard_group = _dtensor.common_shard_group(self._params)
         self._layout = MMParetoLayout([[_dtensor.local(p.detach()) for p in group] for group in self._params])
-        self._flats = self._stash = self._held = None
+        self._flats = self._stash = self._held = self._gu = None
+        self._gu_views = None
+        self._gu_step = -1  # step whose unimodal gradients the protocol's hook has captured
         self._views = self._stash_views = self._held_views = None
         m = self.num_modalities
         self._stats["weights"] = torch.full((m, 2), 0.5)
@@ -114,11 +116,98 @@ class MMPareto(Balancer):
 
     def _move(self, device) -> None:
         super()._move(device)
+        self._gu = self._gu_views = None
+        self._gu_step = -1
         self._flats = self._stash = self._views = self._stash_views = None
         self._held = self._held_views = None
 
     def _hparams_state(self) -> dict:
         return {**super()._hparams_state(), "gamma": self.gamma, "rescale": self.rescale}
+
+    # ---------------------------------------------------------------- the protocol
+    def objective(self, model, logits, feats, labels):
+        """The protocol's hook 4: L = CE(f) + sum_k CE(u_k), u = the model's unimodal logits (differentiable). One
+        backward of L (any trainer's); when backward reaches L, a hook takes the encoders' share of sum_k CE(u_k),
+        g_u, with the same incoming gradient (loss scaling, accumulation) and adds it to a buffer; so after the
+        step's last backward, .grad = g_m + g_u summed over the micro-batches, and before_optimizer_step() combines
+        g_m = .grad - g_u and g_u: the combination of the accumulated gradients, as with one large batch."""
+        u = protocol.unimodal_logits(model, feats, detach=False)
+        mm = masked_mean_ce(logits, labels, self.ignore_index)
+        uni = masked_mean_ce(u[0], labels, self.ignore_index)
+        for m in range(1, self.num_modalities):
+            uni = uni + masked_mean_ce(u[m], labels, self.ignore_index)
+        total = mm + uni
+        if self.active and torch.is_grad_enabled() and total.requires_grad:
+            if self._shard_group is not None:
+                raise NotImplementedError(
+                    "MMPareto under FSDP2 (sharded params) is run by bal.backward(multimodal_loss, unimodal_losses), "
+                    "not through bal(model, inputs, labels)"
+                )
+            step = self._step
+            total.register_hook(lambda g: self._capture_unimodal(uni, g, step))
+        return total, u
+
+    def _capture_unimodal(self, uni, grad, step: int) -> None:
+        """Inside the backward of L: g_u of the encoders' tensors (the same incoming gradient as L's), added to the
+        buffer (reentrant autograd.grad; the outer backward then goes on over the retained graph)."""
+        params = [p for group in self._params for p in group]
+        g_u = torch.autograd.grad(uni, params, grad_outputs=grad, retain_graph=True, allow_unused=True)
+        device = params[0].device
+        self._to_device(device)
+        if self._gu is None:
+            self._gu = self._layout.empty_flats(device)
+            self._gu_views = [v for group in self._layout.views(self._gu) for v in group]
+        if self._gu_step != step:
+            for b in self._gu:
+                b.zero_()
+            self._gu_step = step
+        reached = [(v, g) for g, v in zip(g_u, self._gu_views) if g is not None]
+        if reached:
+            torch._foreach_add_([v for v, _ in reached], [_dtensor.local(g) for _, g in reached])
+        self._backward_step = self._step
+
+    def before_optimizer_step(self, grad_divisor=None) -> None:
+        """The protocol's hook 5: combine the accumulated g_m = .grad - g_u and g_u (above) into .grad. Call it on the
+        gradients as backward left them, or pass grad_divisor: what they were divided by since (GradScaler's scale
+        after unscale_, a device tensor or a number). Under DDP g_u is averaged over the ranks (one all_reduce per
+        dtype buffer), as DDP averaged .grad."""
+        super().before_optimizer_step()
+        if self._gu_step != self._step or not self.active:
+            return
+        device = self._params[0][0].device
+        self._ensure_buffers(device)
+        params = [p for group in self._params for p in group]
+        for i, p in enumerate(params):
+            if p.grad is None:
+                k, j = self._position(i)
+                raise RuntimeError(
+                    f"params[{k}][{j}] received no gradient from the multimodal loss nor from the "
+                    f"unimodal losses: remove it from params= (or check that its encoder is used)"
+                )
+        if self._sync():
+            world = torch.distributed.get_world_size()
+            for b in self._gu:
+                torch.distributed.all_reduce(b)
+                b.div_(world)
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._stash_views, grads)  # g_m + g_u (as .grad holds them)
+            torch._foreach_copy_(self._views, self._gu_views)
+            if grad_divisor is not None:
+                for b in self._flats:
+                    b.div_(grad_divisor)
+            torch._foreach_sub_(self._stash_views, self._views)  # g_m
+            stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
+            torch._foreach_copy_(grads, self._views)
+        self._gu_step = -1
+        w = stats["weights"]
+        self._stats = {
+            "scores": stats["conflict"],
+            "ratios": stats["cos"],
+            "coefficients": w[:, 0],
+            "weights": w,
+            "flag": stats["flag"],
+        }
 
     # ---------------------------------------------------------------- the step
     def _check_losses(self, multimodal_loss, unimodal_losses) -> list:

@@ -9,12 +9,12 @@ from mmkernels._methods import default
 from mmkernels.noise import ge_isotropic_shards_
 
 from . import _dtensor, _ops
-from ._base import Balancer, ParameterModeMixin, check_hyperparameter, check_real
+from ._base import Balancer, FeatureTaps, LogitObserver, ParameterModeMixin, check_hyperparameter, check_real
 
 _AUTO = "auto"
 
 
-class OGMGE(ParameterModeMixin, Balancer):
+class OGMGE(ParameterModeMixin, FeatureTaps, LogitObserver, Balancer):
     """On-the-fly gradient modulation with generalisation enhancement.
 
     Paper mode (default): rho = TPAMI Eq. 7, k_m = max(0, 1 - alpha tanh(rho_m - 1)) if rho_m > 1 else 1 (Eq. 11),
@@ -91,7 +91,11 @@ class OGMGE(ParameterModeMixin, Balancer):
     def _tap_op(self, x, coef, modality, step):
         if self.noise == "covariance":
             return _ops.cov_noise_tap(
-                x, coef[modality], sigma=self.sigma, seed=self.seed, offset=self._noise_offset(step, modality)
+                x,
+                coef[modality],
+                sigma=self.sigma,
+                seed=self.seed,
+                offset=self._noise_offset(step, modality) + self._rows_before,
             )
         return _ops.grad_tap(x, coef[modality])
 

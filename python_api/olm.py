@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmkernels import _validate, reference
 
+from . import protocol
 from ._base import Balancer, check_int, check_real
 
 
@@ -82,11 +84,37 @@ class OLM(Balancer):
         """w in force now ([M] fp32, >= 0), in training and eval mode; exactly 1 outside the window or disabled."""
         return self._w if self._applies_w else torch.ones_like(self._w)
 
-    def tap(self, feats):
-        raise RuntimeError("OLM modulates logits: use bal.combine(logits_per_branch)")
+    def fuse(self, model, feats, inputs, labels):
+        """The protocol's hook 3: sum_m w_m u_m over the model's unimodal logits (the branches, differentiable)."""
+        return self.combine(protocol.unimodal_logits(model, feats, detach=False))
 
-    def observe(self, unimodal_logits, labels):
-        raise RuntimeError("OLM observes through combine() and report(train_losses, dev_losses)")
+    def epoch_end(self, model, epoch: int, batches=None, val_batches=None) -> None:
+        """The protocol's hook 7 (one evaluation per epoch): the branches' mean cross-entropies on `batches` and
+        `val_batches` (no grad, eval mode) -> report()."""
+        if batches is None or val_batches is None:
+            raise ValueError(
+                "OLM.epoch_end needs batches= (training) and val_batches= (held-out): w is refitted from the "
+                "branches' train and validation losses (Eq. 6-8)"
+            )
+        self.report(self._branch_losses(model, batches), self._branch_losses(model, val_batches))
+
+    def _branch_losses(self, model, batches) -> torch.Tensor:
+        """Mean cross-entropy of each branch over the valid rows of `batches`, [M] fp32 (device, no host read)."""
+        total, count = None, None
+        with torch.no_grad(), protocol.eval_mode(model):
+            for batch in batches:
+                inputs, labels, _ = protocol.split_batch(batch)
+                feats = self.encode(model, protocol.check_inputs(inputs, self.num_modalities))
+                u = protocol.unimodal_logits(model, feats, detach=True).float()
+                ce = torch.stack(
+                    [F.cross_entropy(x, labels, ignore_index=self.ignore_index, reduction="sum") for x in u]
+                )
+                n = (labels != self.ignore_index).sum()
+                total = ce if total is None else total + ce
+                count = n if count is None else count + n
+        if total is None:
+            raise ValueError("OLM.epoch_end: batches / val_batches gave no batch")
+        return total / count.clamp(min=1)
 
     def combine(self, logits_per_branch) -> torch.Tensor:
         """sum_m w_m s_m, [B, C] (Eq. 5), in training and eval mode (plain sum outside the window or disabled).

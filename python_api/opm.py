@@ -9,10 +9,10 @@ import torch
 from mmkernels import _validate
 
 from . import _ops
-from ._base import Balancer, check_hyperparameter, check_real
+from ._base import Balancer, LogitObserver, check_hyperparameter, check_real
 
 
-class OPM(Balancer):
+class OPM(LogitObserver, Balancer):
     """Drop the features of the leading modality with probability q_m (TPAMI Eq. 8):
     q_m = min(1, q_base (1 + lam tanh(rho_m - 1))) if rho_m > 1 else 0, rho from Eq. 7.
 
@@ -111,7 +111,7 @@ class OPM(Balancer):
             xs,
             self.drop_probability,
             seed=self.seed,
-            offset=self._noise_offset(self._step, 0),
+            offset=self._noise_offset(self._step, 0) + (self.num_modalities + 1) * self._rows_before,
             rescale=self.rescale,
             p_exe=self.p_exe,
         )
@@ -129,10 +129,23 @@ class OPM(Balancer):
         if not (self.enabled and self.training):
             return
         self._begin_observe()
+        self._observe_checked(x, labels)
+
+    def _observe_checked(self, x, labels) -> None:
         self._to_device(x.device)
         self._q_prev = self._stats["coefficients"]
         res = self._run_coefficients(x, labels)
         self._store(res, modulate=self.enabled and self.in_window(self._time_next()))
+
+    def _defers_observation(self) -> bool:
+        return self.timing == "next"  # q acts from the next step: one observation per step, every micro-batch
+
+    def transform_features(self, model, feats, labels, **extras) -> list:
+        """The protocol's hook 2: observe the undropped features' unimodal logits (timing="next": at the end of the
+        step, over every micro-batch), then drop."""
+        feats = Balancer.transform_features(self, model, feats, labels, **extras)
+        self._observe_step(model, feats, labels)
+        return self.drop(feats)
 
     _GRAPH_NODES = 32  # how far observe() looks back through the autograd graph of the logits (host time per step)
 
@@ -174,6 +187,3 @@ class OPM(Balancer):
         if self.timing == "same":
             return self._step if self.unit == "step" else self._epoch
         return self._step + 1 if self.unit == "step" else self._epoch
-
-    def tap(self, feats):  # OPM acts through drop(), not gradient taps
-        raise RuntimeError("OPM modulates by dropping features: use bal.drop(feats)")

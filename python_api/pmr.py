@@ -15,7 +15,8 @@ from mmkernels.pmr import (
 )
 from mmkernels.reference.pmr import pmr_pad
 
-from ._base import Balancer, check_int, check_label_values, check_real
+from . import protocol
+from ._base import Balancer, check_int, check_label_values, check_real, masked_mean_ce
 
 
 class PMR(Balancer):
@@ -220,11 +221,27 @@ class PMR(Balancer):
         self._mark_on_backward(xs)
         return res["loss"]
 
-    def _uses_taps(self) -> bool:
-        return False
+    def objective(self, model, logits, feats, labels):
+        """The protocol's hook 4: the fused cross-entropy plus sum_m c_m PCE_m (loss())."""
+        return masked_mean_ce(logits, labels, self.ignore_index) + self.loss(feats, labels), None
 
-    def tap(self, feats) -> list:
-        raise RuntimeError("PMR acts through its loss term (loss()), not through feature taps")
+    def epoch_start(self, model, epoch: int, batches=None) -> None:
+        """The protocol's hook 6: set_epoch, then (when `batches` is given) refresh the prototypes from its first
+        max(1, floor(len / 10)) batches, no grad, eval mode (the authors' schedule)."""
+        super().epoch_start(model, epoch, batches)
+        if batches is None:
+            return
+        if not hasattr(batches, "__len__"):
+            raise TypeError("PMR.epoch_start: batches must have a length (a DataLoader or a list)")
+        n = max(1, len(batches) // 10)
+        with torch.no_grad(), protocol.eval_mode(model):
+            self.begin_refresh()
+            for i, batch in enumerate(batches):
+                if i >= n:
+                    break
+                inputs, labels, _ = protocol.split_batch(batch)
+                self.refresh(self.encode(model, protocol.check_inputs(inputs, self.num_modalities)), labels)
+            self.end_refresh()
 
     # ---------------------------------------------------------------- state
     def _hyperparameters(self) -> dict:

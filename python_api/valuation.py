@@ -12,6 +12,7 @@ from mmkernels import _validate, reference
 from mmkernels.reference import valuation as _ref_valuation
 from mmkernels.valuation import VALUES, check_subset_logits, sample_valuation, valuation_subset_logits
 
+from . import protocol
 from ._base import Balancer, check_int, check_label_values, check_real
 
 
@@ -104,6 +105,13 @@ class ValuationDataset(torch.utils.data.Dataset):
         i = int(self.index[r])
         return self.dataset[i], self.keep[r], i
 
+    @staticmethod
+    def collate(items) -> tuple:
+        """collate_fn for a DataLoader over this dataset whose base items are (x_1, ..., x_M, y): the protocol's
+        batch (inputs [M tensors], labels, {"keep": [B, M] bool, "index": [B] int64})."""
+        data, keep, index = torch.utils.data.default_collate(items)
+        return list(data[:-1]), data[-1], {"keep": keep, "index": index}
+
     def originals(self) -> "ValuationDataset":
         """The originals only (every modality kept), e.g. for the valuation pass."""
         return ValuationDataset(self.dataset, self.num_modalities)
@@ -140,13 +148,28 @@ class SampleValuation(Balancer):
     method = "sample_valuation"
     neutral = 0.0
 
-    def __init__(self, num_modalities: int, num_samples: int, *, start: int = 5, value: str = "authors", **kwargs):
+    def __init__(
+        self,
+        num_modalities: int,
+        num_samples: int,
+        *,
+        start: int = 5,
+        value: str = "authors",
+        rows: "ValuationDataset | None" = None,
+        **kwargs,
+    ):
         kwargs.setdefault("unit", "epoch")
         if kwargs["unit"] != "epoch":
             raise ValueError(f"unit must be 'epoch' for {type(self).__name__} (rows are rebuilt per epoch)")
         super().__init__(num_modalities, start=start, **kwargs)
         check_int(num_samples, "num_samples", minimum=1)
         _validate.check_choice(value, VALUES, "value")
+        if rows is not None and (not isinstance(rows, ValuationDataset) or len(rows.dataset) != num_samples):
+            raise ValueError(
+                f"rows must be the ValuationDataset over the num_samples={num_samples} training samples, got "
+                f"{type(rows).__name__}"
+            )
+        self._rows_dataset = rows
         self.num_samples, self.value_rule = int(num_samples), value
         self._fact = math.factorial(self.num_modalities)
         # fp32 accumulators: sums of M! phi (integers, exact below 2^24), valuation counts, the pass's flag
@@ -198,13 +221,42 @@ class SampleValuation(Balancer):
         check_int(epoch, "epoch", minimum=-1)
         return self.enabled and self.in_window(epoch + 1)
 
-    def observe(self, unimodal_logits, labels) -> None:
-        """Not a per-step method here (raises before changing anything): value the samples with value() in the
-        no-grad pass after an epoch."""
-        raise RuntimeError(
-            f"{type(self).__name__} does not observe logits per step; call value() on the subset "
-            f"outputs in the valuation pass after an epoch (values_after(epoch))"
-        )
+    # ---------------------------------------------------------------- the protocol
+    def transform_features(self, model, feats, labels, keep=None, index=None) -> list:
+        """The protocol's hook 2: the batch's keep-mask (ValuationDataset.collate puts keep and index in the
+        batch's extras); copies keep one modality, the others zeroed."""
+        return feats if keep is None else apply_keep(feats, keep)
+
+    def epoch_end(self, model, epoch: int, batches=None, val_batches=None) -> None:
+        """The protocol's hook 7: when values_after(epoch), value the originals among `batches` (rows whose keep-mask
+        keeps every modality; no grad, eval mode); then install the rows of epoch + 1 in the ValuationDataset given
+        as rows= (when given)."""
+        if self.values_after(epoch):
+            if batches is None:
+                raise ValueError(f"{type(self).__name__}.epoch_end needs batches= (with keep and index extras)")
+            wanted = self._valued_indices(epoch)
+            with torch.no_grad(), protocol.eval_mode(model):
+                for batch in batches:
+                    inputs, labels, extras = protocol.split_batch(batch)
+                    if "index" not in extras or "keep" not in extras:
+                        raise ValueError(
+                            "the valuation pass needs each batch's dataset indices and keep-mask: build the "
+                            "DataLoader with collate_fn=ValuationDataset.collate"
+                        )
+                    index, keep = extras["index"], extras["keep"]
+                    valued = keep.all(1)
+                    if wanted is not None:
+                        valued &= torch.isin(index, wanted.to(index.device))
+                    labels = torch.where(valued.to(labels.device), labels, torch.full_like(labels, self.ignore_index))
+                    feats = self.encode(model, protocol.check_inputs(inputs, self.num_modalities))
+                    self.value(self.subset_logits(feats, model.fuse), labels, index.to(labels.device))
+        rows = self.rows(epoch + 1)
+        if self._rows_dataset is not None:
+            self._rows_dataset.set_rows(*rows)
+
+    def _valued_indices(self, epoch: int):
+        """The dataset indices the pass after `epoch` values (None: every original)."""
+        return None
 
     @staticmethod
     def subset_logits(feats, head, *, fill=None) -> torch.Tensor:
@@ -320,6 +372,9 @@ class ModalityValuation(SampleValuation):
     def _draws(self, epoch: int) -> torch.Tensor:
         k = max(1, int(self.fraction * self.num_samples))
         return torch.randint(0, self.num_samples, (k,), generator=self._generator(epoch, 0))
+
+    def _valued_indices(self, epoch: int):
+        return self.valuation_indices(epoch).unique()
 
     def valuation_indices(self, epoch: int) -> torch.Tensor:
         """The floor(fraction N) sample indices (with replacement, CPU int64) valued after `epoch`."""

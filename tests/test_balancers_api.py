@@ -200,7 +200,7 @@ def test_agm_gradient_carries_kappa(mode):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):  # step 0 primes the running mean (kappa = 1), step 1 has kappa != 1
         opt.zero_grad()
-        F.cross_entropy(bal(xs, y, **kw), y).backward()
+        F.cross_entropy(bal.shapley_forward(xs, y, **kw), y).backward()
         opt.step()
         bal.step()
     state = {k: v.clone() for k, v in bal._agm.items()}
@@ -212,7 +212,7 @@ def test_agm_gradient_carries_kappa(mode):
             )
         )
     expect = reference.balance_coefficients_ref(phi, y, "agm", state=state, alpha=1.5)
-    out = bal(xs, y, **kw)
+    out = bal.shapley_forward(xs, y, **kw)
     torch.testing.assert_close(out, model(*xs), atol=1e-5, rtol=1e-5)  # forward = f(all)
     F.cross_entropy(out, y).backward()
     torch.testing.assert_close(bal.coefficients, expect["coefficients"])
@@ -232,7 +232,7 @@ def test_agm_eval_mode_uses_running_batchnorm_stats():
     twin = copy.deepcopy(enc[0])
     twin(xs[0])  # one training-mode pass
     bal = api.AGM(2)
-    out = bal(xs, y, encoders=enc, head=lambda f: head(torch.cat(f, 1)))
+    out = bal.shapley_forward(xs, y, encoders=enc, head=lambda f: head(torch.cat(f, 1)))
     assert enc[0].training and enc[0][1].training  # modes restored
     assert torch.equal(enc[0][1].running_mean, twin[1].running_mean)  # only the training pass updated the stats
     assert torch.equal(enc[0][1].num_batches_tracked, twin[1].num_batches_tracked)
@@ -366,7 +366,7 @@ def test_window_agm_kappa_returns_to_one_and_epoch_unit():
         bal.set_epoch(epoch)
         for _ in range(2):
             opt.zero_grad()
-            out = bal(xs, y, model=model)
+            out = bal.shapley_forward(xs, y, model=model)
             F.cross_entropy(out, y).backward()
             opt.step()
             bal.step()
@@ -394,7 +394,7 @@ def _run(bal, model, xs, y, steps, kind):
     for _ in range(steps):
         opt.zero_grad()
         if kind == "agm":
-            loss = F.cross_entropy(bal(xs, y, model=model), y)
+            loss = F.cross_entropy(bal.shapley_forward(xs, y, model=model), y)
         elif kind == "opm":
             feats = model.feats(xs)
             dropped = bal.drop(feats)
@@ -503,7 +503,7 @@ def test_agm_all_ignored_rows_leave_state_untouched():
     model = TinyModel(2)
     xs, y = batch(2)
     bal = api.AGM(2)
-    out = bal(xs, torch.full_like(y, -100), model=model)
+    out = bal.shapley_forward(xs, torch.full_like(y, -100), model=model)
     assert torch.equal(bal.coefficients, torch.ones(2)) and int(bal.flag) == 2
     assert torch.equal(bal.running_scores, torch.zeros(2))
     assert torch.isfinite(out).all()

@@ -17,7 +17,9 @@ from _api_models import TinyModel, batch, grads
 def _step(kind, model, bal, xs, y, feats_fn, fuse_fn):
     """One training step (forward, balancer, backward) of `kind`; feats_fn / fuse_fn may be compiled."""
     if kind == "agm":
-        out = bal(xs, y, model=lambda *a: fuse_fn(feats_fn(*a)))  # TinyModel has no BatchNorm: train == eval
+        out = bal.shapley_forward(
+            xs, y, model=lambda *a: fuse_fn(feats_fn(*a))
+        )  # TinyModel has no BatchNorm: train == eval
         loss = F.cross_entropy(out, y)
     elif kind == "opm":
         feats = feats_fn(*xs)

@@ -45,7 +45,7 @@ class Wrapped(nn.Module):
     def forward(self, xa, xv, y):
         net, bal = self.net, self.bal
         if self.kind == "agm":
-            return bal([xa, xv], y, encoders=list(net.encoders), head=net.fuse)
+            return bal.shapley_forward([xa, xv], y, encoders=list(net.encoders), head=net.fuse)
         feats = net.feats([xa, xv])
         u = api.concat_unimodal_logits(feats, net.head)
         if self.kind == "opm":

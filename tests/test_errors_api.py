@@ -22,7 +22,9 @@ def test_mismatched_batch_sizes():
     with pytest.raises(ValueError, match=r"unimodal_logits\[1\].*batch size"):
         bal.observe([torch.randn(8, 4), torch.randn(7, 4)], torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"inputs\[1\].*batch size"):
-        api.AGM(2)([torch.randn(8, 5), torch.randn(7, 3)], torch.zeros(8, dtype=torch.long), model=TinyModel(2))
+        api.AGM(2).shapley_forward(
+            [torch.randn(8, 5), torch.randn(7, 3)], torch.zeros(8, dtype=torch.long), model=TinyModel(2)
+        )
     with pytest.raises(ValueError, match="labels"):
         bal.observe(*u_and_y(b=8)[:1], torch.zeros(9, dtype=torch.long))
 
@@ -159,14 +161,13 @@ def test_state_dict_for_another_method_or_m():
 
 
 def test_wrong_entry_point():
-    with pytest.raises(RuntimeError, match="drop"):
-        api.OPM(2).tap([torch.randn(2, 2)] * 2)
+    assert not hasattr(api.OPM(2), "tap")  # OPM acts through drop()
     with pytest.raises(RuntimeError, match="modulate_grads"):
         api.OGMGE(2).modulate_grads()
     with pytest.raises(ValueError, match="model=.*encoders="):
-        api.AGM(2)([torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long))
+        api.AGM(2).shapley_forward([torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="reuse"):
-        api.AGM(2, muted_mode="reuse")(
+        api.AGM(2, muted_mode="reuse").shapley_forward(
             [torch.randn(2, 5), torch.randn(2, 3)], torch.zeros(2, dtype=torch.long), model=TinyModel(2)
         )
 
@@ -199,7 +200,7 @@ def test_num_classes_catches_features_passed_as_logits(kind):
 
     def call(bal, outs):
         if kind == "agm":
-            return bal(xs, y, encoders=list(model.encoders), head=lambda fs: outs(fs))
+            return bal.shapley_forward(xs, y, encoders=list(model.encoders), head=lambda fs: outs(fs))
         if kind == "olm":
             return bal.combine(outs(feats))
         return bal.observe(outs(feats), y)

@@ -93,7 +93,9 @@ def _step(kind: str, net: Net, bal, xs, y) -> torch.Tensor:
     """One step's loss; the unimodal logits are read BEFORE the head's forward (the order the README allows)."""
     enc, head = net.encoders, net.head
     if kind == "agm":
-        return F.cross_entropy(bal(xs, y, encoders=list(enc), head=lambda fs: head(torch.cat(fs, 1))), y)
+        return F.cross_entropy(
+            bal.shapley_forward(xs, y, encoders=list(enc), head=lambda fs: head(torch.cat(fs, 1))), y
+        )
     feats = [e(x) for e, x in zip(enc, xs)]
     if kind == "mlb":
         u = api.concat_unimodal_logits(feats, head, detach=False)  # through the head's forward (differentiable)

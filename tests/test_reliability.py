@@ -268,9 +268,9 @@ def test_item6_agm_bad_labels_then_retry_same_step():
     bad = y.clone()
     bad[0] = 99
     with pytest.raises(ValueError, match="labels"):
-        bal(xs, bad, encoders=list(model.encoders), head=model.fuse)
+        bal.shapley_forward(xs, bad, encoders=list(model.encoders), head=model.fuse)
     assert int(bal._agm["steps"]) == 0
-    out = bal(xs, y, encoders=list(model.encoders), head=model.fuse)  # the retry in the same step works
+    out = bal.shapley_forward(xs, y, encoders=list(model.encoders), head=model.fuse)  # the retry in the same step works
     F.cross_entropy(out, y).backward()
     assert int(bal._agm["steps"]) == 1
 
@@ -316,7 +316,7 @@ def test_item8_gradscaler_skipped_step_with_optimizer(kind):
         xs, y = batch(2, b=8, seed=step)
         opt.zero_grad()
         if kind == "agm":
-            logits = bal(xs, y, encoders=list(model.encoders), head=model.fuse)
+            logits = bal.shapley_forward(xs, y, encoders=list(model.encoders), head=model.fuse)
             loss = F.cross_entropy(logits, y)
         else:
             feats = model.feats(xs)
@@ -421,7 +421,7 @@ def test_item11_agm_balancer_first_step_kappa():
     model = TinyModel(2, seed=0)
     bal = api.AGM(2, alpha=1.0)
     xs, y = batch(2, b=8)
-    bal(xs, y, encoders=list(model.encoders), head=model.fuse)
+    bal.shapley_forward(xs, y, encoders=list(model.encoders), head=model.fuse)
     torch.testing.assert_close(bal.coefficients, torch.exp(1.0 - bal.ratios))
 
 
@@ -432,7 +432,7 @@ def _agm_run(official: bool, steps=4, start=2):
     seen = []
     for step in range(steps):
         xs, y = batch(2, b=8, seed=step)
-        out = bal(xs, y, encoders=list(model.encoders), head=model.fuse)
+        out = bal.shapley_forward(xs, y, encoders=list(model.encoders), head=model.fuse)
         F.cross_entropy(out, y).backward()
         with torch.no_grad():
             subsets = bal._subset_outputs(xs, None, list(model.encoders), model.fuse)
@@ -518,8 +518,9 @@ def test_item14_ogm_official_tie_suppresses_modality_1():
 
 @pytest.mark.parametrize("kind", ["ogmge", "pmr"])
 def test_item8_a_rolled_over_step_warns_once(kind):
-    """A step ended without optimizer.step() (GradScaler skip, or gradient accumulation, not supported yet) is never
-    counted silently: the first one raises a RuntimeWarning naming accumulation; later ones are only counted."""
+    """A step ended without optimizer.step() (GradScaler skip, or micro-batches run outside the protocol) is never
+    counted silently: the first one raises a RuntimeWarning pointing to the protocol's accumulation; later ones are
+    only counted."""
     model = TinyModel(2, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     bal = api.OGMGE(2, optimizer=opt) if kind == "ogmge" else api.PMR(2, num_classes=4, optimizer=opt)
@@ -539,7 +540,7 @@ def test_item8_a_rolled_over_step_warns_once(kind):
         loss.backward()
 
     micro_batch(0)
-    with pytest.warns(RuntimeWarning, match="accumulation"):
+    with pytest.warns(RuntimeWarning, match="Accumulating gradients"):
         micro_batch(1)  # a second micro-batch of the same optimizer step
     assert bal.skipped_steps == 1
     with warnings.catch_warnings():

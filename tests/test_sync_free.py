@@ -218,7 +218,7 @@ def make_agm(device, form="model", muted_mode="eval"):
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(bal(xs, y, **kw), y).backward()
+        F.cross_entropy(bal.shapley_forward(xs, y, **kw), y).backward()
         opt.step()
         bal.step()
 

@@ -147,7 +147,7 @@ def rejected_calls(bal, x, y):
         ("rows: not an int", lambda: bal.rows("1")),
         ("values_after: below -1", lambda: bal.values_after(-2)),
         ("set_epoch: negative", lambda: bal.set_epoch(-1)),
-        ("observe: not a valuation method", lambda: bal.observe(torch.zeros(2, N, 3), y)),
+        ("set_epoch: not an int", lambda: bal.set_epoch("1")),
         ("subset_logits: head rows", lambda: bal.subset_logits([torch.zeros(N, 2)] * 2, lambda f: torch.zeros(N, 3))),
         (
             "load_state_dict: other method",

@@ -332,7 +332,7 @@ class AGMRunner(_BalancerRunner):
         # the whole forward goes through the balancer: the joint step's forward is inside it, so the share below
         # counts the extra head passes, the scores and the Shapley combination, plus one joint forward
         with timer.balancing():
-            logits = self.bal(inputs, y, encoders=list(self.model.encoders), head=self.model.fuse)
+            logits = self.bal.shapley_forward(inputs, y, encoders=list(self.model.encoders), head=self.model.fuse)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         opt.step()

@@ -47,7 +47,7 @@ def run(kind):
             bal.observe(u, y)
             F.cross_entropy(model.fuse(d), y).backward()
         elif kind == "agm":
-            F.cross_entropy(bal(xs, y, encoders=list(model.encoders), head=model.fuse), y).backward()
+            F.cross_entropy(bal.shapley_forward(xs, y, encoders=list(model.encoders), head=model.fuse), y).backward()
         elif kind == "olm":
             F.cross_entropy(bal.combine(api.concat_unimodal_logits(feats, model.head, detach=False)), y).backward()
             bal.report([1.0 + step, 2.0, 1.5], [1.2, 2.0 - 0.1 * step, 1.6])
