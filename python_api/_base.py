@@ -464,9 +464,12 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         fused logits over the valid rows here."""
         return masked_mean_ce(logits, labels, self.ignore_index), None
 
-    def before_optimizer_step(self) -> None:
-        """Hook 5: after the backward of the step's last micro-batch, before optimizer.step() (and before GradScaler's
-        step, after its unscale_): statistics deferred to the end of the step, parameter-mode modulation."""
+    def before_optimizer_step(self, grad_divisor=None) -> None:
+        """Hook 5: after the backward of the step's last micro-batch, before optimizer.step(): statistics deferred to
+        the end of the step, parameter-mode modulation, MMPareto's combination. grad_divisor: what .grad was divided
+        by since backward (GradScaler.unscale_ divides by its scale: pass scaler's scale tensor; no host read), or
+        None; only MMPareto needs it (its unimodal share was taken inside backward), the other methods' gradient
+        operations commute with a common scale."""
         if self._pending:
             self._observe_pending()
         self._closed_step = self._step
@@ -916,9 +919,9 @@ class ParameterModeMixin:
     def _defers_observation(self) -> bool:
         return self._params is not None  # the coefficients act after backward: one observation per step
 
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self, grad_divisor=None) -> None:
         """The protocol's hook 5: observe the step (every micro-batch at once), then modulate_grads()."""
-        super().before_optimizer_step()
+        super().before_optimizer_step(grad_divisor)
         if self._params is not None and self.enabled and self.training:
             self.modulate_grads()
 

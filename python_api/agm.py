@@ -67,6 +67,7 @@ class AGM(Balancer):
         _validate.check_choice(muted_mode, ("eval", "reuse"), "muted_mode")
         self.alpha, self.clip, self.muted_mode = float(alpha), clip, muted_mode
         self._agm = reference.new_agm_state(self.num_modalities)
+        self._agm_start, self._agm_pending, self._step_modulates = None, [], False  # protocol micro-batches
 
     def _hyperparameters(self) -> dict:
         return {"alpha": self.alpha, "clip": self.clip}
@@ -164,10 +165,35 @@ class AGM(Balancer):
             self._check_width(phi.shape[-1], "the model's (head's) output")
             check_label_values(labels, phi.shape[-1], self.ignore_index)  # a rejected call changes no state
             self._observed_step = self._step
+            self._hold_running_means(phi, labels)
             self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)
+            self._step_modulates = modulate
         out = _ops.shapley_fused(subsets, self._stats["coefficients"])
         self._mark_on_backward([out])
         return out
+
+    def _hold_running_means(self, phi, labels) -> None:
+        """Protocol micro-batches: each one's kappa uses the running means of the earlier steps (the state is reset
+        to the step's start before it); before_optimizer_step() then advances them once, with the step's aggregate
+        score (Eq. 10 per optimizer step)."""
+        if self._protocol_step != self._step:
+            return
+        if self.micro_batches == 1:
+            self._agm_start = {k: v.clone() for k, v in self._agm.items()}
+            self._agm_pending = []
+        else:
+            self._agm = {k: v.clone() for k, v in self._agm_start.items()}
+        self._agm_pending.append((phi, labels))
+
+    def before_optimizer_step(self, grad_divisor=None) -> None:
+        super().before_optimizer_step(grad_divisor)
+        pending = getattr(self, "_agm_pending", None)
+        if self._protocol_step != self._step or self.micro_batches < 2 or not pending:
+            return
+        self._agm = {k: v.clone() for k, v in self._agm_start.items()}
+        phi, labels = torch.cat([p for p, _ in pending], 1), torch.cat([y for _, y in pending])
+        self._agm_pending = []
+        self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=self._step_modulates)
 
     def _subset_outputs(self, inputs, model, encoders, head, feats=None) -> torch.Tensor:
         """Outputs of every non-empty subset, bitmask order (index S-1); the last is the training-mode full pass."""

@@ -171,7 +171,7 @@ class MMPareto(Balancer):
         gradients as backward left them, or pass grad_divisor: what they were divided by since (GradScaler's scale
         after unscale_, a device tensor or a number). Under DDP g_u is averaged over the ranks (one all_reduce per
         dtype buffer), as DDP averaged .grad."""
-        super().before_optimizer_step()
+        super().before_optimizer_step(grad_divisor)
         if self._gu_step != self._step or not self.active:
             return
         device = self._params[0][0].device

@@ -121,9 +121,11 @@ def train_step(model, balancer, optimizer, micro_batches, *, scaler=None) -> tor
         loss = out.loss / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
+    divisor = None
     if scaler is not None:
         scaler.unscale_(optimizer)
-    balancer.before_optimizer_step()
+        divisor = scaler._scale  # the device tensor unscale_ divided by (get_scale() would read it on the host)
+    balancer.before_optimizer_step(grad_divisor=divisor)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
