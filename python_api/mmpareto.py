@@ -70,6 +70,7 @@ class MMPareto(Balancer):
         self._flats = self._stash = self._held = self._gu = None
         self._gu_views = None
         self._gu_step = -1  # step whose unimodal gradients the protocol's hook has captured
+        self._capturing = False
         self._views = self._stash_views = self._held_views = None
         m = self.num_modalities
         self._stats["weights"] = torch.full((m, 2), 0.5)
@@ -143,15 +144,26 @@ class MMPareto(Balancer):
                     "MMPareto under FSDP2 (sharded params) is run by bal.backward(multimodal_loss, unimodal_losses), "
                     "not through bal(model, inputs, labels)"
                 )
-            step = self._step
-            total.register_hook(lambda g: self._capture_unimodal(uni, g, step))
+            self._hook_unimodal(total, uni, self._step)
         return total, u
+
+    @torch.compiler.disable
+    def _hook_unimodal(self, total, uni, step: int) -> None:
+        """Registered outside any compiled graph (a graph break under torch.compile): the hook runs a reentrant
+        autograd.grad, which a compiled region cannot hold."""
+        total.register_hook(lambda g: self._capture_unimodal(uni, g, step))
 
     def _capture_unimodal(self, uni, grad, step: int) -> None:
         """Inside the backward of L: g_u of the encoders' tensors (the same incoming gradient as L's), added to the
         buffer (reentrant autograd.grad; the outer backward then goes on over the retained graph)."""
+        if self._capturing:  # a compiled graph holds L and sum_k L_k together: the inner backward passes L again
+            return
         params = [p for group in self._params for p in group]
-        g_u = torch.autograd.grad(uni, params, grad_outputs=grad, retain_graph=True, allow_unused=True)
+        self._capturing = True
+        try:
+            g_u = torch.autograd.grad(uni, params, grad_outputs=grad, retain_graph=True, allow_unused=True)
+        finally:
+            self._capturing = False
         device = params[0].device
         self._to_device(device)
         if self._gu is None:

@@ -116,6 +116,8 @@ class OPM(LogitObserver, Balancer):
             p_exe=self.p_exe,
         )
         self._mark_on_backward(out)
+        if torch.compiler.is_compiling():  # the misuse check below is eager-only (_check_not_dropped skips too)
+            return out
         kept = [t for t, x in zip(out, xs) if t is not x]  # p_exe = 0 returns the inputs themselves
         # the nodes are held (not their ids): a released grad_fn's id can be reused by an unrelated node
         self._dropped = (self._step, [weakref.ref(t) for t in kept], [t.grad_fn for t in kept if t.grad_fn is not None])
