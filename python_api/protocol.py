@@ -109,17 +109,27 @@ def split_batch(batch):
     return batch[0], batch[1], (batch[2] if len(batch) == 3 else {})
 
 
+def unwrap(model):
+    """The module behind DistributedDataParallel (the protocol's model), else model itself."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def train_step(model, balancer, optimizer, micro_batches, *, scaler=None) -> torch.Tensor:
     """One optimizer step over 1 or more micro-batches (gradient accumulation): each micro-batch's loss is divided
-    by their number, so the accumulated gradient is that of their mean. Returns the mean loss (detached)."""
+    by their number, so the accumulated gradient is that of their mean. Returns the mean loss (detached).
+    Under DistributedDataParallel pass the DDP-wrapped model, whose module's forward(inputs, labels, **extras)
+    returns balancer(module, inputs, labels, **extras): DDP syncs gradients only for a forward it runs; the
+    micro-batches before the last run under no_sync()."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     total = None
-    for batch in micro_batches:
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    for j, batch in enumerate(micro_batches):
         inputs, labels, extras = split_batch(batch)
-        out = balancer(model, inputs, labels, **extras)
-        loss = out.loss / n
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with model.no_sync() if ddp and j < n - 1 else contextlib.nullcontext():  # DDP: one all-reduce per step
+            out = model(inputs, labels, **extras) if ddp else balancer(model, inputs, labels, **extras)
+            loss = out.loss / n
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     divisor = None
     if scaler is not None:
@@ -157,7 +167,7 @@ def fit(
     for epoch in range(epochs):
         model.train()
         balancer.train()
-        balancer.epoch_start(model, epoch, train_batches)
+        balancer.epoch_start(unwrap(model), epoch, train_batches)
         micro, losses = [], []
         for batch in train_batches:
             micro.append(batch)
@@ -166,7 +176,7 @@ def fit(
                 micro = []
         if micro:
             losses.append(train_step(model, balancer, optimizer, micro, scaler=scaler))
-        balancer.epoch_end(model, epoch, train_batches, val_batches)
+        balancer.epoch_end(unwrap(model), epoch, train_batches, val_batches)
         mean = float(torch.stack(losses).mean()) if losses else float("nan")  # sync-ok: once per epoch
         history.append(mean)
         if on_epoch_end is not None:
