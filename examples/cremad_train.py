@@ -29,7 +29,7 @@ import wave
 import torch
 import torch.nn.functional as F
 
-from mmkernels.demo.methods import METHODS, concat_unimodal, make_method
+from mmkernels import api
 from mmkernels.demo.models import ConcatClassifier, ResNet18Encoder
 
 CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
@@ -137,34 +137,62 @@ def build_model() -> ConcatClassifier:
     return ConcatClassifier([ResNet18Encoder(in_channels=1), ResNet18Encoder(in_channels=3)], len(CLASSES))
 
 
+def _weights(module) -> list:
+    """The conv / linear weight tensors of an encoder (the authors' OGM-GE modulates those)."""
+    return [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+BALANCERS = {  # the same recipes as the demo's (mmkernels/demo/methods.py), through the one protocol
+    "joint": lambda model, opt: api.Balancer(2, optimizer=opt),  # every hook the default: plain joint training
+    "ogm_ge": lambda model, opt: api.OGMGE(
+        2, alpha=0.8, official=True, params=[_weights(e) for e in model.encoders], optimizer=opt
+    ),
+    "ogm_ge_cov": lambda model, opt: api.OGMGE(2, alpha=0.8, noise="covariance", optimizer=opt),
+    "ogm": lambda model, opt: api.OGM(2, alpha=0.8, optimizer=opt),
+    "opm": lambda model, opt: api.OPM(2, optimizer=opt),
+    "agm": lambda model, opt: api.AGM(2, optimizer=opt),
+    "mlb": lambda model, opt: api.MLB(2, optimizer=opt),
+    "olm": lambda model, opt: api.OLM(2, optimizer=opt),
+    "pmr": lambda model, opt: api.PMR(2, num_classes=len(CLASSES), end=70, unit="epoch", optimizer=opt),
+    "mmpareto": lambda model, opt: api.MMPareto(
+        2, params=[list(e.parameters()) for e in model.encoders], optimizer=opt
+    ),
+}
+METHODS = tuple(BALANCERS)
+
+
+class Batches:
+    """A DataLoader of (spectrogram, frame, label) as the protocol's batches ([spectrogram, frame], label) on a
+    device; re-iterable, with a length (PMR refreshes from the first tenth)."""
+
+    def __init__(self, loader, device, max_batches=None):
+        self.loader, self.device, self.max_batches = loader, device, max_batches
+
+    def __len__(self):
+        return len(self.loader) if self.max_batches is None else min(len(self.loader), self.max_batches)
+
+    def __iter__(self):
+        for i, (spec, img, y) in enumerate(self.loader):
+            if self.max_batches is not None and i >= self.max_batches:
+                return
+            dev = self.device
+            yield [spec.to(dev, non_blocking=True), img.to(dev, non_blocking=True)], y.to(dev, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(runner, model, loader, device):
-    """Fused accuracy and each modality's accuracy from the concat head's split (u_m = f_m W_m^T + b/2)."""
+def evaluate(model, batches):
+    """Fused accuracy (the balancer's prediction: OLM's w applies) and each modality's accuracy from the concat
+    head's split (u_m = f_m W_m^T + b/2)."""
     model.eval()
-    hits = torch.zeros(3, device=device)
-    n = 0
-    for spec, img, y in loader:
-        inputs, y = [spec.to(device), img.to(device)], y.to(device)
-        feats = model.encode(inputs)
-        hits[0] += (runner.eval_logits(inputs).argmax(1) == y).sum()
-        u = concat_unimodal(model, feats)
-        hits[1:] += (u.argmax(2) == y).sum(1)
+    hits, n = None, 0
+    for inputs, y in batches:
+        out = model.balancer(model, inputs, y)
+        u = model.unimodal_logits(out.features)
+        h = torch.cat([(out.logits.argmax(1) == y).sum().view(1), (u.argmax(2) == y).sum(1)])
+        hits = h if hits is None else hits + h
         n += y.shape[0]
     model.train()
-    return (hits / max(n, 1)).tolist()  # sync-ok: evaluation, once per epoch
-
-
-@torch.no_grad()
-def branch_losses(runner, loader, device, max_batches=8):
-    """Mean per-modality unimodal CE over up to max_batches batches (OLM's train / dev losses), [M] tensor."""
-    total, n = None, 0
-    for i, (spec, img, y) in enumerate(loader):
-        if i >= max_batches:
-            break
-        losses = runner.unimodal_losses([spec.to(device), img.to(device)], y.to(device))
-        total = losses if total is None else total + losses
-        n += 1
-    return total / max(n, 1)
+    return (hits.float() / max(n, 1)).tolist()  # sync-ok: evaluation, once per epoch
 
 
 def main(argv=None) -> int:
@@ -197,33 +225,25 @@ def main(argv=None) -> int:
     )
     test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **kw)
     model = build_model().to(dev)
-    steps_per_epoch = len(train_loader)
-    runner = make_method(
-        args.method, model, num_classes=len(CLASSES), seed=args.seed, total_steps=args.epochs * steps_per_epoch
-    )
-    opt = torch.optim.SGD(runner.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    model.balancer = BALANCERS[args.method](model, opt)  # opt.step() also ends the balancer's step
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_decay_epochs, 0.1)
     print(
         f"CREMA-D: {len(train_set)} train / {len(test_set)} test clips, method {args.method}, device {dev}", flush=True
     )
-
-    class _NoTimer:  # the demo's runners report their balancing share through a timer; not needed here
-        from contextlib import nullcontext as balancing
-
+    train, test = Batches(train_loader, dev), Batches(test_loader, dev)
     step = 0
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        for spec, img, y in train_loader:
-            inputs, y = [spec.to(dev, non_blocking=True), img.to(dev, non_blocking=True)], y.to(dev, non_blocking=True)
-            loss = runner.step(inputs, y, opt, _NoTimer)
-            runner.end_step(step, lambda: None)
+        model.balancer.epoch_start(model, epoch, train)
+        for batch in train:
+            loss = api.train_step(model, model.balancer, opt, [batch])  # the generic step, any balancer
             step += 1
             if args.max_steps and step >= args.max_steps:
                 break
         sched.step()
-        if args.method == "olm":  # OLM refits its logit coefficients from the branches' train/dev losses each epoch
-            runner.bal.report(branch_losses(runner, train_loader, dev), branch_losses(runner, test_loader, dev))
-        fused, acc_a, acc_v = evaluate(runner, model, test_loader, dev)
+        model.balancer.epoch_end(model, epoch, Batches(train_loader, dev, 8), Batches(test_loader, dev, 8))
+        fused, acc_a, acc_v = evaluate(model, test)
         print(
             f"epoch {epoch + 1}: loss {loss.item():.3f}  test acc fused {100 * fused:.1f}%  "  # sync-ok: epoch log
             f"audio {100 * acc_a:.1f}%  visual {100 * acc_v:.1f}%  ({time.perf_counter() - t0:.0f}s)",

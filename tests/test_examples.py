@@ -74,7 +74,7 @@ def test_split_by_actor_and_csv(tmp_path):
     assert cremad.list_clips(str(tmp_path), "train", "Image-01-FPS") == [("1001_DFA_SAD_XX", 2), ("1002_DFA_ANG_XX", 5)]
 
 
-@pytest.mark.parametrize("method", ["joint", "ogm_ge", "olm"])
+@pytest.mark.parametrize("method", ["joint", "ogm_ge", "olm", "pmr", "mmpareto"])
 def test_cremad_trainer_end_to_end(tmp_path, method, capsys):
     _make_cremad(tmp_path / "crema")
     torch.set_num_threads(1)

@@ -81,6 +81,12 @@ class ConcatClassifier(nn.Module):
     def fuse(self, feats):
         return self.head(torch.cat(list(feats), dim=1))
 
+    def unimodal_logits(self, feats):
+        """The balancer protocol's unimodal logits: u_m = f_m W_m^T + b/M (TPAMI Eq. 6), differentiable."""
+        from mmkernels.api import concat_unimodal_logits
+
+        return concat_unimodal_logits(list(feats), self.head, detach=False)
+
     def forward(self, inputs):
         return self.fuse(self.encode(inputs))
 
