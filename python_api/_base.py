@@ -495,8 +495,8 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
                     f"{type(self).__name__}: a forward after before_optimizer_step() in step {self._step}; call "
                     f"bal.step() after optimizer.step() (or pass optimizer= to the constructor)"
                 )
-            if self._backward_step == self._step:
-                self.micro_batches += 1
+            self.micro_batches += 1
+            if self._backward_step == self._step:  # the previous micro-batch's backward ran: observe anew
                 self._observed_step = self._backward_step = -1
         else:
             self.micro_batches, self._pending, self._rows_in_step = 1, [], 0

@@ -116,6 +116,7 @@ def _no_cpu_label_check(monkeypatch):
     noop = lambda *args, **kwargs: None  # noqa: E731
     monkeypatch.setattr(api._base, "check_label_values", noop)
     monkeypatch.setattr(api.agm, "check_label_values", noop)
+    monkeypatch.setattr(api.pmr, "check_label_values", noop)
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -451,3 +452,33 @@ def test_guard_scope_and_restore():
     assert not guard.violations
     assert {name: torch.Tensor.__dict__.get(name, _MISSING) for name in GUARDED} == before
     assert t.item() == 2.5 and int(t) == 2 and operator.index(torch.tensor(3)) == 3
+
+
+# ----------------------------------------------------------------------------------------------- the protocol
+PROTOCOL_BALANCERS = {
+    "ogm_ge": lambda model, opt: api.OGMGE(M, alpha=0.8, seed=5, optimizer=opt),
+    "ogm_ge_official": lambda model, opt: api.OGMGE(
+        M, alpha=0.8, official=True, params=[list(e.parameters()) for e in model.encoders], optimizer=opt
+    ),
+    "opm": lambda model, opt: api.OPM(M, q_base=0.6, seed=5, optimizer=opt),
+    "agm": lambda model, opt: api.AGM(M, optimizer=opt),
+    "mlb": lambda model, opt: api.MLB(M, optimizer=opt),
+    "olm": lambda model, opt: api.OLM(M, optimizer=opt),
+    "pmr": lambda model, opt: api.PMR(M, num_classes=C, optimizer=opt),
+    "mmpareto": lambda model, opt: api.MMPareto(
+        M, params=[list(e.parameters()) for e in model.encoders], optimizer=opt
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PROTOCOL_BALANCERS))
+def test_protocol_step_has_no_host_reads(name):
+    """One optimizer step of the generic loop (mmkernels.api.train_step) with 2 micro-batches, every hook of the
+    step (forward hooks, backward, before_optimizer_step, step) inside the guard."""
+    model, xs, y, opt = _setup("cpu")
+    bal = PROTOCOL_BALANCERS[name](model, opt)
+    bal.epoch_start(model, 0, [(xs, y)])  # PMR's refresh: between epochs, outside the step
+    half = B // 2
+    micro = [([x[:half] for x in xs], y[:half]), ([x[half:] for x in xs], y[half:])]
+    run_guarded(lambda: api.train_step(model, bal, opt, micro))
+    assert bal.step_count == 2 and bal.micro_batches == 2
