@@ -735,12 +735,44 @@ class LogitObserver:
 class FeatureTaps:
     """tap(): the balancers that scale encoder-output gradients by their coefficients (OGM-GE, OGM, MLB)."""
 
+    _tap_groups = None  # the protocol's deferred taps: encoder m's parameters (None: taps act in the backward)
+
     def transform_features(self, model, feats: list, labels: torch.Tensor, **extras) -> list:
-        """The protocol's hook 2: observe this micro-batch's unimodal logits, then tap (observe first: the taps get
-        this step's coefficients directly, which torch.compile needs). Parameter mode: observe only (deferred)."""
+        """The protocol's hook 2. A tap without noise scales every gradient that reaches encoder m by k_m, which is
+        k_m times encoder m's parameter gradients: with the model's encoders as modules owning disjoint parameters,
+        the protocol scales those after the step's last backward instead (before_optimizer_step), from one
+        observation of every micro-batch (gradient accumulation then equals one large batch). Otherwise (noise
+        taps, encoders without parameters of their own): observe this micro-batch, then tap (observe first: the
+        taps get this step's coefficients directly, which torch.compile needs). Parameter mode: observe only."""
         feats = Balancer.transform_features(self, model, feats, labels, **extras)
+        self._tap_groups = self._encoder_parameters(model) if self._uses_taps() and self._grad_step() else None
         self._observe_step(model, feats, labels)
-        return self.tap(feats) if self._uses_taps() else feats
+        return self.tap(feats) if self._uses_taps() and self._tap_groups is None else feats
+
+    def _encoder_parameters(self, model):
+        """[M lists]: the parameters of model.encoders (requires_grad), when the taps may act on them: no noise,
+        nn.Module encoders, each parameter in one encoder only; else None."""
+        if getattr(self, "noise", None) is not None:
+            return None
+        encoders = protocol.encoders_of(model, self.num_modalities)
+        if not all(isinstance(e, torch.nn.Module) for e in encoders):
+            return None
+        groups = [[p for p in e.parameters() if p.requires_grad] for e in encoders]
+        ids = [id(p) for g in groups for p in g]
+        if not all(groups) or len(set(ids)) != len(ids):
+            return None
+        return groups
+
+    def before_optimizer_step(self, grad_divisor=None) -> None:
+        super().before_optimizer_step(grad_divisor)
+        groups, self._tap_groups = self._tap_groups, None
+        if groups is None or not self.active or self._observed_step != self._step:
+            return
+        coef = self._stats["coefficients"]
+        for m, group in enumerate(groups):
+            grads = [_dtensor.local(p.grad) for p in group if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef[m])
 
     def _tap_op(self, x: torch.Tensor, coef: torch.Tensor, modality: int, step: int) -> torch.Tensor:
         """The public op a tap applies to modality m (plain gradient scaling here; noise in OGM-GE)."""
@@ -916,8 +948,8 @@ class ParameterModeMixin:
         if self._modulate != "update":
             self._scale_grads_(coef)
 
-    def _defers_observation(self) -> bool:
-        return self._params is not None  # the coefficients act after backward: one observation per step
+    def _defers_observation(self) -> bool:  # the coefficients act after backward: one observation per step
+        return self._params is not None or self._tap_groups is not None
 
     def before_optimizer_step(self, grad_divisor=None) -> None:
         """The protocol's hook 5: observe the step (every micro-batch at once), then modulate_grads()."""

@@ -1,8 +1,8 @@
 """Gradient accumulation through the protocol (issue 18, item 3): steps count optimizer steps, and where a method's
-coefficients act after the backward or in a later step, n micro-batches give what one batch of n times the rows
-gives (to fp32 tolerance), with and without a GradScaler. Methods whose coefficients act inside the backward (taps,
-AGM's kappa, PMR's c) use each micro-batch's own (README: Gradient accumulation); their step counting and running
-state are tested here too."""
+coefficients act after the backward or in a later step (parameter mode, noise-free taps on the model's encoders, OPM,
+OLM, MMPareto), n micro-batches give what one batch of n times the rows gives (to fp32 tolerance), with and without a
+GradScaler. Where they must act inside the backward (covariance-noise taps, AGM's kappa, PMR's c) each micro-batch
+uses its own (README: Gradient accumulation); their step counting and running state are tested here too."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def split(xs, y, n: int) -> list:
 
 
 EXACT = {
+    "ogm_taps": lambda enc, opt: api.OGM(M, alpha=2.0, optimizer=opt),
+    "mlb_taps": lambda enc, opt: api.MLB(M, alpha=2.0, optimizer=opt),
     "ogm_params": lambda enc, opt: api.OGM(M, alpha=2.0, params=enc, optimizer=opt),
     "ogm_ge_official": lambda enc, opt: api.OGMGE(M, alpha=2.0, official=True, params=enc, seed=2, optimizer=opt),
     "mlb_params": lambda enc, opt: api.MLB(M, alpha=2.0, params=enc, optimizer=opt),
