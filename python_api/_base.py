@@ -122,7 +122,9 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
     state (kept fp32 whatever dtype the model is cast to), .train()/.eval() switch it, and model.state_dict() holds
     it: one tensor entry per statistic and running state (scores, ratios, coefficients, flag, and the method's own),
     plus "_extra_state" with the host counters (step, epoch, seed, window, hyperparameters, version). A state saved
-    by an earlier release (the plain dict of version 1) still loads.
+    by an earlier release (the plain dict of version 1) still loads. The device state is saved and moved like buffers
+    but not registered as buffers on purpose: DistributedDataParallel broadcasts a module's buffers from rank 0 at
+    every forward, which would overwrite the per-rank sums a balancer all-reduces itself (the valuation's phi sums).
 
     Common keyword arguments:
       start, end, unit: the modulation window, start <= t < end (end None: no end), t the step counter
