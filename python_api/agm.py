@@ -158,6 +158,8 @@ class AGM(Balancer):
         observe = modulate or track
         if observe:  # may this step observe? (raises before any work; recorded only once the labels are checked)
             self._begin_observe("forward", mark=False)
+        if inputs[0].shape[0] == 0:  # no rows: plain logits, flag 2, neutral kappa, state untouched (as every balancer)
+            return self._empty_batch(inputs, labels, model, encoders, head, _feats, observe, modulate)
         subsets = self._subset_outputs(inputs, model, encoders, head, _feats)  # [2^M - 1, B, ...]
         self._to_device(subsets.device)
         if observe:
@@ -169,6 +171,21 @@ class AGM(Balancer):
             self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)
             self._step_modulates = modulate
         out = _ops.shapley_fused(subsets, self._stats["coefficients"])
+        self._mark_on_backward([out])
+        return out
+
+    def _empty_batch(self, inputs, labels, model, encoders, head, feats, observe: bool, modulate: bool):
+        """B = 0: the fused logits of the empty batch; the coefficient op still runs on empty responses (flag 2,
+        neutral kappa, no state update), so under sync every rank joins its collective."""
+        if model is not None:
+            out = model(*inputs)
+        else:
+            out = head(feats if feats is not None else [enc(x) for enc, x in zip(encoders, inputs)])
+        if observe:
+            self._to_device(out.device)
+            phi = out.detach().float().unsqueeze(0).expand(self.num_modalities, *out.shape)
+            self._observed_step = self._step
+            self._store(self._run_coefficients(phi, labels, state=self._agm), modulate=modulate)
         self._mark_on_backward([out])
         return out
 

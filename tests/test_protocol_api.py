@@ -126,3 +126,19 @@ def test_model_without_the_contract_is_refused_by_name():
         bal(torch.nn.Linear(2, 2), xs, y)
     with pytest.raises(ValueError, match="len\\(inputs\\)"):
         bal(TinyModel(M), xs[:2], y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch_is_flag_2_for_every_balancer(kind):
+    """B = 0 through the protocol: no error, flag 2 (no valid row) where the method scores logits, neutral
+    coefficients, the step counted; AGM included (it raised before)."""
+    xs, y = batches(*dataset())[0]
+    model = TinyModel(M)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bal = constructors(model, opt)[kind]()
+    bal.epoch_start(model, 0, [(xs, y)])
+    api.train_step(model, bal, opt, [([x[:0] for x in xs], y[:0])])
+    assert bal.step_count == 1 and torch.isfinite(bal.coefficients).all()
+    if kind not in ("olm", "mmpareto"):  # OLM scores at epoch end; MMPareto's statistics are of gradients
+        assert float(bal.flag) == 2.0
+        torch.testing.assert_close(bal.coefficients, torch.full((M,), float(bal.neutral)))
