@@ -193,8 +193,21 @@ def pmr_loss(
     check_ignore_index(ignore_index)
     distributed = bool(sync) and torch.distributed.is_available() and torch.distributed.is_initialized()
     backend = backend_for(z, op="pmr_loss", available=_OPS)
-    loss, out = _PMRLoss.apply(z, protos, labels, float(alpha), int(ignore_index), backend, distributed, group)
+    apply = _PMRLoss.apply
+    if backend != "triton" and _OLD_DYNAMO and torch.compiler.is_compiling():
+        apply = _apply_eager  # torch < 2.12: dynamo traced this Function's reference path with a zero dL/dz
+    loss, out = apply(z, protos, labels, float(alpha), int(ignore_index), backend, distributed, group)
     return {"loss": loss, **_split(out, z.shape[0])}
+
+
+_OLD_DYNAMO = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+
+
+@torch.compiler.disable
+def _apply_eager(*args):
+    """_PMRLoss on the reference backend outside the compiled graph (one graph break): torch 2.11's dynamo gave the
+    traced Function a zero gradient (tests/test_compile_protocol_api.py)."""
+    return _PMRLoss.apply(*args)
 
 
 # --------------------------------------------------------------------------------------------- refresh

@@ -1,7 +1,8 @@
 """torch.compile of the whole protocol forward (issue 18, item 4): bal(model, inputs, labels) compiled, for every
 balancer, matches eager after two optimizer steps; fullgraph=True wherever the method allows it. MMPareto registers
 its backward hook outside the graph (one graph break); OPM's CPU drop draws its uniforms through the extension (a
-graph break on CPU; on CUDA the drop is a custom op)."""
+graph break on CPU; on CUDA the drop is a custom op); PMR's reference path on torch < 2.12 (a graph break: that
+dynamo gave its autograd.Function a zero gradient)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import mmkernels.api as api
 
 from _api_models import C, TinyModel, batch
 
+# torch < 2.12: PMR's reference path runs outside the graph (dynamo traced its Function with a zero gradient there)
+OLD_DYNAMO = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+
 MAKERS = {
     "ogm_ge": (lambda o, e: api.OGMGE(2, alpha=2.0, seed=3, optimizer=o), True),
     "ogm_params": (lambda o, e: api.OGM(2, alpha=2.0, params=e, optimizer=o), True),
@@ -21,7 +25,7 @@ MAKERS = {
     "agm": (lambda o, e: api.AGM(2, alpha=2.0, optimizer=o), True),
     "mlb": (lambda o, e: api.MLB(2, optimizer=o), True),
     "olm": (lambda o, e: api.OLM(2, optimizer=o), True),
-    "pmr": (lambda o, e: api.PMR(2, num_classes=C, optimizer=o), True),
+    "pmr": (lambda o, e: api.PMR(2, num_classes=C, optimizer=o), not OLD_DYNAMO),
     "mmpareto": (lambda o, e: api.MMPareto(2, params=e, optimizer=o), False),
 }
 
