@@ -212,14 +212,7 @@ class MMPareto(Balancer):
             stats = _combine_flat(self._layout, self._stash, self._flats, self.gamma, self.rescale)
             torch._foreach_copy_(grads, self._views)
         self._gu_step = -1
-        w = stats["weights"]
-        self._stats = {
-            "scores": stats["conflict"],
-            "ratios": stats["cos"],
-            "coefficients": w[:, 0],
-            "weights": w,
-            "flag": stats["flag"],
-        }
+        self._store_combine(stats)
 
     # ---------------------------------------------------------------- the step
     def _check_losses(self, multimodal_loss, unimodal_losses) -> list:
@@ -271,6 +264,10 @@ class MMPareto(Balancer):
         else:
             stats = self._backward_replicated(multimodal_loss, uni, retain_graph, device)
         self._backward_step = self._step
+        self._store_combine(stats)
+
+    def _store_combine(self, stats: dict) -> None:
+        """The combine op's statistics as the balancer's: scores = conflict, ratios = cos, coefficients = w_m."""
         w = stats["weights"]
         self._stats = {
             "scores": stats["conflict"],
