@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -24,18 +25,22 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
     """u_m = feat_m W_m^T + gamma_m b for a concatenation head W = [W_1 ... W_M] (TPAMI Eq. 6; bias split Sec. 4.5.2).
 
     feats: M tensors [B, D_m] in the order they are concatenated; linear: the nn.Linear applied to torch.cat(feats, 1)
-    (or a (weight, bias) pair); gamma: M bias shares (default 1/M each; the authors' OGM-GE code uses 1/2 for M=2).
+    (or a (weight, bias) pair; a torch.compile-d nn.Linear, fully_shard-ed or not, is read through its _orig_mod);
+    gamma: M bias shares (default 1/M each; the authors' OGM-GE code uses 1/2 for M=2).
     detach (default True): scores only, no autograd graph. Returns [M, B, C].
     A fully_shard-ed head (FSDP2, sharded weight) is read through the module, before or after its own forward
     (_sharded_head_logits): no raw read of a shard.
     """
     xs = _check_feats(feats)
+    given, linear = linear, _uncompiled(linear)
     if isinstance(linear, torch.nn.Linear):
         weight, bias = linear.weight, linear.bias
     elif isinstance(linear, (tuple, list)) and len(linear) == 2:
         weight, bias = linear
     else:
-        raise TypeError(f"linear must be an nn.Linear or a (weight, bias) pair, got {type(linear).__name__}")
+        raise TypeError(
+            f"linear must be an nn.Linear (or torch.compile of one) or a (weight, bias) pair, got {_type_name(given)}"
+        )
     if _dtensor.is_dtensor(weight):
         return _sharded_head_logits(xs, linear, gamma, detach)
     widths = [x.shape[-1] for x in xs]
@@ -52,6 +57,24 @@ def concat_unimodal_logits(feats, linear, gamma=None, *, detach: bool = True) ->
             raise ValueError(f"gamma must hold {len(xs)} bias shares (one per modality), got {g.numel()}")
     with torch.no_grad() if detach else contextlib.nullcontext():
         return reference.concat_unimodal_logits(xs, weight, bias, gamma=gamma)
+
+
+def _compiled_type():
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile call
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def _uncompiled(module):
+    """The module a torch.compile wrapper (OptimizedModule, nested or not) holds, else module itself."""
+    compiled = _compiled_type()
+    while compiled is not None and isinstance(module, compiled):
+        module = module._orig_mod
+    return module
+
+
+def _type_name(obj) -> str:
+    inner = _uncompiled(obj)
+    return type(obj).__name__ if inner is obj else f"{type(obj).__name__} (torch.compile of {type(inner).__name__})"
 
 
 def _sharded_head_logits(xs: list, linear, gamma, detach: bool) -> torch.Tensor:

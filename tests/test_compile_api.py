@@ -4,6 +4,7 @@ a bf16 autocast step works. Compiles are few and small (the first costs ~10 s on
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,3 +108,36 @@ def test_bf16_autocast_step(kind):
     assert bal.coefficients.dtype == torch.float32
     torch.testing.assert_close(bal.coefficients, ref.coefficients, atol=0.05, rtol=0.05)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiled_head_gives_the_plain_heads_numbers():
+    """torch.compile(head) (an OptimizedModule) is read through its _orig_mod by concat_unimodal_logits; compiled
+    heads and fusions work in summation_unimodal_logits and zero_out_unimodal_logits; a step with it equals eager."""
+    xs, y = batch(2)
+    base = TinyModel(2)
+    feats = base.feats(xs)
+    head = torch.compile(base.head)
+    for detach in (True, False):
+        got = api.concat_unimodal_logits(feats, head, detach=detach)
+        assert torch.equal(got, api.concat_unimodal_logits(feats, base.head, detach=detach))
+        assert got.requires_grad == (not detach)
+    with pytest.raises(TypeError, match=r"nn.Linear .*got OptimizedModule \(torch.compile of Sequential\)"):
+        api.concat_unimodal_logits(feats, torch.compile(torch.nn.Sequential(base.head)))
+    heads = [torch.nn.Linear(f.shape[1], 3) for f in feats]
+    torch.testing.assert_close(
+        api.summation_unimodal_logits(feats, [torch.compile(h) for h in heads]),
+        api.summation_unimodal_logits(feats, heads),
+    )
+    torch.testing.assert_close(
+        api.zero_out_unimodal_logits(torch.compile(base.fuse), feats), api.zero_out_unimodal_logits(base.fuse, feats)
+    )
+    for kind in ("ogmge", "mlb"):
+        eager, comp = copy.deepcopy(base), copy.deepcopy(base)
+        chead = torch.compile(comp.head)
+        be, bc = MAKERS[kind](), MAKERS[kind]()
+        _step(kind, eager, be, xs, y, lambda *a: eager.feats(a), eager.fuse)
+        _step(kind, SimpleNamespace(head=chead), bc, xs, y, lambda *a: comp.feats(a), lambda f: chead(torch.cat(f, 1)))
+        torch.testing.assert_close(bc.coefficients, be.coefficients)
+        ge, gc = grads(eager), grads(comp)
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], atol=1e-6, rtol=1e-5, msg=lambda s: f"{kind} {name}: {s}")
