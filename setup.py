@@ -159,10 +159,22 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["mmkernels", "mmkernels.triton_ops", "mmkernels.ext_ops", "mmkernels.demo", "mmkernels.api"],
+    packages=[
+        "mmkernels",
+        "mmkernels.triton_ops",
+        "mmkernels.ext_ops",
+        "mmkernels.demo",
+        "mmkernels.reference",  # the pure-PyTorch oracle, imported by `import mmkernels`
+        "mmkernels.integrations",
+        "mmkernels.api",
+    ],
     package_dir={"mmkernels.api": "python_api"},
     install_requires=["torch>=2.11,<2.15", "numpy", "tqdm", "triton; platform_system == 'Linux'"],  # the range CI tests
-    extras_require={"test": ["pytest", "pytest-benchmark", "torchvision"]},
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "torchvision"],
+        "lightning": ["lightning"],  # mmkernels.integrations.lightning
+        "hf": ["transformers", "accelerate"],  # mmkernels.integrations.hf
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-DEPS="${MMKERNELS_DEPS:-torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15 tqdm ruff==0.17.6}"
+DEPS="${MMKERNELS_DEPS:-torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark matplotlib hypothesis==6.170.15 tqdm ruff==0.17.6 lightning transformers accelerate}"
 deps_stamp="$VENV/.mmkernels-deps"
 if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$DEPS" ]; then
   echo "[mmkernels] installing $DEPS"
