@@ -295,8 +295,8 @@ class Balancer(torch.nn.Module, metaclass=_Constructed):
         self._stats = {k: v.to(self._device) for k, v in self._stats.items()}
 
     def _apply(self, fn, recurse=True):
-        """nn.Module.to()/.cuda()/.cpu()/.half() end here: the device state follows the device, never the dtype
-        (statistics stay fp32)."""
+        """Every nn.Module move or cast (to, cuda, half, ...) ends here: the device state follows the device, never
+        the dtype (statistics stay fp32)."""
         out = super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self._device)).device
         if device != self._device:

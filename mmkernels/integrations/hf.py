@@ -206,7 +206,7 @@ class EpochRows(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is not None:
             order = order[info.id :: info.num_workers]
-        for r in order.tolist():
+        for r in order.tolist():  # sync-ok: a CPU permutation of the dataset's rows, in the data loader
             yield self.rows[r]
 
 
